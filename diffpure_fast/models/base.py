@@ -1,0 +1,94 @@
+"""One interface over epsilon-prediction networks with different time conventions.
+
+The engine only ever calls ``model.eps(x, t, levels=None)``:
+
+* ``x``: (B, C, H, W) in roughly [-1, 1] (a diffused image);
+* ``t``: (B,) continuous time in (0, 1], float32 (the exact float32 value the official pipeline computes);
+* ``levels``: optional (B,) int64 discrete DDPM levels in [0, N) (the ancestral solver passes them; a discrete-time
+  network uses them as its timestep, a continuous-time one ignores them and uses ``t``);
+* returns epsilon, (B, C, H, W), with learned-variance channels already split off.
+
+The score is ``-eps / sigma(t)`` with the continuous ``sigma`` of the schedule, for both families, as in DiffPure.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..schedule import DIFFPURE_SCHEDULE, VPSchedule
+
+__all__ = ["ScoreModel", "EpsModel", "TIME_INPUTS", "as_score_model"]
+
+# How a network expects its time argument:
+#   "continuous": score_sde continuous VP models, float labels 999 t;
+#   "discrete":   guided-diffusion / DDPM nets, integer steps (1000 t).long() (or the solver's levels);
+#   "unit":       the continuous t in [0, 1] unchanged.
+TIME_INPUTS = ("continuous", "discrete", "unit")
+
+
+class ScoreModel(nn.Module):
+    """Base class: subclasses implement ``eps``; ``score`` and ``forward`` follow from it."""
+
+    schedule: VPSchedule = DIFFPURE_SCHEDULE
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score(self, x: torch.Tensor, t: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
+        sigma = self.schedule.sigma(t.to(x.dtype)).reshape(-1, *([1] * (x.dim() - 1)))
+        return -self.eps(x, t, levels) / sigma
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.eps(x, t, levels)
+
+
+class EpsModel(ScoreModel):
+    """Adapter: any ``net(x, label) -> epsilon`` module, with its time convention named explicitly.
+
+    net: an ``nn.Module`` (or callable) taking (x (B, C, H, W), label (B,)) and returning (B, C', H, W) with
+        ``C' == C`` or, for learned-variance nets (``learned_sigma=True``), ``C' == 2 C`` (the first C are epsilon).
+    time_input: one of ``TIME_INPUTS`` or a callable mapping (t (B,) float32, levels or None) to the label.
+    """
+
+    def __init__(self, net: Callable, *, time_input="continuous", learned_sigma: bool = False,
+                 schedule: VPSchedule = DIFFPURE_SCHEDULE):
+        super().__init__()
+        if not callable(net):
+            raise TypeError(f"net: expected an nn.Module or callable net(x, t) -> eps, got {type(net).__name__}")
+        if not callable(time_input) and time_input not in TIME_INPUTS:
+            raise ValueError(f"time_input: expected one of {TIME_INPUTS} or a callable, got {time_input!r}")
+        self.net = net
+        self.time_input = time_input
+        self.learned_sigma = bool(learned_sigma)
+        self.schedule = schedule
+
+    def labels(self, t: torch.Tensor, levels: torch.Tensor | None) -> torch.Tensor:
+        if callable(self.time_input):
+            return self.time_input(t, levels)
+        if self.time_input == "continuous":
+            return t * (self.schedule.num_levels - 1)
+        if self.time_input == "discrete":
+            if levels is not None:
+                return levels
+            return (t * self.schedule.num_levels).long()
+        return t
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.net(x, self.labels(t, levels))
+        channels = x.shape[1]
+        expected = 2 * channels if self.learned_sigma else channels
+        if out.shape[0] != x.shape[0] or out.shape[1] != expected or out.shape[2:] != x.shape[2:]:
+            raise ValueError(f"model: expected an output of shape {(x.shape[0], expected, *x.shape[2:])} "
+                             f"(learned_sigma={self.learned_sigma}), got {tuple(out.shape)}")
+        return out[:, :channels] if self.learned_sigma else out
+
+
+def as_score_model(model) -> ScoreModel:
+    if isinstance(model, ScoreModel):
+        return model
+    raise TypeError(
+        "model: expected a diffpure_fast ScoreModel (from dpf.load_score_model, or dpf.EpsModel(net, "
+        f"time_input='continuous'|'discrete'|'unit') around an (x, t) -> eps network), got {type(model).__name__}")

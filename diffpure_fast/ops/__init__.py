@@ -1,0 +1,29 @@
+"""Fused kernels behind one public function; see ``_library`` for the op declarations and ``_dispatch`` for the
+predicate that picks an implementation."""
+
+from __future__ import annotations
+
+import torch
+
+from ..noise import STREAM_REVERSE, check_seed
+from . import _library
+from ._dispatch import IMPL_ENV, IMPLS, available, default_impl_name
+
+__all__ = ["sde_step", "IMPL_ENV", "IMPLS", "available", "default_impl_name"]
+
+
+def sde_step(x: torch.Tensor, eps: torch.Tensor, a: float, b: float, c: float, *, z: torch.Tensor | None = None,
+             seed: int | None = None, sample_ids: torch.Tensor | None = None, step: int = 0,
+             stream: int = STREAM_REVERSE) -> torch.Tensor:
+    """``a*x + b*eps + c*z`` in one pass over memory.
+
+    x, eps (and z when given): (B, ...) tensors of one shape, float dtype and device. Without ``z`` the noise is
+    generated in-kernel from (seed, sample_ids[i], step, stream, element), see ``diffpure_fast.noise``.
+    """
+    if z is not None:
+        return _library.sde_step_z(x, eps, z, float(a), float(b), float(c))
+    if seed is None or sample_ids is None:
+        raise ValueError("sde_step: give either z, or both seed and sample_ids")
+    check_seed(seed)
+    return _library.sde_step_philox(x, eps, float(a), float(b), float(c), seed, sample_ids.to(torch.int64), step,
+                                    stream)

@@ -1,0 +1,26 @@
+"""Pure-torch twins of every kernel: the fallback on any device and the oracle the kernel tests compare against."""
+
+from __future__ import annotations
+
+import torch
+
+from ..noise import gaussian
+
+__all__ = ["sde_step_z", "sde_step_philox"]
+
+
+def sde_step_z(x: torch.Tensor, eps: torch.Tensor, z: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
+    """One solver step ``a*x + b*eps + c*z``; all three tensors (B, ...) of one shape, dtype and device.
+
+    Arithmetic contract shared with the kernels: a, b, c are rounded to the tensors' dtype, each product is
+    rounded, then ``(a*x + b*eps) + c*z`` is summed left to right (no fused multiply-add)."""
+    return x * a + eps * b + z * c
+
+
+def sde_step_philox(x: torch.Tensor, eps: torch.Tensor, a: float, b: float, c: float,
+                    seed: int, sample_ids: torch.Tensor, step: int, stream: int) -> torch.Tensor:
+    """``sde_step_z`` with ``z`` the counter-based noise of ``diffpure_fast.noise`` for (seed, sample_ids, step, stream).
+
+    sample_ids: (B,) int64 on x's device."""
+    z = gaussian(seed, sample_ids, step, stream, x[0].numel() if x.shape[0] else 0, x.dtype).reshape(x.shape)
+    return sde_step_z(x, eps, z, a, b, c)

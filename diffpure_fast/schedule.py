@@ -1,0 +1,65 @@
+"""The VP-SDE noise schedule of DiffPure (score_sde's VPSDE with beta_min=0.1, beta_max=20).
+
+Two views of one schedule are needed, because the official pipeline mixes them:
+
+* continuous: ``beta(t) = b0 + t (b1 - b0)``, ``alpha_bar(t) = exp(-t^2 (b1 - b0) / 2 - t b0)``, used by the
+  reverse SDE (drift, diffusion, the score's ``std(t)``);
+* discrete: ``betas = linspace(b0 / N, b1 / N, N)``, ``alpha_bar = cumprod(1 - betas)``, used by DiffPure's one-shot
+  forward diffusion at level ``round(N t*)`` and by the ancestral DDPM solver.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["VPSchedule", "DIFFPURE_SCHEDULE"]
+
+
+@dataclass(frozen=True)
+class VPSchedule:
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    num_levels: int = 1000
+
+    def __post_init__(self):
+        if not (0.0 < self.beta_min < self.beta_max):
+            raise ValueError(f"beta_min, beta_max: expected 0 < beta_min < beta_max, got {self.beta_min}, {self.beta_max}")
+        if self.num_levels < 1:
+            raise ValueError(f"num_levels: expected >= 1, got {self.num_levels}")
+
+    # ---- continuous schedule (functions of a float or a tensor of times t in [0, 1]) ----
+    def beta(self, t):
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def log_alpha_bar(self, t):
+        return -0.5 * t * t * (self.beta_max - self.beta_min) - t * self.beta_min
+
+    def alpha_bar(self, t):
+        if isinstance(t, torch.Tensor):
+            return torch.exp(self.log_alpha_bar(t))
+        return math.exp(self.log_alpha_bar(t))
+
+    def sigma(self, t):
+        """Marginal std ``sqrt(1 - alpha_bar(t))``: the divisor that turns epsilon into a score."""
+        if isinstance(t, torch.Tensor):
+            # score_sde computes std = sqrt(1 - exp(2 * log_mean_coeff)) in the tensor's dtype; same expression.
+            return torch.sqrt(1.0 - torch.exp(self.log_alpha_bar(t)))
+        return math.sqrt(-math.expm1(self.log_alpha_bar(t)))
+
+    # ---- discrete schedule (float64, indexed by level 0..N-1) ----
+    def discrete_betas(self) -> torch.Tensor:
+        n = self.num_levels
+        return torch.linspace(self.beta_min / n, self.beta_max / n, n, dtype=torch.float64)
+
+    def discrete_alpha_bar(self) -> torch.Tensor:
+        return torch.cumprod(1.0 - self.discrete_betas(), dim=0)
+
+    def level_of(self, t_star: float) -> int:
+        """DiffPure's integer diffusion level for ``t*``: ``round(N t*)`` (``args.t`` in the official code)."""
+        return int(round(self.num_levels * t_star))
+
+
+DIFFPURE_SCHEDULE = VPSchedule()
