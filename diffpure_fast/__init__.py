@@ -1,3 +1,19 @@
-"""diffpure_fast: diffusion-based adversarial purification (DiffPure) with fused kernels and exact gradients."""
+"""diffpure_fast: diffusion-based adversarial purification (DiffPure) with fused kernels and exact gradients.
+
+    import diffpure_fast as dpf
+    model = dpf.load_score_model("score_sde", "checkpoint_8.pth")
+    x_pur = dpf.purify(x, model, t_star=0.1)            # x: (B, C, H, W) in [0, 1]
+
+Importing compiles nothing: the C++/CUDA extension and Triton are used when present, the torch reference otherwise
+(``dpf.info()`` says which).
+"""
 
 __version__ = "0.1.0"
+
+from .engine import GRAD_MODES, PurifyConfig, Purifier, purify  # noqa: E402
+from .info import info  # noqa: E402
+from .models import EpsModel, ScoreModel  # noqa: E402
+from .schedule import DIFFPURE_SCHEDULE, VPSchedule  # noqa: E402
+
+__all__ = ["purify", "Purifier", "PurifyConfig", "GRAD_MODES", "info", "ScoreModel", "EpsModel", "VPSchedule",
+           "DIFFPURE_SCHEDULE", "__version__"]

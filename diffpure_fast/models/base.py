@@ -73,7 +73,8 @@ class EpsModel(ScoreModel):
         if self.time_input == "discrete":
             if levels is not None:
                 return levels
-            return (t * self.schedule.num_levels).long()
+            # float32 on purpose: DiffPure floors the float32 product, and float64 can land on the other side.
+            return (t.float() * self.schedule.num_levels).long()
         return t
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,32 @@
+"""What is installed and which kernel implementation each device would use (``diffpure_fast.info()``)."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+__all__ = ["info"]
+
+
+def info() -> dict:
+    """Versions, devices and the active fused-step implementation per device (no compilation is triggered)."""
+    from . import __version__, ops
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:  # triton is an optional extra
+        triton_version = None
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return {
+        "diffpure_fast": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "implementations_available": {name: ops.available(name) for name in ops.IMPLS},
+        "active_implementation": {d: ops.default_impl_name(torch.device(d)) for d in devices},
+        "impl_env_override": ops.IMPL_ENV,
+    }

@@ -1,0 +1,16 @@
+"""Reverse-process solvers behind one step interface (``base.Plan``), registered by name."""
+
+from .base import Plan, Solver, Step
+from .ddpm import AncestralDDPM
+from .euler import EulerMaruyama, reverse_time_grid
+
+SOLVERS: dict[str, Solver] = {s.name: s for s in (EulerMaruyama(), AncestralDDPM())}
+
+
+def get_solver(name: str) -> Solver:
+    if name not in SOLVERS:
+        raise ValueError(f"solver: expected one of {sorted(SOLVERS)}, got {name!r}")
+    return SOLVERS[name]
+
+
+__all__ = ["Plan", "Solver", "Step", "SOLVERS", "get_solver", "reverse_time_grid", "EulerMaruyama", "AncestralDDPM"]
