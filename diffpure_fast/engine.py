@@ -38,6 +38,7 @@ class PurifyConfig:
     value_range: tuple[float, float] = (0.0, 1.0)
     grad_mode: str = "none"
     surrogate_steps: int = 10
+    grad_cache_steps: int = 0
     schedule: VPSchedule = DIFFPURE_SCHEDULE
 
     def __post_init__(self):
@@ -57,6 +58,9 @@ class PurifyConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        v = self.grad_cache_steps
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"grad_cache_steps: expected an int >= 0, got {v!r}")
         vr = self.value_range
         if (not isinstance(vr, (tuple, list)) or len(vr) != 2 or not all(isinstance(v, (int, float)) for v in vr)
                 or not vr[0] < vr[1]):
@@ -185,7 +189,7 @@ def purify(x: torch.Tensor, model: ScoreModel, *, t_star: float = 0.1, dt: float
            steps: int | None = None, solver: str = "euler", seed: int | None = None,
            noise_ids: torch.Tensor | None = None, forward_noise: torch.Tensor | None = None,
            increments: torch.Tensor | None = None, value_range: tuple[float, float] = (0.0, 1.0),
-           grad_mode: str = "none", surrogate_steps: int = 10,
+           grad_mode: str = "none", surrogate_steps: int = 10, grad_cache_steps: int = 0,
            schedule: VPSchedule = DIFFPURE_SCHEDULE) -> torch.Tensor:
     """Purify a batch with DiffPure: diffuse to ``t_star``, then solve the reverse process back.
 
@@ -207,13 +211,17 @@ def purify(x: torch.Tensor, model: ScoreModel, *, t_star: float = 0.1, dt: float
             recomputed network calls), ``"adjoint"`` (torchsde-style continuous adjoint), ``"bpda"`` (identity
             backward), ``"surrogate"`` (exact gradient of a ``surrogate_steps``-step DDPM chain with the same
             forward output).
+        surrogate_steps: the DDPM step count of ``grad_mode="surrogate"``'s gradient chain.
+        grad_cache_steps: ``grad_mode="full"`` keeps the graphs of this many last steps from the forward pass
+            (memory: one network call's activations each) instead of recomputing them in the backward pass.
 
     Returns:
         (B, C, H, W) purified images in ``value_range`` (not clipped: the reverse SDE can overshoot slightly, as
         in the official code).
     """
     cfg = PurifyConfig(t_star=t_star, dt=dt, steps=steps, solver=solver, value_range=tuple(value_range),
-                       grad_mode=grad_mode, surrogate_steps=surrogate_steps, schedule=schedule)
+                       grad_mode=grad_mode, surrogate_steps=surrogate_steps, grad_cache_steps=grad_cache_steps,
+                       schedule=schedule)
     model = as_score_model(model)
     plan = cfg.plan(x.dtype if isinstance(x, torch.Tensor) else torch.float32)
     _check_inputs(x, model, cfg, plan, forward_noise, increments, noise_ids)
@@ -226,13 +234,17 @@ def purify(x: torch.Tensor, model: ScoreModel, *, t_star: float = 0.1, dt: float
     z = forward_noise if forward_noise is not None else sample_noise(seed, ids, 0, STREAM_FORWARD, x_unit)
     noise = Noise(seed=seed, sample_ids=ids, increments=increments)
 
-    if cfg.grad_mode == "none" or not (torch.is_grad_enabled() and x.requires_grad):
+    wants_graph = cfg.grad_mode != "none" and torch.is_grad_enabled() and x.requires_grad
+    if not wants_graph or cfg.grad_mode == "bpda":
         with torch.no_grad():
             out = reverse_solve(forward_diffuse(x_unit, z, cfg.t_star, cfg.schedule), model, plan, noise)
+        if wants_graph:
+            # BPDA (DiffPure's BPDA+EOT): the purification's value, the identity's gradient d out / d x = I.
+            out = x_unit + (out - x_unit.detach())
     else:
         from .grad import differentiable_reverse_solve
         x_t = forward_diffuse(x_unit, z, cfg.t_star, cfg.schedule)
-        out = differentiable_reverse_solve(x_t, model, plan, noise, cfg)
+        out = differentiable_reverse_solve(x_t, model, plan, noise, cfg, x_in=x)
     return out if (lo, hi) == (-1.0, 1.0) else (out + 1.0) * scale + lo
 
 
@@ -247,10 +259,12 @@ class Purifier(nn.Module):
 
     def __init__(self, model: ScoreModel, *, t_star: float = 0.1, dt: float | None = 1e-3, steps: int | None = None,
                  solver: str = "euler", seed: int | None = None, value_range: tuple[float, float] = (0.0, 1.0),
-                 grad_mode: str = "none", surrogate_steps: int = 10, schedule: VPSchedule = DIFFPURE_SCHEDULE):
+                 grad_mode: str = "none", surrogate_steps: int = 10, grad_cache_steps: int = 0,
+                 schedule: VPSchedule = DIFFPURE_SCHEDULE):
         super().__init__()
         self.config = PurifyConfig(t_star=t_star, dt=dt, steps=steps, solver=solver, value_range=tuple(value_range),
-                                   grad_mode=grad_mode, surrogate_steps=surrogate_steps, schedule=schedule)
+                                   grad_mode=grad_mode, surrogate_steps=surrogate_steps,
+                                   grad_cache_steps=grad_cache_steps, schedule=schedule)
         self.model = as_score_model(model).eval()
         self.seed = None if seed is None else check_seed(seed)
 
@@ -264,7 +278,7 @@ class Purifier(nn.Module):
         c = self.config
         return purify(x, self.model, t_star=c.t_star, dt=c.dt, steps=c.steps, solver=c.solver, seed=self.seed,
                       noise_ids=noise_ids, value_range=c.value_range, grad_mode=c.grad_mode,
-                      surrogate_steps=c.surrogate_steps, schedule=c.schedule)
+                      surrogate_steps=c.surrogate_steps, grad_cache_steps=c.grad_cache_steps, schedule=c.schedule)
 
     def extra_repr(self) -> str:
         c = self.config
