@@ -10,10 +10,21 @@ Importing compiles nothing: the C++/CUDA extension and Triton are used when pres
 
 __version__ = "0.1.0"
 
-from .engine import GRAD_MODES, PurifyConfig, Purifier, purify  # noqa: E402
-from .info import info  # noqa: E402
-from .models import EpsModel, ScoreModel  # noqa: E402
-from .schedule import DIFFPURE_SCHEDULE, VPSchedule  # noqa: E402
+from .engine import GRAD_MODES, Purifier, PurifyConfig, purify
+from .info import info
+from .models import EpsModel, ScoreModel, load_score_model
+from .schedule import DIFFPURE_SCHEDULE, VPSchedule
 
-__all__ = ["purify", "Purifier", "PurifyConfig", "GRAD_MODES", "info", "ScoreModel", "EpsModel", "VPSchedule",
-           "DIFFPURE_SCHEDULE", "__version__"]
+__all__ = [
+           "DIFFPURE_SCHEDULE",
+           "GRAD_MODES",
+           "EpsModel",
+           "Purifier",
+           "PurifyConfig",
+           "ScoreModel",
+           "VPSchedule",
+           "__version__",
+           "info",
+           "load_score_model",
+           "purify",
+]

@@ -22,7 +22,7 @@ from .schedule import DIFFPURE_SCHEDULE, VPSchedule
 from .solvers import Plan, get_solver
 from .solvers.euler import T_END
 
-__all__ = ["purify", "Purifier", "PurifyConfig", "GRAD_MODES", "forward_diffuse", "reverse_solve", "Noise"]
+__all__ = ["GRAD_MODES", "Noise", "Purifier", "PurifyConfig", "forward_diffuse", "purify", "reverse_solve"]
 
 GRAD_MODES = ("none", "full", "adjoint", "bpda", "surrogate")
 
@@ -166,7 +166,8 @@ def _check_inputs(x, model, cfg: PurifyConfig, plan: Plan, forward_noise, increm
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor of shape {shape}, got {type(t).__name__}")
         if tuple(t.shape) != shape:
-            extra = f" (one per solver step: {len(plan)} steps of solver={cfg.solver!r})" if name == "increments" else ""
+            extra = (f" (one per solver step: {len(plan)} steps of solver={cfg.solver!r})"
+                     if name == "increments" else "")
             raise ValueError(f"{name}: expected shape {shape}{extra}, got {tuple(t.shape)}")
         if t.dtype != x.dtype:
             raise TypeError(f"{name}: expected dtype {x.dtype} (x's), got {t.dtype}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["VPSchedule", "DIFFPURE_SCHEDULE"]
+__all__ = ["DIFFPURE_SCHEDULE", "VPSchedule"]
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,8 @@ class VPSchedule:
 
     def __post_init__(self):
         if not (0.0 < self.beta_min < self.beta_max):
-            raise ValueError(f"beta_min, beta_max: expected 0 < beta_min < beta_max, got {self.beta_min}, {self.beta_max}")
+            raise ValueError(f"beta_min, beta_max: expected 0 < beta_min < beta_max, "
+                             f"got {self.beta_min}, {self.beta_max}")
         if self.num_levels < 1:
             raise ValueError(f"num_levels: expected >= 1, got {self.num_levels}")
 

@@ -12,7 +12,13 @@ from diffpure_fast.schedule import DIFFPURE_SCHEDULE
 from diffpure_fast.solvers import reverse_time_grid
 from diffpure_fast.testing.memory import PeakMemoryCounter
 from diffpure_fast.testing.nets import tiny_score_model
-from diffpure_fast.testing.torchsde_reference import RevVPSDE, torchsde_purify, torchsde_ts
+from diffpure_fast.testing.torchsde_reference import (
+    RevVPSDE,
+    TorchsdeBrownianWalker,
+    forward_increments,
+    torchsde_purify,
+    torchsde_ts,
+)
 
 torchsde = pytest.importorskip("torchsde")
 
@@ -70,23 +76,6 @@ def test_full_matches_torchsde_sdeint_autograd(dtype):
     assert rel_err(g_ours, g_ref) <= REL[dtype]
 
 
-class _TorchsdeBrownianWalker:
-    """Our adjoint's backward Brownian queries answered by a torchsde BrownianInterval (shared with sdeint_adjoint)."""
-
-    def __init__(self, bm, like):
-        self.bm, self.s, self.w = bm, None, None
-        self.like = like
-
-    def value(self, s):
-        s = torch.tensor(s, dtype=self.like.dtype)
-        if self.s is None:
-            self.s, self.w = s, torch.zeros_like(self.like)
-        else:
-            self.w = self.w - self.bm(s, self.s).view_as(self.like)
-            self.s = s
-        return self.w
-
-
 def test_adjoint_matches_torchsde_sdeint_adjoint(capsys):
     dtype = torch.float64
     model, x, w = _setup(dtype)
@@ -94,8 +83,7 @@ def test_adjoint_matches_torchsde_sdeint_adjoint(capsys):
     ts = torchsde_ts(t_star, dtype=dtype)
     bm = torchsde.BrownianInterval(t0=ts[0], t1=ts[-1], size=(b, x[0].numel()), dtype=dtype, entropy=5)
     grid = reverse_time_grid(t_star, 1e-3, np.float64)
-    dw = torch.stack([bm(torch.tensor(s0, dtype=dtype), torch.tensor(s1, dtype=dtype))
-                      for s0, s1 in zip(grid[:-1], grid[1:])]).view(len(grid) - 1, *x.shape)
+    dw = forward_increments(bm, grid, x)
     x_t = x * 2 - 1
     # torchsde's adjoint, parameters frozen (adjoint_params=()).
     y0 = x_t.clone().requires_grad_(True)
@@ -106,7 +94,7 @@ def test_adjoint_matches_torchsde_sdeint_adjoint(capsys):
     y1 = x_t.clone().requires_grad_(True)
     out = differentiable_reverse_solve(y1, model, cfg.plan(dtype), Noise(seed=0, sample_ids=torch.arange(b),
                                        increments=dw), cfg, x_in=y1,
-                                       brownian_factory=lambda grid, noise, like: _TorchsdeBrownianWalker(bm, like))
+                                       brownian_factory=lambda grid, noise, like: TorchsdeBrownianWalker(bm, like))
     (g_adj,) = torch.autograd.grad((out * w).sum(), y1)
     # The exact gradient of the same discrete computation, for contrast.
     y2 = x_t.clone().requires_grad_(True)

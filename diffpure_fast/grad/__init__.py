@@ -16,7 +16,7 @@ from ..solvers.base import Plan
 from .continuous_adjoint import BridgedBrownian, ContinuousAdjoint
 from .discrete_adjoint import DiscreteAdjoint, GraphGuard
 
-__all__ = ["differentiable_reverse_solve", "DiscreteAdjoint", "ContinuousAdjoint", "BridgedBrownian", "GraphGuard"]
+__all__ = ["BridgedBrownian", "ContinuousAdjoint", "DiscreteAdjoint", "GraphGuard", "differentiable_reverse_solve"]
 
 
 def _guard(x: torch.Tensor, model: ScoreModel) -> GraphGuard:

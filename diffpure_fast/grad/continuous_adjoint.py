@@ -29,7 +29,7 @@ from ..schedule import VPSchedule
 from ..solvers.euler import T_END, reverse_time_grid
 from .discrete_adjoint import GraphGuard
 
-__all__ = ["ContinuousAdjoint", "BridgedBrownian", "backward_time_grid", "STREAM_BRIDGE"]
+__all__ = ["STREAM_BRIDGE", "BridgedBrownian", "ContinuousAdjoint", "backward_time_grid"]
 
 STREAM_BRIDGE = 2  # counter stream of the bridge points (streams 0/1: forward noise, solver increments)
 

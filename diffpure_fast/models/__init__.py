@@ -1,5 +1,9 @@
 """Score networks and the one interface the engine calls (``ScoreModel.eps``)."""
 
+from .adm import UNetModel, create_adm_model
 from .base import TIME_INPUTS, EpsModel, ScoreModel, as_score_model
+from .loading import build_network, load_score_model
+from .ncsnpp import NCSNpp
 
-__all__ = ["ScoreModel", "EpsModel", "TIME_INPUTS", "as_score_model"]
+__all__ = ["TIME_INPUTS", "EpsModel", "NCSNpp", "ScoreModel", "UNetModel", "as_score_model", "build_network",
+           "create_adm_model", "load_score_model"]

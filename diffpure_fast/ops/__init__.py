@@ -9,7 +9,7 @@ from ..noise import STREAM_REVERSE, check_seed
 from . import _library
 from ._dispatch import IMPL_ENV, IMPLS, available, default_impl_name
 
-__all__ = ["sde_step", "IMPL_ENV", "IMPLS", "available", "default_impl_name"]
+__all__ = ["IMPLS", "IMPL_ENV", "available", "default_impl_name", "sde_step"]
 
 
 def sde_step(x: torch.Tensor, eps: torch.Tensor, a: float, b: float, c: float, *, z: torch.Tensor | None = None,

@@ -14,7 +14,7 @@ import torch
 from . import reference
 from ._dispatch import select_impl
 
-__all__ = ["sde_step_z", "sde_step_philox"]
+__all__ = ["sde_step_philox", "sde_step_z"]
 
 
 @torch.library.custom_op("diffpure_fast::sde_step_z", mutates_args=())

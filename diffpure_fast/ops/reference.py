@@ -6,7 +6,7 @@ import torch
 
 from ..noise import gaussian
 
-__all__ = ["sde_step_z", "sde_step_philox"]
+__all__ = ["sde_step_philox", "sde_step_z"]
 
 
 def sde_step_z(x: torch.Tensor, eps: torch.Tensor, z: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
@@ -19,7 +19,7 @@ def sde_step_z(x: torch.Tensor, eps: torch.Tensor, z: torch.Tensor, a: float, b:
 
 def sde_step_philox(x: torch.Tensor, eps: torch.Tensor, a: float, b: float, c: float,
                     seed: int, sample_ids: torch.Tensor, step: int, stream: int) -> torch.Tensor:
-    """``sde_step_z`` with ``z`` the counter-based noise of ``diffpure_fast.noise`` for (seed, sample_ids, step, stream).
+    """``sde_step_z`` with ``z`` the counter noise of ``diffpure_fast.noise`` for (seed, sample_ids, step, stream).
 
     sample_ids: (B,) int64 on x's device."""
     z = gaussian(seed, sample_ids, step, stream, x[0].numel() if x.shape[0] else 0, x.dtype).reshape(x.shape)

@@ -13,4 +13,4 @@ def get_solver(name: str) -> Solver:
     return SOLVERS[name]
 
 
-__all__ = ["Plan", "Solver", "Step", "SOLVERS", "get_solver", "reverse_time_grid", "EulerMaruyama", "AncestralDDPM"]
+__all__ = ["SOLVERS", "AncestralDDPM", "EulerMaruyama", "Plan", "Solver", "Step", "get_solver", "reverse_time_grid"]

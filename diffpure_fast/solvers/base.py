@@ -18,7 +18,7 @@ import numpy as np
 
 from ..schedule import VPSchedule
 
-__all__ = ["Step", "Plan", "Solver"]
+__all__ = ["Plan", "Solver", "Step"]
 
 
 @dataclass(frozen=True)

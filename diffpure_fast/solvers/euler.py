@@ -18,7 +18,7 @@ import numpy as np
 from ..schedule import VPSchedule
 from .base import Plan, Solver, Step
 
-__all__ = ["EulerMaruyama", "reverse_time_grid", "T_END"]
+__all__ = ["T_END", "EulerMaruyama", "reverse_time_grid"]
 
 # DiffPure stops the reverse solve at t = 1e-5 (epsilon_dt1), not at 0, where sigma(t) vanishes.
 T_END = 1e-5

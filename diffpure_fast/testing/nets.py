@@ -9,7 +9,7 @@ from torch import nn
 
 from ..models.base import EpsModel
 
-__all__ = ["TinyEpsNet", "tiny_score_model", "GaussianEps"]
+__all__ = ["GaussianEps", "TinyEpsNet", "tiny_score_model"]
 
 
 class TinyEpsNet(nn.Module):

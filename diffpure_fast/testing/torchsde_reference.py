@@ -14,7 +14,8 @@ from ..models.base import ScoreModel
 from ..schedule import DIFFPURE_SCHEDULE, VPSchedule
 from ..solvers.euler import T_END
 
-__all__ = ["RevVPSDE", "ReplayBrownian", "torchsde_purify", "torchsde_ts"]
+__all__ = ["ReplayBrownian", "RevVPSDE", "TorchsdeBrownianWalker", "forward_increments", "torchsde_purify",
+           "torchsde_ts"]
 
 
 def _torchsde():
@@ -78,6 +79,31 @@ class ReplayBrownian:
             levy_area_approximation = "none"
 
         return _Replay()
+
+
+class TorchsdeBrownianWalker:
+    """Answers the backward-in-time Brownian queries of ``grad_mode="adjoint"`` (``value(s)`` for decreasing s,
+    relative to the first point) from a torchsde Brownian motion, so both adjoints walk the same path.
+    Use as ``brownian_factory=lambda grid, noise, like: TorchsdeBrownianWalker(bm, like)``."""
+
+    def __init__(self, bm, like: torch.Tensor):
+        self.bm, self.like = bm, like
+        self.s = self.w = None
+
+    def value(self, s) -> torch.Tensor:
+        s = torch.tensor(s, dtype=self.like.dtype, device=self.like.device)
+        if self.s is None:
+            self.w = torch.zeros_like(self.like)
+        else:
+            self.w = self.w - self.bm(s, self.s).view_as(self.like)
+        self.s = s
+        return self.w
+
+
+def forward_increments(bm, grid, like: torch.Tensor) -> torch.Tensor:
+    """The increments (steps, *like.shape) of torchsde Brownian motion ``bm`` on the forward solver grid."""
+    g = torch.as_tensor(grid, dtype=like.dtype, device=like.device)
+    return torch.stack([bm(g[k], g[k + 1]).view_as(like) for k in range(len(g) - 1)])
 
 
 def torchsde_ts(t_star: float, device=None, dtype=torch.float32) -> torch.Tensor:

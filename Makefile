@@ -1,0 +1,47 @@
+# Two commands set up a fresh machine and do the work:
+#   make demo   virtual environment + extension build, then the attack-and-purify demo on the embedded digits model
+#   make test   the same set-up, then lint, the C++ tests, the CUDA compile check (when nvcc is present), pytest
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+OUT    ?= out/demo
+SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
+
+.PHONY: install build demo test lint cpp-test cuda-check pytest bench clean
+
+install: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	DIFFPURE_FAST_NO_CUDA=$${DIFFPURE_FAST_NO_CUDA:-1} $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/diffpure-fast demo --output $(OUT) --overwrite
+
+test: lint cpp-test cuda-check pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check diffpure_fast tests benchmarks scripts
+
+cpp-test: $(STAMP)
+	PATH=$(abspath $(VENV))/bin:$$PATH scripts/run_cpp_tests.sh
+
+cuda-check: $(STAMP)
+	@if command -v nvcc >/dev/null 2>&1; then PATH=$(abspath $(VENV))/bin:$$PATH scripts/check_cuda_compile.sh; \
+	else echo "cuda-check: nvcc not found, CUDA compile check skipped"; fi
+
+pytest: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_sde_step.py
+	$(PY) benchmarks/bench_purify.py
+	$(PY) benchmarks/bench_grad.py
+	$(PY) benchmarks/bench_networks.py
+
+clean:
+	rm -rf build $(VENV) *.egg-info diffpure_fast/_C*.so out

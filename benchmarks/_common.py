@@ -1,0 +1,89 @@
+"""Shared by the benchmark scripts: the machine/version header of a results file, timing, peak-memory probes."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _sh(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def cpu_model() -> str:
+    for line in _sh(["lscpu"]).splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def header(command: str) -> str:
+    """Markdown lines naming the command, machine, versions and commit of a results file."""
+    sha = _sh(["git", "rev-parse", "--short", "HEAD"])
+    dirty = _sh(["git", "status", "--porcelain", "--untracked-files=no"])
+    dev = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    return "\n".join([
+        f"Command: `{command}`",
+        "",
+        f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}; {dev}",
+        f"Versions: torch {torch.__version__}, Python {platform.python_version()}; git {sha}"
+        + (" (+uncommitted changes)" if dirty not in ("", "unknown") else ""),
+        f"Load average (1, 5, 15 min) when written: {load}",
+        "",
+    ])
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of fn() in seconds (CUDA synchronised around each call)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark (Linux: write 5 to clear_refs); returns the current RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss_since_reset() -> int:
+    return _status_kib("VmHWM") * 1024
+
+
+def run_isolated(script: Path, args: list[str]) -> str:
+    """Run one measurement in a fresh interpreter (so peak memory is its own); returns its stdout."""
+    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"{script.name} {' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    return out.stdout

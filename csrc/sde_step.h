@@ -1,0 +1,59 @@
+// Input checks and the per-element arithmetic shared by the CPU (diffpure_fast.cpp) and CUDA (cuda/sde_step.cu)
+// kernels of diffpure_fast_C::sde_step_z and diffpure_fast_C::sde_step_philox.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "philox.h"
+
+namespace diffpure_fast {
+
+// Elements per sample: Philox's first counter word holds e >> 2, so e < 2^34 (noise.MAX_ELEMENTS_PER_SAMPLE).
+constexpr int64_t kMaxElementsPerSample = int64_t{1} << 34;
+
+// x_next = (a*x + b*eps) + c*z with a, b, c rounded to opmath_t (the tensor dtype, float for half/bfloat16) and
+// every product and sum rounded to scalar_t, in the order torch evaluates `x * a + eps * b + z * c`. Bit-exact
+// against that expression only without fused multiply-adds: build with -ffp-contract=off (host) and
+// --fmad=false (nvcc).
+template <typename scalar_t, typename opmath_t>
+DIFFPURE_HD scalar_t step_value(scalar_t x, scalar_t eps, scalar_t z, opmath_t a, opmath_t b, opmath_t c) {
+  const scalar_t ax = static_cast<scalar_t>(a * static_cast<opmath_t>(x));
+  const scalar_t be = static_cast<scalar_t>(b * static_cast<opmath_t>(eps));
+  const scalar_t s = static_cast<scalar_t>(static_cast<opmath_t>(ax) + static_cast<opmath_t>(be));
+  const scalar_t cz = static_cast<scalar_t>(c * static_cast<opmath_t>(z));
+  return static_cast<scalar_t>(static_cast<opmath_t>(s) + static_cast<opmath_t>(cz));
+}
+
+inline void check_like(const at::Tensor& x, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.sizes() == x.sizes(), "sde_step: ", name, " must have the shape of x, got ", t.sizes(), " and ",
+              x.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "sde_step: ", name, " must have the dtype of x, got ",
+              t.scalar_type(), " and ", x.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "sde_step: ", name, " must be on the device of x, got ", t.device(),
+              " and ", x.device());
+}
+
+inline void check_x(const at::Tensor& x) {
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "sde_step: x must be a floating tensor, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1, "sde_step: x must be (B, ...), got a 0-dim tensor");
+}
+
+// Checks the philox-only arguments; returns the number of elements per sample.
+inline int64_t check_philox_args(const at::Tensor& x, int64_t seed, const at::Tensor& sample_ids) {
+  TORCH_CHECK(seed >= 0, "sde_step: seed must be in [0, 2^63), got ", seed);
+  TORCH_CHECK(sample_ids.scalar_type() == at::kLong, "sde_step: sample_ids must be int64, got ",
+              sample_ids.scalar_type());
+  TORCH_CHECK(sample_ids.dim() == 1 && sample_ids.size(0) == x.size(0),
+              "sde_step: sample_ids must be (B,) with B = x.size(0) = ", x.size(0), ", got ", sample_ids.sizes());
+  TORCH_CHECK(sample_ids.device() == x.device(), "sde_step: sample_ids must be on the device of x, got ",
+              sample_ids.device(), " and ", x.device());
+  const int64_t per_sample = x.size(0) ? x.numel() / x.size(0) : 0;
+  TORCH_CHECK(per_sample <= kMaxElementsPerSample, "sde_step: at most 2^34 elements per sample, got ",
+              per_sample);
+  return per_sample;
+}
+
+}  // namespace diffpure_fast

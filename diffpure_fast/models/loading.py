@@ -1,0 +1,248 @@
+"""Load the official DiffPure score networks (score_sde NCSN++ and guided-diffusion ADM) from their checkpoint files.
+
+    model = load_score_model("score_sde", "pretrained/score_sde/checkpoint_8.pth")            # CIFAR-10
+    model = load_score_model("guided_diffusion", "pretrained/guided_diffusion/256x256_diffusion_uncond.pt")
+
+Both return an :class:`~diffpure_fast.models.base.EpsModel` in eval mode whose ``eps``/``score`` reproduce DiffPure's:
+
+* ``score_sde``: labels ``999 t`` (float), ``score = -net(x, 999 t) / std(t)``. The weights are those DiffPure
+  evaluates with: the checkpoint's ``model`` state dict (``module.`` prefixes of ``nn.DataParallel`` stripped,
+  buffers included), then the EMA ``shadow_params`` copied over the parameters by position, exactly as
+  ``ema.copy_to(model.parameters())`` does. ``config['data']['centered']`` is honoured inside the network as in
+  score_sde (``centered: False`` makes the network map its input with ``2 x - 1``; DiffPure's config has ``True``).
+* ``guided_diffusion``: integer steps ``(1000 t).long()``, six output channels, the first three are epsilon.
+  Precision: DiffPure's ImageNet config has ``use_fp16: True`` and runs the UNet torso in float16 on its GPU. Here
+  that conversion is applied only on CUDA (``device`` a CUDA device and ``dtype=None``): on CPU the network stays in
+  float32 (float16 convolutions are slow or unsupported on CPU and float32 is the more accurate reference). Pass
+  ``dtype=torch.float16`` (or ``torch.bfloat16``) to force the torso conversion, ``dtype=torch.float32`` to keep
+  everything float32 on CUDA.
+
+Both families use DiffPure's VP schedule (beta 0.1 to 20, 1000 levels) for ``std(t)``, as DiffPure's ``RevVPSDE``
+does whatever the model config says.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .adm import ADM_IMAGENET256_UNCOND_CONFIG, UNetModel, create_adm_model
+from .base import EpsModel
+from .ncsnpp import NCSNPP_CIFAR10_CONFIG, NCSNpp
+
+__all__ = ["FAMILIES", "build_network", "load_score_model", "read_checkpoint"]
+
+FAMILIES = ("score_sde", "guided_diffusion")
+_ALIASES = {"score_sde": "score_sde", "ncsnpp": "score_sde", "ddpmpp": "score_sde",
+            "guided_diffusion": "guided_diffusion", "guided-diffusion": "guided_diffusion", "adm": "guided_diffusion"}
+
+
+def _fmt(keys, limit: int = 12) -> str:
+    keys = list(keys)
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)} in all)"
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """Read a ``.pt``/``.pth`` (torch pickle) or ``.safetensors`` file on the CPU."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint: file not found: {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint: {path!r} is a directory, expected a checkpoint file")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+            return load_file(path, device="cpu")
+        except Exception as exc:
+            raise ValueError(f"checkpoint: cannot read safetensors file {path!r}: {exc}") from exc
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # The restricted unpickler refuses some objects that old official checkpoints may contain (e.g. numpy
+        # scalars in score_sde's optimizer / step entries). The path was named explicitly by the caller as a
+        # checkpoint to trust, so fall back to the full unpickler as DiffPure itself does (torch.load).
+        pass
+    except Exception as exc:
+        raise ValueError(f"checkpoint: cannot read {path!r} as a torch checkpoint: {exc}") from exc
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"checkpoint: cannot read {path!r} as a torch checkpoint: {exc}") from exc
+
+
+def _is_tensor_dict(d: Any) -> bool:
+    return isinstance(d, Mapping) and len(d) > 0 and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def _looks_guided(keys) -> bool:
+    return any(k.startswith(("input_blocks.", "time_embed.", "middle_block.", "output_blocks.")) for k in keys)
+
+
+def _looks_score_sde(keys) -> bool:
+    return any(k.split(".", 1)[-1].startswith("all_modules.") or k.startswith("all_modules.") for k in keys)
+
+
+def _load_strict(net: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_fmt(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_fmt(unexpected)}")
+        raise ValueError(f"{what}: state dict does not match the network built from the config: "
+                         + "; ".join(parts) + " (is the config the one this checkpoint was trained with?)")
+    for k, ref in expected.items():
+        got = state[k]
+        if not isinstance(got, torch.Tensor):
+            # ValueError (not TypeError) throughout: a malformed checkpoint is a bad value of the argument
+            raise ValueError(f"{what}: entry {k!r} is a {type(got).__name__}, expected a tensor")  # noqa: TRY004
+        if tuple(got.shape) != tuple(ref.shape):
+            raise ValueError(f"{what}: shape mismatch for {k!r}: checkpoint has {tuple(got.shape)}, the network "
+                             f"built from the config expects {tuple(ref.shape)}")
+    net.load_state_dict(state, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def build_network(family: str, config: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """The bare network (random weights) for a family and an official-format config."""
+    family = _family(family)
+    if family == "score_sde":
+        return NCSNpp.from_config(NCSNPP_CIFAR10_CONFIG if config is None else config)
+    return create_adm_model(ADM_IMAGENET256_UNCOND_CONFIG if config is None else config)
+
+
+def _family(family: str) -> str:
+    key = str(family).lower()
+    if key not in _ALIASES:
+        raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
+    return _ALIASES[key]
+
+
+def _load_score_sde(ckpt: Any, config, use_ema: bool) -> NCSNpp:
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f"checkpoint: expected a score_sde checkpoint dict {{'model', 'ema', ...}}, "  # noqa: TRY004
+                         f"got {type(ckpt).__name__}")
+    if "model" in ckpt:
+        state = ckpt["model"]
+        if not isinstance(state, Mapping):
+            raise ValueError(f"checkpoint['model']: expected a state dict, got {type(state).__name__}")
+        ema = ckpt.get("ema")
+    elif _is_tensor_dict(ckpt) and _looks_score_sde(ckpt.keys()):
+        state, ema = ckpt, None        # a bare NCSN++ state dict (no EMA)
+    else:
+        keys = list(ckpt.keys())
+        if _looks_guided(keys):
+            raise ValueError("checkpoint: this is a guided-diffusion (ADM UNet) state dict, not a score_sde "
+                             "checkpoint; use family='guided_diffusion'")
+        if "kind" in ckpt and ("checkpoint" in ckpt or "state_dict" in ckpt):
+            raise ValueError("checkpoint: this is a conformance vector, not a checkpoint; pass vec['checkpoint'] "
+                             "(or run python -m diffpure_fast.conformance on the file)")
+        raise ValueError(f"checkpoint: not a score_sde checkpoint (expected keys 'model', 'ema', 'optimizer', "
+                         f"'step'), got keys {_fmt(keys)}")
+    keys = list(state.keys())
+    if _looks_guided(keys):
+        raise ValueError("checkpoint['model']: this is a guided-diffusion (ADM UNet) state dict, not a score_sde "
+                         "NCSN++ one; use family='guided_diffusion'")
+    state = {(k.removeprefix("module.")): v for k, v in state.items()}
+
+    net = NCSNpp.from_config(NCSNPP_CIFAR10_CONFIG if config is None else config)
+    _load_strict(net, state, "checkpoint['model']")
+
+    if use_ema and ema is not None:
+        if not isinstance(ema, Mapping) or "shadow_params" not in ema:
+            raise ValueError("checkpoint['ema']: expected the state dict of score_sde's ExponentialMovingAverage "
+                             "with a 'shadow_params' list")
+        shadow = list(ema["shadow_params"])
+        params = net.ema_parameters()
+        if len(shadow) != len(params):
+            raise ValueError(f"checkpoint['ema']['shadow_params']: expected {len(params)} tensors (the trainable "
+                             f"parameters in model.parameters() order), got {len(shadow)}")
+        for i, ((name, p), s) in enumerate(zip(params, shadow)):
+            if not isinstance(s, torch.Tensor) or tuple(s.shape) != tuple(p.shape):
+                got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+                raise ValueError(f"checkpoint['ema']['shadow_params'][{i}]: shape mismatch for parameter {name!r}: "
+                                 f"EMA has {got}, the network expects {tuple(p.shape)}")
+        with torch.no_grad():
+            for (_, p), s in zip(params, shadow):
+                p.copy_(s)
+    return net
+
+
+def _load_guided(ckpt: Any, config) -> UNetModel:
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(  # noqa: TRY004
+            f"checkpoint: expected a guided-diffusion state dict, got {type(ckpt).__name__}")
+    keys = list(ckpt.keys())
+    if ("model" in ckpt and "ema" in ckpt) or _looks_score_sde(keys):
+        raise ValueError("checkpoint: this is a score_sde (NCSN++) checkpoint, not a guided-diffusion state dict; "
+                         "use family='score_sde'")
+    if not _is_tensor_dict(ckpt):
+        raise ValueError(f"checkpoint: expected a guided-diffusion state dict of tensors, got keys {_fmt(keys)}")
+    cfg = dict(ADM_IMAGENET256_UNCOND_CONFIG if config is None else config)
+    if cfg.get("class_cond"):
+        raise ValueError("config['class_cond']: class-conditional ADM models need class labels, which the "
+                         "purification interface does not provide; use an unconditional model")
+    net = create_adm_model(cfg)
+    _load_strict(net, ckpt, "checkpoint")
+    return net
+
+
+def load_score_model(family: str, checkpoint: str | os.PathLike | Mapping[str, Any],
+                     config: Mapping[str, Any] | None = None, *, device: str | torch.device | None = None,
+                     dtype: torch.dtype | None = None, use_ema: bool = True) -> EpsModel:
+    """Load an official DiffPure score network.
+
+    Args:
+        family: ``"score_sde"`` (NCSN++/DDPM++, CIFAR-10) or ``"guided_diffusion"`` (ADM UNet, ImageNet).
+        checkpoint: a path (``.pt``/``.pth``; ``.safetensors`` for plain state dicts) or the already-loaded object:
+            score_sde: ``{"model": state_dict, "ema": {"shadow_params": [...], ...}, "optimizer", "step"}`` (or a
+            bare NCSN++ state dict); guided_diffusion: a plain state dict.
+        config: the official configuration. score_sde: the yaml as a dict (``config['model']``,
+            ``config['data']``); ``None`` is DiffPure's ``configs/cifar10.yml``. guided_diffusion: the keyword
+            arguments of ``create_model_and_diffusion``; ``None`` is DiffPure's ImageNet 256x256 unconditional model.
+        device: where to put the model (default: CPU).
+        dtype: ``None``: float32, except a guided-diffusion ``use_fp16`` config on CUDA gets the official float16
+            torso. guided_diffusion: ``torch.float16``/``torch.bfloat16`` converts the torso (convolutions of the
+            input/middle/output blocks) as ``convert_to_fp16`` does; score_sde: casts the whole network (the
+            forward casts inputs and outputs). Autocast is the other way to run in reduced precision.
+        use_ema: score_sde only: apply the EMA weights (DiffPure does); ``False`` keeps the raw weights.
+
+    Returns:
+        an ``EpsModel`` in eval mode (``time_input="continuous"`` for score_sde, ``"discrete"`` with
+        ``learned_sigma`` for guided-diffusion).
+    """
+    fam = _family(family)
+    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype: expected None, torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
+    if config is not None and not isinstance(config, Mapping):
+        if fam == "guided_diffusion" and hasattr(config, "__dict__") and not isinstance(config, type):
+            config = vars(config)          # argparse.Namespace, as DiffPure builds from its yaml
+        elif not (fam == "score_sde" and (hasattr(config, "to_dict") or hasattr(config, "model"))):
+            raise ValueError(f"config: expected a dict in the official format, got {type(config).__name__}")
+    ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+
+    if fam == "score_sde":
+        net: torch.nn.Module = _load_score_sde(ckpt, config, use_ema)
+        net.eval().to(dev)
+        if dtype is not None and dtype != torch.float32:
+            net.to(dtype)
+        model = EpsModel(net, time_input="continuous")
+    else:
+        unet = _load_guided(ckpt, config)
+        unet.eval().to(dev)
+        if dtype in (torch.float16, torch.bfloat16):
+            unet.convert_to_fp16(dtype)
+        elif dtype is None and unet.use_fp16 and dev.type == "cuda":
+            unet.convert_to_fp16(torch.float16)
+        model = EpsModel(unet, time_input="discrete", learned_sigma=unet.out_channels == 2 * unet.in_channels)
+    model.family = fam
+    return model.eval()

@@ -1,0 +1,26 @@
+"""Shared test setup: Triton's interpreter on machines without a CUDA GPU, and marker-based skips.
+
+TRITON_INTERPRET must be in the environment before triton is imported (triton.jit reads it when a kernel is
+defined), so it is set here, at conftest import, before any test module imports diffpure_fast.ops.triton_sde.
+"""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_triton = pytest.mark.skip(reason="needs triton")
+    for item in items:
+        if item.get_closest_marker("cuda") and not HAS_CUDA:
+            item.add_marker(skip_cuda)
+        if item.get_closest_marker("triton") and not HAS_TRITON:
+            item.add_marker(skip_triton)
