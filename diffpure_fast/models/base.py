@@ -13,14 +13,14 @@ The score is ``-eps / sigma(t)`` with the continuous ``sigma`` of the schedule, 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..schedule import DIFFPURE_SCHEDULE, VPSchedule
 
-__all__ = ["ScoreModel", "EpsModel", "TIME_INPUTS", "as_score_model"]
+__all__ = ["TIME_INPUTS", "EpsModel", "ScoreModel", "as_score_model"]
 
 # How a network expects its time argument:
 #   "continuous": score_sde continuous VP models, float labels 999 t;
