@@ -12,19 +12,8 @@ __version__ = "0.1.0"
 
 from .engine import GRAD_MODES, Purifier, PurifyConfig, purify
 from .info import info
-from .models import EpsModel, ScoreModel, load_score_model
+from .models import EpsModel, ScoreModel, load_classifier, load_score_model
 from .schedule import DIFFPURE_SCHEDULE, VPSchedule
 
-__all__ = [
-           "DIFFPURE_SCHEDULE",
-           "GRAD_MODES",
-           "EpsModel",
-           "Purifier",
-           "PurifyConfig",
-           "ScoreModel",
-           "VPSchedule",
-           "__version__",
-           "info",
-           "load_score_model",
-           "purify",
-]
+__all__ = ["DIFFPURE_SCHEDULE", "GRAD_MODES", "EpsModel", "Purifier", "PurifyConfig", "ScoreModel", "VPSchedule",
+           "__version__", "info", "load_classifier", "load_score_model", "purify"]

@@ -153,9 +153,12 @@ def _check_inputs(x, model, cfg: PurifyConfig, plan: Plan, forward_noise, increm
     if x_min < lo or x_max > hi:
         raise ValueError(f"x: values must lie in value_range={tuple(cfg.value_range)}, got min {x_min:.6g}, "
                          f"max {x_max:.6g} (nothing is clipped: rescale, or pass value_range)")
-    channels = getattr(model, "in_channels", None)
+    channels, size = getattr(model, "in_channels", None), getattr(model, "image_size", None)
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"x: the model takes {channels} channels, got x with {x.shape[1]} (shape {tuple(x.shape)})")
+    if size is not None and tuple(x.shape[2:]) != (size, size):
+        raise ValueError(f"x: the model was built for {size}x{size} images, got {x.shape[2]}x{x.shape[3]} (resize "
+                         f"before purifying; DiffPure's ImageNet pipeline resizes 224 -> 256 and back)")
     dev = _model_device(model)
     if dev is not None and dev != x.device:
         raise ValueError(f"x: is on {x.device} but the model's parameters are on {dev}; move one of them")

@@ -6,14 +6,13 @@ import pytest
 import torch
 
 import diffpure_fast as dpf
-from diffpure_fast.engine import Noise, PurifyConfig, forward_diffuse, model_eps, reverse_solve
+from diffpure_fast.engine import Noise, PurifyConfig, forward_diffuse, reverse_solve
 from diffpure_fast.grad import differentiable_reverse_solve
 from diffpure_fast.schedule import DIFFPURE_SCHEDULE
 from diffpure_fast.solvers import reverse_time_grid
 from diffpure_fast.testing.memory import PeakMemoryCounter
 from diffpure_fast.testing.nets import tiny_score_model
 from diffpure_fast.testing.torchsde_reference import (
-    RevVPSDE,
     TorchsdeBrownianWalker,
     forward_increments,
     torchsde_purify,
@@ -224,8 +223,3 @@ def test_bad_grad_arguments():
         dpf.purify(x.requires_grad_(True), model, t_star=0.02, grad_mode="adjoint", solver="ddpm")
     with pytest.raises(ValueError, match="grad_cache_steps"):
         dpf.purify(x, model, t_star=0.02, grad_mode="full", grad_cache_steps=-1)
-
-
-def test_unused_imports_are_exercised():
-    # model_eps and RevVPSDE are public helpers of the reference path; keep them importable.
-    assert callable(model_eps) and RevVPSDE.noise_type == "diagonal"

@@ -2,8 +2,8 @@
 
 from .adm import UNetModel, create_adm_model
 from .base import TIME_INPUTS, EpsModel, ScoreModel, as_score_model
-from .loading import build_network, load_score_model
+from .loading import build_network, load_classifier, load_score_model
 from .ncsnpp import NCSNpp
 
 __all__ = ["TIME_INPUTS", "EpsModel", "NCSNpp", "ScoreModel", "UNetModel", "as_score_model", "build_network",
-           "create_adm_model", "load_score_model"]
+           "create_adm_model", "load_classifier", "load_score_model"]

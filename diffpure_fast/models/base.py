@@ -30,9 +30,14 @@ TIME_INPUTS = ("continuous", "discrete", "unit")
 
 
 class ScoreModel(nn.Module):
-    """Base class: subclasses implement ``eps``; ``score`` and ``forward`` follow from it."""
+    """Base class: subclasses implement ``eps``; ``score`` and ``forward`` follow from it.
+
+    ``in_channels`` and ``image_size`` (None when unknown) let callers reject inputs the network was not built for.
+    """
 
     schedule: VPSchedule = DIFFPURE_SCHEDULE
+    in_channels: int | None = None
+    image_size: int | None = None
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -61,6 +66,8 @@ class EpsModel(ScoreModel):
         if not callable(time_input) and time_input not in TIME_INPUTS:
             raise ValueError(f"time_input: expected one of {TIME_INPUTS} or a callable, got {time_input!r}")
         self.net = net
+        self.in_channels = getattr(net, "in_channels", None) or getattr(net, "num_channels", None)
+        self.image_size = getattr(net, "image_size", None)
         self.time_input = time_input
         self.learned_sigma = bool(learned_sigma)
         self.schedule = schedule

@@ -34,11 +34,12 @@ from .adm import ADM_IMAGENET256_UNCOND_CONFIG, UNetModel, create_adm_model
 from .base import EpsModel
 from .ncsnpp import NCSNPP_CIFAR10_CONFIG, NCSNpp
 
-__all__ = ["FAMILIES", "build_network", "load_score_model", "read_checkpoint"]
+__all__ = ["FAMILIES", "build_network", "load_classifier", "load_score_model", "read_checkpoint"]
 
-FAMILIES = ("score_sde", "guided_diffusion")
+FAMILIES = ("score_sde", "guided_diffusion", "digits")
 _ALIASES = {"score_sde": "score_sde", "ncsnpp": "score_sde", "ddpmpp": "score_sde",
-            "guided_diffusion": "guided_diffusion", "guided-diffusion": "guided_diffusion", "adm": "guided_diffusion"}
+            "guided_diffusion": "guided_diffusion", "guided-diffusion": "guided_diffusion", "adm": "guided_diffusion",
+            "digits": "digits"}
 
 
 def _fmt(keys, limit: int = 12) -> str:
@@ -114,6 +115,10 @@ def _load_strict(net: torch.nn.Module, state: Mapping[str, torch.Tensor], what: 
 def build_network(family: str, config: Mapping[str, Any] | None = None) -> torch.nn.Module:
     """The bare network (random weights) for a family and an official-format config."""
     family = _family(family)
+    if family == "digits":
+        from .digits import build_digits_score_net
+
+        return build_digits_score_net(None if config is None else dict(config))
     if family == "score_sde":
         return NCSNpp.from_config(NCSNPP_CIFAR10_CONFIG if config is None else config)
     return create_adm_model(ADM_IMAGENET256_UNCOND_CONFIG if config is None else config)
@@ -195,13 +200,14 @@ def _load_guided(ckpt: Any, config) -> UNetModel:
     return net
 
 
-def load_score_model(family: str, checkpoint: str | os.PathLike | Mapping[str, Any],
+def load_score_model(family: str, checkpoint: str | os.PathLike | Mapping[str, Any] | None = None,
                      config: Mapping[str, Any] | None = None, *, device: str | torch.device | None = None,
                      dtype: torch.dtype | None = None, use_ema: bool = True) -> EpsModel:
-    """Load an official DiffPure score network.
+    """Load an official DiffPure score network, or the embedded digits model.
 
     Args:
-        family: ``"score_sde"`` (NCSN++/DDPM++, CIFAR-10) or ``"guided_diffusion"`` (ADM UNet, ImageNet).
+        family: ``"score_sde"`` (NCSN++/DDPM++, CIFAR-10), ``"guided_diffusion"`` (ADM UNet, ImageNet), or
+            ``"digits"`` (the small NCSN++ shipped inside the package for 1x16x16 digits; no checkpoint needed).
         checkpoint: a path (``.pt``/``.pth``; ``.safetensors`` for plain state dicts) or the already-loaded object:
             score_sde: ``{"model": state_dict, "ema": {"shadow_params": [...], ...}, "optimizer", "step"}`` (or a
             bare NCSN++ state dict); guided_diffusion: a plain state dict.
@@ -220,6 +226,15 @@ def load_score_model(family: str, checkpoint: str | os.PathLike | Mapping[str, A
         ``learned_sigma`` for guided-diffusion).
     """
     fam = _family(family)
+    if fam == "digits":
+        from .digits import load_digits_score_model
+
+        model = load_digits_score_model(device, path=checkpoint)
+        model.family = fam
+        return model
+    if checkpoint is None:
+        raise ValueError(f"checkpoint: family {family!r} needs a checkpoint path (or loaded dict); nothing is "
+                         "downloaded")
     if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype: expected None, torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
     if config is not None and not isinstance(config, Mapping):
@@ -246,3 +261,16 @@ def load_score_model(family: str, checkpoint: str | os.PathLike | Mapping[str, A
         model = EpsModel(unet, time_input="discrete", learned_sigma=unet.out_channels == 2 * unet.in_channels)
     model.family = fam
     return model.eval()
+
+
+def load_classifier(name: str = "digits", *, device: str | torch.device | None = None) -> torch.nn.Module:
+    """A classifier shipped with the package (inputs in [0, 1], logits), in eval mode with frozen parameters.
+
+    name: ``"digits"`` (a small CNN for 1x16x16 digits; test accuracy in ``diffpure_fast/weights``'s training log).
+    """
+    if name != "digits":
+        raise ValueError(f"name: the package ships only the 'digits' classifier, got {name!r}; load your own "
+                         "classifier (e.g. from RobustBench) and wrap it yourself")
+    from .digits import load_digits_classifier
+
+    return load_digits_classifier(device)
