@@ -24,3 +24,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
         if item.get_closest_marker("triton") and not HAS_TRITON:
             item.add_marker(skip_triton)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small networks run fastest on one thread (and keep a shared machine responsive)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

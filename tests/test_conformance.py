@@ -19,16 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 VEC_DIR = Path(os.environ.get("DIFFPURE_FAST_CONFORMANCE_DIR", REPO.parent / "shared" / "conformance"))
 FILES = sorted(VEC_DIR.glob("*.pt")) if VEC_DIR.is_dir() else []
 
-pytestmark = pytest.mark.skipif(
-    not FILES, reason=f"no conformance vectors found in {VEC_DIR} (set DIFFPURE_FAST_CONFORMANCE_DIR to their folder)")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(
+    not FILES, reason=f"no conformance vectors found in {VEC_DIR} (set DIFFPURE_FAST_CONFORMANCE_DIR to their folder)")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", params=FILES, ids=[f.name for f in FILES])

@@ -12,14 +12,7 @@ from diffpure_fast.models import EpsModel, NCSNpp, UNetModel, create_adm_model, 
 from diffpure_fast.models.adm import AttentionBlock, adm_default_channel_mult
 from diffpure_fast.models.ncsnpp import NCSNPP_CIFAR10_CONFIG
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small networks: one thread is fastest and keeps CPU use modest on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = {"image_size": 16, "num_channels": 1, "nf": 16, "ch_mult": (1, 2, 2), "num_res_blocks": 1,
