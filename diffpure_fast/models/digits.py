@@ -1,0 +1,141 @@
+"""The embedded default model: a small NCSN++ score model and a CNN classifier for scikit-learn's digits.
+
+Both are trained by ``scripts/train_digits.py`` on ``diffpure_fast.data.load_digits_dataset`` (16x16, [0, 1]) and
+shipped as safetensors files under ``diffpure_fast/weights/``; the architecture config travels in each file's
+metadata (JSON under the key ``"config"``), so the loaders rebuild the network without any other file.
+
+* ``load_digits_score_model()``: a ``ScoreModel`` (continuous VP-SDE epsilon model, beta in [0.1, 20], labels
+  ``999 t``) over images in [-1, 1];
+* ``load_digits_classifier()``: a ``DigitsClassifier`` taking images in [0, 1], in eval mode, frozen.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..schedule import DIFFPURE_SCHEDULE, VPSchedule
+from .base import EpsModel, ScoreModel
+from .classifier import DigitsClassifier
+
+__all__ = [
+    "CLASSIFIER_WEIGHTS",
+    "DIGITS_SCORE_CONFIG",
+    "SCORE_WEIGHTS",
+    "WEIGHTS_DIR",
+    "build_digits_score_net",
+    "digits_dsm_loss",
+    "load_digits_classifier",
+    "load_digits_score_model",
+    "read_weights",
+    "save_weights",
+]
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+SCORE_WEIGHTS = WEIGHTS_DIR / "digits_score.safetensors"
+CLASSIFIER_WEIGHTS = WEIGHTS_DIR / "digits_classifier.safetensors"
+
+_TRAIN_HINT = ("train it (about 20 minutes on 2 CPU cores, no downloads) with:\n"
+               "    python scripts/train_digits.py --out diffpure_fast/weights")
+
+# NCSN++ (score_sde) for 1-channel 16x16 digits: keyword arguments of ``ncsnpp.NCSNpp``.
+DIGITS_SCORE_CONFIG: dict[str, Any] = dict(
+    image_size=16, num_channels=1, nf=16, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8],
+    dropout=0.1, resblock_type="biggan", fir=False, skip_rescale=True, embedding_type="positional",
+    conditional=True, centered=True,
+)
+
+
+def build_digits_score_net(config: dict[str, Any] | None = None) -> nn.Module:
+    """A fresh (untrained) NCSN++ network: ``NCSNpp(**config)`` (default ``DIGITS_SCORE_CONFIG``)."""
+    from .ncsnpp import NCSNpp
+
+    return NCSNpp(**dict(DIGITS_SCORE_CONFIG if config is None else config))
+
+
+def digits_dsm_loss(model: ScoreModel, x0: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """score_sde's continuous DSM loss (epsilon form, per-pixel mean) at given times and noise.
+
+    x0: clean images in [-1, 1]; t: (B,) times in (0, 1]; z: standard normal noise like x0.
+    ``x_t = sqrt(alpha_bar(t)) x0 + sigma(t) z`` with the continuous schedule; returns ``mean (eps(x_t, t) - z)^2``.
+    """
+    schedule = model.schedule
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    mean = torch.exp(0.5 * schedule.log_alpha_bar(t)).reshape(shape)
+    std = schedule.sigma(t).reshape(shape)
+    xt = mean * x0 + std * z
+    return (model.eps(xt, t) - z).square().mean()
+
+
+# ---- safetensors with a JSON architecture config in the metadata ----
+def save_weights(module: nn.Module, path: str | Path, config: dict[str, Any], *, kind: str,
+                 dtype: torch.dtype = torch.float32, extra: dict[str, Any] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, value in module.state_dict().items():
+        value = value.detach().cpu()
+        if value.is_floating_point():
+            value = value.to(dtype)
+        tensors[name] = value.contiguous()
+    metadata = {"format": "pt", "kind": kind, "config": json.dumps(config, sort_keys=True)}
+    if extra:
+        metadata["training"] = json.dumps(extra, sort_keys=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def read_weights(path: str | Path, *, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
+    """(state dict in float32, architecture config, raw metadata) of a shipped weight file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"digits {kind} weights not found at {path}; {_TRAIN_HINT}")
+    tensors = {}
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+        for name in f.keys():
+            tensors[name] = f.get_tensor(name)
+    if metadata.get("kind") != kind or "config" not in metadata:
+        raise ValueError(f"{path}: not a digits {kind} weight file (metadata kind={metadata.get('kind')!r}); "
+                         f"{_TRAIN_HINT}")
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}
+    return state, json.loads(metadata["config"]), metadata
+
+
+def _freeze(module: nn.Module, device) -> nn.Module:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    if device is not None:
+        module.to(device)
+    return module
+
+
+def load_digits_score_model(device: str | torch.device | None = None, *, path: str | Path | None = None,
+                            schedule: VPSchedule = DIFFPURE_SCHEDULE) -> ScoreModel:
+    """The shipped digits score model: ``EpsModel(NCSN++, time_input="continuous")`` in eval mode, frozen.
+
+    Inputs are 1x16x16 images in [-1, 1] (``2 x - 1`` of ``load_digits_dataset`` images).
+    """
+    state, config, _ = read_weights(SCORE_WEIGHTS if path is None else path, kind="score")
+    net = build_digits_score_net(config)
+    net.load_state_dict(state)
+    model = EpsModel(net, time_input="continuous", schedule=schedule)
+    return _freeze(model, device)
+
+
+def load_digits_classifier(device: str | torch.device | None = None, *, path: str | Path | None = None
+                           ) -> DigitsClassifier:
+    """The shipped digits classifier (inputs (B, 1, 16, 16) in [0, 1], logits (B, 10)), in eval mode, frozen."""
+    state, config, _ = read_weights(CLASSIFIER_WEIGHTS if path is None else path, kind="classifier")
+    model = DigitsClassifier.from_config(config)
+    model.load_state_dict(state)
+    return _freeze(model, device)
