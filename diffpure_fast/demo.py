@@ -211,6 +211,6 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, overwrite: b
     (out / "report.md").write_text(_markdown(report))
     k = min(10, cfg.n_images)
     _grid_png(out / "grid.png", [("clean", x[:k].cpu(), pred_clean[:k].cpu()),
-                                 ("PGD adversarial", x_adv[:k].cpu(), pred_adv[:k].cpu()),
+                                 ("adversarial", x_adv[:k].cpu(), pred_adv[:k].cpu()),
                                  ("purified", x_adv_pur[:k].cpu(), pred_adv_def[:k].cpu())], y[:k].cpu())
     return report
