@@ -4,6 +4,7 @@ clipped on the way in; bad input raises ``ValueError`` naming the file and what 
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def read_images(path: str | Path) -> ImageBatch:
                 x, u8 = _from_array(z[key], f"{path}[{key!r}]")
             return ImageBatch(x, kind, key=key, uint8=u8)
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         if isinstance(e, ValueError) and str(e).startswith(str(path)):
             raise
         raise ValueError(f"{path}: not a readable {kind} file ({e})") from None

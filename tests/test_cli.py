@@ -158,3 +158,14 @@ def test_reduced_demo_report_is_consistent(tmp_path, capsys):
     # An existing report is not overwritten without --overwrite.
     rc, _, err = _run(argv, capsys)
     _assert_one_line_error(rc, err, "--overwrite")
+
+
+def test_wilson_interval_known_values():
+    from diffpure_fast.eval import wilson_interval
+
+    # Reference values: Wilson score interval, z = 1.96 (e.g. Newcombe 1998, table I: 81/263 -> 0.2553, 0.3662).
+    lo, hi = wilson_interval(81, 263)
+    assert abs(lo - 0.2553) < 5e-4 and abs(hi - 0.3662) < 5e-4
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    with pytest.raises(ValueError, match="correct, total"):
+        wilson_interval(3, 2)
