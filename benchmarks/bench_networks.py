@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import header
 from diffpure_fast.models import NCSNpp, create_adm_model
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -79,19 +79,6 @@ def cpu_worker(name: str, repeats: int, threads: int) -> dict:
                 "peak_extra_mib": _maxrss_mib() - rss0, "threads": threads}
 
 
-def machine() -> dict:
-    model = platform.processor() or "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-                "load": os.getloadavg()}
-
-
 def run_cpu(args) -> None:
     rows = []
     for name in NETS:
@@ -102,16 +89,11 @@ def run_cpu(args) -> None:
             raise SystemExit(f"worker {name} failed:\n{res.stderr}")
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
-    m = machine()
+    torch.set_num_threads(args.threads)
     lines = [
         "# Score networks on CPU: forward time and peak memory",
         "",
-        f"Command: `python benchmarks/bench_networks.py --repeats {args.repeats} --threads {args.threads}`",
-        "",
-        (f"Machine: {m['cpu']}, {m['cores']} cores (lscpu); torch {m['torch']}, Python {m['python']}; "
-        f"torch threads {args.threads}; load average at the end {m['load'][0]:.2f} / {m['load'][1]:.2f} / "
-        f"{m['load'][2]:.2f} (1/5/15 min; the machine was shared with other jobs)."),
-        "",
+        header(f"python benchmarks/bench_networks.py --repeats {args.repeats} --threads {args.threads}"),
         ("Random weights, float32, batch 1, eval, `torch.no_grad()`. Time: median of the repeats after one warm-up "
         "(min-max in brackets). Memory: growth of the peak RSS (`ru_maxrss`) of a fresh process from after "
         "building the model to after the forwards (the activation peak beyond the weights); weights listed apart."),

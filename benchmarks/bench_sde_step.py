@@ -25,9 +25,7 @@ import argparse
 import csv
 import io
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,33 +35,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import header
 from diffpure_fast.ops import _dispatch, reference
 
 A, B, C = 0.9731, -0.0123, 0.0456
 SEED = 1234
 PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}
-
-
-def _sh(cmd: list[str]) -> str:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def machine(device: torch.device) -> dict[str, str]:
-    info = {"torch": torch.__version__, "python": platform.python_version(),
-            "load average (1, 5, 15 min) at the end": ", ".join(f"{v:.2f}" for v in os.getloadavg())}
-    sha = _sh(["git", "rev-parse", "--short", "HEAD"])
-    dirty = _sh(["git", "status", "--porcelain", "--untracked-files=no"])
-    info["git"] = sha + (" (+uncommitted changes)" if dirty not in ("", "unknown") else "")
-    lscpu = _sh(["lscpu"])
-    model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "unknown")
-    info["cpu"] = f"{model}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = str(torch.version.cuda)
-    return info
 
 
 def peak_gbps(device: torch.device) -> float | None:
@@ -167,7 +144,6 @@ def main(argv=None) -> None:
             rows.append(row)
             print(f"{name:12s} n={n:>9d}  {ms:9.3f} ms  {gbps:8.2f} GB/s", flush=True)
 
-    info = machine(device)
     command = "python " + " ".join([os.path.relpath(__file__, ROOT), *(argv if argv is not None else sys.argv[1:])])
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
@@ -179,8 +155,9 @@ def main(argv=None) -> None:
     head = ["provider", "elements", "ms (median)", "ms p20-p80", "GB/s", *(["% peak"] if peak else []),
             "vs torch_randn"]
     lines = [f"# sde_step bandwidth, {device.type}, {args.dtype}", "",
-             f"- command: `{command}`"]
-    lines += [f"- {k}: {v}" for k, v in info.items()]
+             header(command)]
+    if device.type == "cuda":
+        lines += [f"- GPU: {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"]
     lines += ["- GB/s: bytes a fused kernel moves (3 tensors; 4 for *_z and torch_z) / median time", "",
               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
