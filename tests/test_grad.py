@@ -223,3 +223,34 @@ def test_bad_grad_arguments():
         dpf.purify(x.requires_grad_(True), model, t_star=0.02, grad_mode="adjoint", solver="ddpm")
     with pytest.raises(ValueError, match="grad_cache_steps"):
         dpf.purify(x, model, t_star=0.02, grad_mode="full", grad_cache_steps=-1)
+
+
+def test_bridged_brownian_hits_the_forward_path_and_has_bridge_variance():
+    from diffpure_fast.grad import BridgedBrownian
+    from diffpure_fast.grad.continuous_adjoint import backward_time_grid
+
+    t_star, n = 0.02, 20000
+    grid = reverse_time_grid(t_star, 1e-3, np.float64)
+    like = torch.zeros(n, 1, 1, 1, dtype=torch.float64)
+    noise = Noise(seed=3, sample_ids=torch.arange(n))
+    # At forward grid points, W (relative to W(s_n) = 0) is minus the sum of the later forward increments.
+    walker = BridgedBrownian(grid, noise, like)
+    h = np.diff(grid)
+    incs = [dpf.noise.sample_noise(3, noise.sample_ids, k, dpf.noise.STREAM_REVERSE, like) * float(np.sqrt(h[k]))
+            for k in range(len(h))]
+    for k in range(len(grid) - 1, -1, -1):
+        expected = -sum(incs[k:], torch.zeros_like(like))
+        torch.testing.assert_close(walker.value(grid[k]), expected, rtol=0, atol=1e-12)
+    # On the shifted backward grid: the increments telescope to the whole path, and a point inside a forward
+    # interval has the Brownian-bridge variance (s - a)(b - s)/(b - a) around the linear interpolation.
+    walker = BridgedBrownian(grid, noise, like)
+    bgrid = backward_time_grid(t_star, 1e-3, np.float64)
+    values = [walker.value(s) for s in bgrid]
+    torch.testing.assert_close(values[-1] - values[0], -sum(incs, torch.zeros_like(like)), rtol=0, atol=1e-12)
+    s = bgrid[1]
+    k = int(np.searchsorted(grid, s)) - 1
+    a, b = grid[k], grid[k + 1]
+    w_a, w_b = -sum(incs[k:], torch.zeros_like(like)), -sum(incs[k + 1:], torch.zeros_like(like))
+    resid = values[1] - (w_a + (s - a) / (b - a) * (w_b - w_a))
+    var = (s - a) * (b - s) / (b - a)
+    assert abs(resid.var().item() / var - 1) < 0.05  # 20000 samples: the sample variance is within ~2%
