@@ -39,6 +39,7 @@ class PurifyConfig:
     grad_mode: str = "none"
     surrogate_steps: int = 10
     grad_cache_steps: int = 0
+    param_grads: bool = False
     schedule: VPSchedule = DIFFPURE_SCHEDULE
 
     def __post_init__(self):
@@ -67,6 +68,11 @@ class PurifyConfig:
             raise ValueError(f"value_range: expected a pair (low, high) with low < high, got {vr!r}")
         if self.grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode: expected one of {GRAD_MODES}, got {self.grad_mode!r}")
+        if not isinstance(self.param_grads, bool):
+            raise TypeError(f"param_grads: expected a bool, got {type(self.param_grads).__name__}")
+        if self.param_grads and self.grad_mode != "full":
+            raise ValueError(f"param_grads: score-network parameter gradients come with grad_mode='full' only, got "
+                             f"grad_mode={self.grad_mode!r}")
         get_solver(self.solver)
 
     def plan(self, dtype: torch.dtype = torch.float32) -> Plan:
@@ -194,7 +200,7 @@ def purify(x: torch.Tensor, model: ScoreModel, *, t_star: float = 0.1, dt: float
            noise_ids: torch.Tensor | None = None, forward_noise: torch.Tensor | None = None,
            increments: torch.Tensor | None = None, value_range: tuple[float, float] = (0.0, 1.0),
            grad_mode: str = "none", surrogate_steps: int = 10, grad_cache_steps: int = 0,
-           schedule: VPSchedule = DIFFPURE_SCHEDULE) -> torch.Tensor:
+           param_grads: bool = False, schedule: VPSchedule = DIFFPURE_SCHEDULE) -> torch.Tensor:
     """Purify a batch with DiffPure: diffuse to ``t_star``, then solve the reverse process back.
 
     Args:
@@ -218,6 +224,8 @@ def purify(x: torch.Tensor, model: ScoreModel, *, t_star: float = 0.1, dt: float
         surrogate_steps: the DDPM step count of ``grad_mode="surrogate"``'s gradient chain.
         grad_cache_steps: ``grad_mode="full"`` keeps the graphs of this many last steps from the forward pass
             (memory: one network call's activations each) instead of recomputing them in the backward pass.
+        param_grads: ``grad_mode="full"`` also back-propagates into the score network's parameters that require
+            grad (off by default: attacks need d/dx only, and parameter VJPs cost time).
 
     Returns:
         (B, C, H, W) purified images in ``value_range`` (not clipped: the reverse SDE can overshoot slightly, as
@@ -225,7 +233,7 @@ def purify(x: torch.Tensor, model: ScoreModel, *, t_star: float = 0.1, dt: float
     """
     cfg = PurifyConfig(t_star=t_star, dt=dt, steps=steps, solver=solver, value_range=tuple(value_range),
                        grad_mode=grad_mode, surrogate_steps=surrogate_steps, grad_cache_steps=grad_cache_steps,
-                       schedule=schedule)
+                       param_grads=param_grads, schedule=schedule)
     model = as_score_model(model)
     plan = cfg.plan(x.dtype if isinstance(x, torch.Tensor) else torch.float32)
     _check_inputs(x, model, cfg, plan, forward_noise, increments, noise_ids)
@@ -238,7 +246,8 @@ def purify(x: torch.Tensor, model: ScoreModel, *, t_star: float = 0.1, dt: float
     z = forward_noise if forward_noise is not None else sample_noise(seed, ids, 0, STREAM_FORWARD, x_unit)
     noise = Noise(seed=seed, sample_ids=ids, increments=increments)
 
-    wants_graph = cfg.grad_mode != "none" and torch.is_grad_enabled() and x.requires_grad
+    wants_params = cfg.param_grads and any(p.requires_grad for p in model.parameters())
+    wants_graph = cfg.grad_mode != "none" and torch.is_grad_enabled() and (x.requires_grad or wants_params)
     if not wants_graph or cfg.grad_mode == "bpda":
         with torch.no_grad():
             out = reverse_solve(forward_diffuse(x_unit, z, cfg.t_star, cfg.schedule), model, plan, noise)
@@ -264,11 +273,11 @@ class Purifier(nn.Module):
     def __init__(self, model: ScoreModel, *, t_star: float = 0.1, dt: float | None = 1e-3, steps: int | None = None,
                  solver: str = "euler", seed: int | None = None, value_range: tuple[float, float] = (0.0, 1.0),
                  grad_mode: str = "none", surrogate_steps: int = 10, grad_cache_steps: int = 0,
-                 schedule: VPSchedule = DIFFPURE_SCHEDULE):
+                 param_grads: bool = False, schedule: VPSchedule = DIFFPURE_SCHEDULE):
         super().__init__()
         self.config = PurifyConfig(t_star=t_star, dt=dt, steps=steps, solver=solver, value_range=tuple(value_range),
                                    grad_mode=grad_mode, surrogate_steps=surrogate_steps,
-                                   grad_cache_steps=grad_cache_steps, schedule=schedule)
+                                   grad_cache_steps=grad_cache_steps, param_grads=param_grads, schedule=schedule)
         self.model = as_score_model(model).eval()
         self.seed = None if seed is None else check_seed(seed)
 
@@ -282,7 +291,8 @@ class Purifier(nn.Module):
         c = self.config
         return purify(x, self.model, t_star=c.t_star, dt=c.dt, steps=c.steps, solver=c.solver, seed=self.seed,
                       noise_ids=noise_ids, value_range=c.value_range, grad_mode=c.grad_mode,
-                      surrogate_steps=c.surrogate_steps, grad_cache_steps=c.grad_cache_steps, schedule=c.schedule)
+                      surrogate_steps=c.surrogate_steps, grad_cache_steps=c.grad_cache_steps,
+                      param_grads=c.param_grads, schedule=c.schedule)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -31,7 +31,8 @@ def differentiable_reverse_solve(x_t: torch.Tensor, model: ScoreModel, plan: Pla
     x_in: the caller's input tensor, watched for in-place changes between forward and backward."""
     mode = cfg.grad_mode
     if mode == "full":
-        return DiscreteAdjoint.apply(x_t, model, plan, noise, cfg.grad_cache_steps, _guard(x_in, model))
+        params = [p for p in model.parameters() if p.requires_grad] if cfg.param_grads else []
+        return DiscreteAdjoint.apply(x_t, model, plan, noise, cfg.grad_cache_steps, _guard(x_in, model), *params)
     if mode == "adjoint":
         if cfg.solver != "euler" or cfg.steps is not None:
             raise ValueError("grad_mode: 'adjoint' is torchsde's adjoint of DiffPure's Euler–Maruyama solve; it needs "

@@ -8,8 +8,10 @@ vector-Jacobian product of one step is
 one VJP through the score network at the stored state x_k. The forward pass runs without a graph and keeps only
 the states x_0..x_{n-1} (one image each; the noise is never stored); the backward pass walks the steps in reverse,
 recomputes each network call with a graph, takes its VJP with respect to x_k only (the network's parameters get no
-gradient and their weight-gradient kernels are never run), and frees it. Optionally the graphs of the last
-``cache_steps`` steps are kept from the forward pass, so their recompute is skipped when memory allows.
+gradient and their weight-gradient kernels are never run), and frees it. A caller who asks for parameter gradients
+(``param_grads=True``) passes the parameters as inputs; each step then adds ``b_k J_theta(x_k)^T g_{k+1}``.
+Optionally the graphs of the last ``cache_steps`` steps are kept from the forward pass, so their recompute is
+skipped when memory allows.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ class GraphGuard:
 
 class DiscreteAdjoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_t, model: ScoreModel, plan: Plan, noise: Noise, cache_steps: int, guard: GraphGuard):
+    def forward(ctx, x_t, model: ScoreModel, plan: Plan, noise: Noise, cache_steps: int, guard: GraphGuard,
+                *params):
         n = len(plan)
         first_cached = max(n - cache_steps, 0)
         states, cached = [], {}
@@ -64,12 +67,15 @@ class DiscreteAdjoint(torch.autograd.Function):
                 eps = eps_graph.detach()
             x = noise.step(x, eps, k, step)
         ctx.model, ctx.plan, ctx.states, ctx.cached, ctx.guard = model, plan, states, cached, guard
+        ctx.params = params
         return x
 
     @staticmethod
     def backward(ctx, grad_out):
         ctx.guard.check("purify(grad_mode='full') backward")
         model, plan, states, cached = ctx.model, ctx.plan, ctx.states, ctx.cached
+        params = ctx.params
+        param_grads = [torch.zeros_like(p) for p in params]
         g = grad_out
         for k in range(len(plan) - 1, -1, -1):
             step = plan.steps[k]
@@ -80,7 +86,10 @@ class DiscreteAdjoint(torch.autograd.Function):
                 xk = states[k].detach().requires_grad_(True)
                 with torch.enable_grad():
                     eps = model_eps(model, xk, step)
-            (vjp,) = torch.autograd.grad(eps, xk, g)
+            vjp, *vjp_params = torch.autograd.grad(eps, (xk, *params), g, allow_unused=True)
             g = g * step.a + vjp * step.b
-            del xk, eps, vjp
-        return g, None, None, None, None, None
+            for acc, vp in zip(param_grads, vjp_params):
+                if vp is not None:
+                    acc.add_(vp, alpha=step.b)
+            del xk, eps, vjp, vjp_params
+        return (g, None, None, None, None, None, *param_grads)
