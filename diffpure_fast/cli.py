@@ -112,18 +112,15 @@ def _cmd_purify(args) -> int:
         raise ValueError(f"--checkpoint: --model {args.model} needs a checkpoint path (nothing is downloaded)")
     model = load_score_model(args.model, args.checkpoint, device=args.device)
     x = batch.x.to(args.device)
-    c, s = model.in_channels, model.image_size
-    if c is not None and x.shape[1] != c:
-        raise ValueError(f"{src}: the {args.model} model takes {c}-channel images, got {x.shape[1]} channels")
-    if s is not None and tuple(x.shape[2:]) != (s, s):
-        raise ValueError(f"{src}: the {args.model} model takes {s}x{s} images, got {x.shape[2]}x{x.shape[3]} "
-                         "(nothing is resized)")
     dt = args.dt if args.dt is not None else (1e-3 if args.steps is None else None)
     outs = []
     for i in tqdm(range(0, len(x), args.batch_size), desc="purify", disable=args.no_progress):
         ids = torch.arange(i, min(i + args.batch_size, len(x)), device=x.device)
-        outs.append(purify(x[i:i + args.batch_size], model, t_star=args.t_star, dt=dt, steps=args.steps,
-                           solver=args.solver, seed=args.seed, noise_ids=ids).cpu())
+        try:
+            outs.append(purify(x[i:i + args.batch_size], model, t_star=args.t_star, dt=dt, steps=args.steps,
+                               solver=args.solver, seed=args.seed, noise_ids=ids).cpu())
+        except (ValueError, TypeError) as e:  # purify's checks (channels, size, range) name x: say which file
+            raise ValueError(f"{src}: {e}") from None
     write_images(dst, batch, torch.cat(outs))
     return 0
 

@@ -50,6 +50,11 @@ class DemoConfig:
     batch_size: int = 100
     device: str = "cpu"
 
+    @property
+    def purify_kwargs(self) -> dict:
+        """The purification every part of the demo uses (attacked and evaluated alike)."""
+        return {"t_star": self.t_star, "steps": self.steps, "dt": None if self.steps is not None else 1e-3}
+
 
 def _predict(classifier, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     with torch.no_grad():
@@ -60,9 +65,7 @@ def _purify_all(x, model, cfg: DemoConfig, seed: int, desc: str, progress: bool)
     out = []
     for i in tqdm(range(0, len(x), cfg.batch_size), desc=desc, disable=not progress, leave=False):
         ids = torch.arange(i, min(i + cfg.batch_size, len(x)), device=x.device)
-        dt = None if cfg.steps is not None else 1e-3
-        out.append(purify(x[i:i + cfg.batch_size], model, t_star=cfg.t_star, steps=cfg.steps, dt=dt, seed=seed,
-                          noise_ids=ids))
+        out.append(purify(x[i:i + cfg.batch_size], model, seed=seed, noise_ids=ids, **cfg.purify_kwargs))
     return torch.cat(out)
 
 
@@ -161,7 +164,6 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, overwrite: b
     # Adaptive PGD-EOT: each draw d is a fresh purification noise (seed base + d), gradients exact through it.
     t0 = time.perf_counter()
     n_ad = cfg.adaptive_images
-    dt = None if cfg.steps is not None else 1e-3
     total = -(-n_ad // cfg.batch_size) * cfg.adaptive_steps * cfg.eot
     bar = tqdm(total=total, desc="adaptive PGD-EOT (gradients)", disable=not progress, leave=False)
     adv_ad = []
@@ -170,8 +172,8 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, overwrite: b
         ids = torch.arange(i, i + len(xb), device=dev)
 
         def defended(z, draw, ids=ids):
-            return clf(purify(z, model, t_star=cfg.t_star, steps=cfg.steps, dt=dt, grad_mode="full",
-                              seed=seeds["adaptive_attack_base"] + draw, noise_ids=ids))
+            return clf(purify(z, model, grad_mode="full", seed=seeds["adaptive_attack_base"] + draw, noise_ids=ids,
+                              **cfg.purify_kwargs))
 
         adv_ad.append(pgd_linf(defended, xb, yb, eps=cfg.eps, steps=cfg.adaptive_steps, eot=cfg.eot,
                                seed=seeds["pgd_random_start"] + 7 + i, progress=bar.update))

@@ -93,12 +93,12 @@ def test_purify_errors_are_one_line(tmp_path, capsys):
     cases = [
         (["--input", tmp_path / "missing.npy", "--output", tmp_path / "o.npy"], "no such file"),
         (["--input", tmp_path / "rank3.npy", "--output", tmp_path / "o.npy"], "(N, C, H, W)"),
-        (["--input", tmp_path / "rgb.npy", "--output", tmp_path / "o.npy"], "1-channel"),
+        (["--input", tmp_path / "rgb.npy", "--output", tmp_path / "o.npy"], "takes 1 channels"),
         (["--input", tmp_path / "small.npy", "--output", tmp_path / "o.npy"], "16x16"),
         (["--input", tmp_path / "ok.npy", "--output", tmp_path / "exists.npy"], "--overwrite"),
         (["--input", tmp_path / "ok.npy", "--output", tmp_path / "o.pt"], "must be one too"),
         (["--input", tmp_path / "broken.pt", "--output", tmp_path / "o.pt"], "not a readable"),
-        (["--input", tmp_path / "imgs", "--output", tmp_path / "o"], "1-channel"),
+        (["--input", tmp_path / "imgs", "--output", tmp_path / "o"], "takes 1 channels"),
         (["--input", tmp_path / "bad", "--output", tmp_path / "o2"], "not a readable image"),
     ]
     for extra, match in cases:

@@ -29,6 +29,15 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def _autograd_purify(x, model, *, t_star, seed, solver="euler"):
+    """The same purification as ``dpf.purify(x, model, seed=seed)`` run as a plain autograd graph (the reference)."""
+    ids = torch.arange(x.shape[0])
+    z = dpf.noise.sample_noise(seed, ids, 0, dpf.noise.STREAM_FORWARD, x)
+    x_t = forward_diffuse(x * 2 - 1, z, t_star, DIFFPURE_SCHEDULE)
+    plan = PurifyConfig(t_star=t_star, solver=solver).plan(x.dtype)
+    return (reverse_solve(x_t, model, plan, Noise(seed=seed, sample_ids=ids)) + 1) / 2
+
+
 def _setup(dtype, t_star=0.03, shape=(2, 3, 5, 4), seed=0):
     g = torch.Generator().manual_seed(seed)
     model = tiny_score_model(dtype=dtype)
@@ -45,12 +54,8 @@ def test_full_matches_plain_autograd(dtype, solver):
     xg = x.clone().requires_grad_(True)
     (g_full,) = torch.autograd.grad((dpf.purify(xg, model, grad_mode="full", **kw) * w).sum(), xg)
     # Plain autograd through the same solver: the loop run with a graph.
-    cfg = PurifyConfig(t_star=0.03, solver=solver)
     xa = x.clone().requires_grad_(True)
-    ids = torch.arange(x.shape[0])
-    z = dpf.noise.sample_noise(3, ids, 0, dpf.noise.STREAM_FORWARD, xa)
-    x_t = forward_diffuse(xa * 2 - 1, z, 0.03, DIFFPURE_SCHEDULE)
-    out = (reverse_solve(x_t, model, cfg.plan(dtype), Noise(seed=3, sample_ids=ids)) + 1) / 2
+    out = _autograd_purify(xa, model, t_star=0.03, seed=3, solver=solver)
     (g_auto,) = torch.autograd.grad((out * w).sum(), xa)
     assert rel_err(g_full, g_auto) <= REL[dtype]
 
@@ -191,10 +196,7 @@ def test_full_memory_does_not_grow_with_steps_beyond_stored_states():
     # Plain autograd keeps every step's activations: it must grow far more (the 10x claim is benchmarked).
     xg = x.clone().requires_grad_(True)
     with PeakMemoryCounter() as counter:
-        ids = torch.arange(4)
-        z = dpf.noise.sample_noise(0, ids, 0, 0, xg)
-        x_t = forward_diffuse(xg * 2 - 1, z, 0.04001, DIFFPURE_SCHEDULE)
-        reverse_solve(x_t, model, PurifyConfig(t_star=0.04001).plan(), Noise(seed=0, sample_ids=ids)).sum().backward()
+        _autograd_purify(xg, model, t_star=0.04001, seed=0).sum().backward()
     assert counter.peak > 3 * full_40, (counter.peak, full_40)
     assert none_10 < full_10
 
@@ -264,12 +266,8 @@ def test_param_grads_on_request_match_plain_autograd():
     xg = x.clone().requires_grad_(True)
     y = dpf.purify(xg, model, t_star=0.02, seed=2, grad_mode="full", param_grads=True, grad_cache_steps=3)
     g_x, *g_p = torch.autograd.grad((y * w).sum(), (xg, *params))
-    ids = torch.arange(x.shape[0])
     xa = x.clone().requires_grad_(True)
-    z = dpf.noise.sample_noise(2, ids, 0, dpf.noise.STREAM_FORWARD, xa)
-    x_t = forward_diffuse(xa * 2 - 1, z, 0.02, DIFFPURE_SCHEDULE)
-    out = (reverse_solve(x_t, model, PurifyConfig(t_star=0.02).plan(torch.float64), Noise(seed=2, sample_ids=ids))
-           + 1) / 2
+    out = _autograd_purify(xa, model, t_star=0.02, seed=2)
     r_x, *r_p = torch.autograd.grad((out * w).sum(), (xa, *params))
     assert rel_err(g_x, r_x) <= 1e-6
     for a, b in zip(g_p, r_p):

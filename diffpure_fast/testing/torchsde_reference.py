@@ -9,6 +9,7 @@ identical noise.
 from __future__ import annotations
 
 import torch
+import torchsde  # a dev dependency: this module serves the tests and benchmarks only
 
 from ..models.base import ScoreModel
 from ..schedule import DIFFPURE_SCHEDULE, VPSchedule
@@ -16,14 +17,6 @@ from ..solvers.euler import T_END
 
 __all__ = ["ReplayBrownian", "RevVPSDE", "TorchsdeBrownianWalker", "forward_increments", "torchsde_purify",
            "torchsde_ts"]
-
-
-def _torchsde():
-    try:
-        import torchsde
-    except ImportError as e:  # a dev dependency only
-        raise ImportError("the torchsde reference needs `pip install torchsde==0.2.6`") from e
-    return torchsde
 
 
 class RevVPSDE(torch.nn.Module):
@@ -52,33 +45,28 @@ class RevVPSDE(torch.nn.Module):
         return torch.sqrt(beta)[:, None].expand(y.shape)
 
 
-class ReplayBrownian:
+class ReplayBrownian(torchsde.BaseBrownian):
     """A torchsde Brownian motion that answers each forward-grid query (s_k, s_{k+1}) with the given dW_k."""
 
-    def __new__(cls, grid: torch.Tensor, increments: torch.Tensor):
-        base = _torchsde().BaseBrownian
+    levy_area_approximation = "none"
 
-        class _Replay(base):
-            def __init__(self):
-                super().__init__()
-                self.grid = grid
-                self.inc = increments.flatten(2)  # (steps, B, C*H*W)
+    def __init__(self, grid: torch.Tensor, increments: torch.Tensor):
+        super().__init__()
+        self.grid = grid
+        self.inc = increments.flatten(2)  # (steps, B, C*H*W)
 
-            def __call__(self, ta, tb=None, return_U=False, return_A=False):
-                k = int(torch.argmin((self.grid - ta).abs()))
-                if tb is not None and abs(float(self.grid[k + 1] - tb)) > 1e-7:
-                    raise ValueError(f"ReplayBrownian: query ({float(ta)}, {float(tb)}) is not a forward grid step")
-                return self.inc[k]
+    def __call__(self, ta, tb=None, return_U=False, return_A=False):
+        k = int(torch.argmin((self.grid - ta).abs()))
+        if tb is not None and abs(float(self.grid[k + 1] - tb)) > 1e-7:
+            raise ValueError(f"ReplayBrownian: query ({float(ta)}, {float(tb)}) is not a forward grid step")
+        return self.inc[k]
 
-            def __repr__(self):
-                return "ReplayBrownian()"
+    def __repr__(self):
+        return "ReplayBrownian()"
 
-            dtype = property(lambda self: self.inc.dtype)
-            device = property(lambda self: self.inc.device)
-            shape = property(lambda self: self.inc.shape[1:])
-            levy_area_approximation = "none"
-
-        return _Replay()
+    dtype = property(lambda self: self.inc.dtype)
+    device = property(lambda self: self.inc.device)
+    shape = property(lambda self: self.inc.shape[1:])
 
 
 class TorchsdeBrownianWalker:
@@ -117,7 +105,6 @@ def torchsde_purify(x_t: torch.Tensor, model: ScoreModel, t_star: float, *, incr
 
     increments: (steps, B, C, H, W) dW on the forward grid ``grid`` (replayed exactly), or ``bm``: a torchsde
     Brownian motion, or neither (torchsde's default BrownianInterval)."""
-    torchsde = _torchsde()
     sde = RevVPSDE(model, x_t.shape[1:])
     ts = torchsde_ts(t_star, x_t.device, x_t.dtype)
     if increments is not None:
