@@ -84,7 +84,7 @@ def run_mode(mode: str, batch: int, t_star: float, repeats: int) -> dict:
 
     def adjoint():
         xg = x.clone().requires_grad_(True)
-        cfg = PurifyConfig(t_star=t_star, grad_mode="adjoint")
+        cfg = PurifyConfig.build(t_star=t_star, grad_mode="adjoint")
         x_t = forward_diffuse(xg, z, t_star, DIFFPURE_SCHEDULE)
         out = differentiable_reverse_solve(x_t, model, cfg.plan(), Noise(increments=dw), cfg, x_in=xg,
                                            brownian_factory=lambda grid, noise, like: TorchsdeBrownianWalker(bm, like))

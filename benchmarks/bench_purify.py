@@ -73,7 +73,7 @@ def main() -> None:
     model = TimedModel(bench_model(dev))
     n_params = sum(p.numel() for p in model.parameters())
     x = torch.rand(args.batch, 3, 32, 32, device=dev)
-    steps = len(dpf.PurifyConfig(t_star=args.t_star).plan())
+    steps = len(dpf.PurifyConfig.build(t_star=args.t_star).plan())
     sde = RevVPSDE(model, x.shape[1:])
     ts = torchsde_ts(args.t_star, dev)
     y0 = (x * 2 - 1).flatten(1)

@@ -1,7 +1,9 @@
 // diffpure_fast_C: the op schemas and their CPU kernels.
 //
-// sde_step_z       x_next = a*x + b*eps + c*z            (z given)
-// sde_step_philox  x_next = a*x + b*eps + c*z(counter)   (z generated here from diffpure_fast.noise's counter)
+// sde_step_z       x_next = a*x + b*eps + c*z [+ guide]            (z given)
+// sde_step_philox  x_next = a*x + b*eps + c*z(counter) [+ guide]   (z generated from diffpure_fast.noise's counter)
+//
+// guide: an optional additive term (guided purification), summed last; see step_value_g in sde_step.h.
 //
 // The CUDA kernels register against the same schemas in cuda/sde_step.cu. Python reaches both through
 // torch.ops.diffpure_fast_C (diffpure_fast/ops/_ext.py); the public ops live in diffpure_fast/ops/_library.py.
@@ -46,23 +48,27 @@ constexpr int64_t kQuadGrain = 1024;
 // each over this many calls; 64 calls keep the 4 x 64 words and 256 doubles in L1.
 constexpr int64_t kChunk = 64;
 
-template <typename scalar_t, typename opmath_t>
+// guide: read only when kGuide (may be null otherwise).
+template <bool kGuide, typename scalar_t, typename opmath_t>
 void step_z_range(const scalar_t* __restrict__ x, const scalar_t* __restrict__ eps, const scalar_t* __restrict__ z,
-                  scalar_t* __restrict__ out, int64_t n, opmath_t a, opmath_t b, opmath_t c) {
+                  const scalar_t* __restrict__ guide, scalar_t* __restrict__ out, int64_t n, opmath_t a, opmath_t b,
+                  opmath_t c) {
   for (int64_t k = 0; k < n; ++k) {
-    out[k] = step_value<scalar_t, opmath_t>(x[k], eps[k], z[k], a, b, c);
+    out[k] = step_value_g<kGuide, scalar_t, opmath_t>(x[k], eps[k], z[k], kGuide ? guide[k] : scalar_t(0), a, b, c);
   }
 }
 
 at::Tensor sde_step_z_cpu(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& z, double a, double b,
-                          double c) {
+                          double c, const std::optional<at::Tensor>& guide) {
   check_x(x);
   check_like(x, eps, "eps");
   check_like(x, z, "z");
+  const bool guided = check_guide(x, guide);
   TORCH_INTERNAL_ASSERT(x.device().is_cpu());
   const at::Tensor xc = x.contiguous();
   const at::Tensor ec = eps.contiguous();
   const at::Tensor zc = z.contiguous();
+  const at::Tensor gc = guided ? guide->contiguous() : at::Tensor();
   at::Tensor out = at::empty_like(xc, xc.options(), at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sde_step_z_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -70,19 +76,28 @@ at::Tensor sde_step_z_cpu(const at::Tensor& x, const at::Tensor& eps, const at::
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
     const scalar_t* ep = ec.const_data_ptr<scalar_t>();
     const scalar_t* zp = zc.const_data_ptr<scalar_t>();
+    const scalar_t* gp = guided ? gc.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, xc.numel(), kStepGrain, [&](int64_t begin, int64_t end) {
-      step_z_range<scalar_t, opmath_t>(xp + begin, ep + begin, zp + begin, op + begin, end - begin, a_, b_, c_);
+      if (guided) {
+        step_z_range<true, scalar_t, opmath_t>(xp + begin, ep + begin, zp + begin, gp + begin, op + begin,
+                                               end - begin, a_, b_, c_);
+      } else {
+        step_z_range<false, scalar_t, opmath_t>(xp + begin, ep + begin, zp + begin, nullptr, op + begin,
+                                                end - begin, a_, b_, c_);
+      }
     });
   });
   return out;
 }
 
 // One sample's Philox calls [q_begin, q_end): elements 4*q_begin .. min(4*q_end, n) of that sample.
-template <typename scalar_t, typename opmath_t>
-void step_philox_range(const scalar_t* __restrict__ x, const scalar_t* __restrict__ eps, scalar_t* __restrict__ out,
-                       int64_t n, int64_t q_begin, int64_t q_end, opmath_t a, opmath_t b, opmath_t c, uint64_t seed,
-                       uint32_t sample_id, uint32_t step, uint32_t stream) {
+// guide: read only when kGuide (may be null otherwise).
+template <bool kGuide, typename scalar_t, typename opmath_t>
+void step_philox_range(const scalar_t* __restrict__ x, const scalar_t* __restrict__ eps,
+                       const scalar_t* __restrict__ guide, scalar_t* __restrict__ out, int64_t n, int64_t q_begin,
+                       int64_t q_end, opmath_t a, opmath_t b, opmath_t c, uint64_t seed, uint32_t sample_id,
+                       uint32_t step, uint32_t stream) {
   uint32_t w0[kChunk], w1[kChunk], w2[kChunk], w3[kChunk];
   double zd[4 * kChunk];
   for (int64_t q0 = q_begin; q0 < q_end; q0 += kChunk) {
@@ -103,19 +118,23 @@ void step_philox_range(const scalar_t* __restrict__ x, const scalar_t* __restric
     const int64_t e0 = 4 * q0;
     const int64_t count = std::min(4 * len, n - e0);
     for (int64_t k = 0; k < count; ++k) {
-      out[e0 + k] = step_value<scalar_t, opmath_t>(x[e0 + k], eps[e0 + k], static_cast<scalar_t>(zd[k]), a, b, c);
+      out[e0 + k] = step_value_g<kGuide, scalar_t, opmath_t>(x[e0 + k], eps[e0 + k], static_cast<scalar_t>(zd[k]),
+                                                            kGuide ? guide[e0 + k] : scalar_t(0), a, b, c);
     }
   }
 }
 
 at::Tensor sde_step_philox_cpu(const at::Tensor& x, const at::Tensor& eps, double a, double b, double c,
-                               int64_t seed, const at::Tensor& sample_ids, int64_t step, int64_t stream) {
+                               int64_t seed, const at::Tensor& sample_ids, int64_t step, int64_t stream,
+                               const std::optional<at::Tensor>& guide) {
   check_x(x);
   check_like(x, eps, "eps");
+  const bool guided = check_guide(x, guide);
   const int64_t n = check_philox_args(x, seed, sample_ids);
   TORCH_INTERNAL_ASSERT(x.device().is_cpu());
   const at::Tensor xc = x.contiguous();
   const at::Tensor ec = eps.contiguous();
+  const at::Tensor gc = guided ? guide->contiguous() : at::Tensor();
   const at::Tensor ids = sample_ids.contiguous();
   at::Tensor out = at::empty_like(xc, xc.options(), at::MemoryFormat::Contiguous);
   const int64_t batch = x.size(0);
@@ -135,6 +154,7 @@ at::Tensor sde_step_philox_cpu(const at::Tensor& x, const at::Tensor& eps, doubl
     const opmath_t a_ = static_cast<opmath_t>(a), b_ = static_cast<opmath_t>(b), c_ = static_cast<opmath_t>(c);
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
     const scalar_t* ep = ec.const_data_ptr<scalar_t>();
+    const scalar_t* gp = guided ? gc.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     // Parallel over all (sample, call) pairs so that a small batch of large samples still spreads over threads.
     at::parallel_for(0, batch * n_quads, kQuadGrain, [&](int64_t begin, int64_t end) {
@@ -143,9 +163,15 @@ at::Tensor sde_step_philox_cpu(const at::Tensor& x, const at::Tensor& eps, doubl
         const int64_t q = g - i * n_quads;
         const int64_t q_end = std::min(n_quads, q + (end - g));
         const int64_t off = i * n;
-        step_philox_range<scalar_t, opmath_t>(xp + off, ep + off, op + off, n, q, q_end, a_, b_, c_,
-                                              static_cast<uint64_t>(seed), static_cast<uint32_t>(idp[i]), step32,
-                                              stream32);
+        const uint64_t seed64 = static_cast<uint64_t>(seed);
+        const uint32_t id32 = static_cast<uint32_t>(idp[i]);
+        if (guided) {
+          step_philox_range<true, scalar_t, opmath_t>(xp + off, ep + off, gp + off, op + off, n, q, q_end, a_, b_,
+                                                      c_, seed64, id32, step32, stream32);
+        } else {
+          step_philox_range<false, scalar_t, opmath_t>(xp + off, ep + off, nullptr, op + off, n, q, q_end, a_, b_,
+                                                       c_, seed64, id32, step32, stream32);
+        }
         g += q_end - q;
       }
     });
@@ -153,18 +179,44 @@ at::Tensor sde_step_philox_cpu(const at::Tensor& x, const at::Tensor& eps, doubl
   return out;
 }
 
+// Meta kernels: the input checks and the output's shape only. They also make a device mismatch (one meta tensor
+// among CPU ones dispatches here) raise the checks' error naming the argument.
+at::Tensor sde_step_z_meta(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& z, double, double, double,
+                           const std::optional<at::Tensor>& guide) {
+  check_x(x);
+  check_like(x, eps, "eps");
+  check_like(x, z, "z");
+  check_guide(x, guide);
+  return at::empty_like(x, x.options(), at::MemoryFormat::Contiguous);
+}
+
+at::Tensor sde_step_philox_meta(const at::Tensor& x, const at::Tensor& eps, double, double, double, int64_t seed,
+                                const at::Tensor& sample_ids, int64_t, int64_t,
+                                const std::optional<at::Tensor>& guide) {
+  check_x(x);
+  check_like(x, eps, "eps");
+  check_guide(x, guide);
+  check_philox_args(x, seed, sample_ids);
+  return at::empty_like(x, x.options(), at::MemoryFormat::Contiguous);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(diffpure_fast_C, m) {
-  m.def("sde_step_z(Tensor x, Tensor eps, Tensor z, float a, float b, float c) -> Tensor");
+  m.def("sde_step_z(Tensor x, Tensor eps, Tensor z, float a, float b, float c, Tensor? guide=None) -> Tensor");
   m.def(
       "sde_step_philox(Tensor x, Tensor eps, float a, float b, float c, int seed, Tensor sample_ids, int step, "
-      "int stream) -> Tensor");
+      "int stream, Tensor? guide=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(diffpure_fast_C, CPU, m) {
   m.impl("sde_step_z", &sde_step_z_cpu);
   m.impl("sde_step_philox", &sde_step_philox_cpu);
+}
+
+TORCH_LIBRARY_IMPL(diffpure_fast_C, Meta, m) {
+  m.impl("sde_step_z", &sde_step_z_meta);
+  m.impl("sde_step_philox", &sde_step_philox_meta);
 }
 
 }  // namespace diffpure_fast

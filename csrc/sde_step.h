@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
+
 #include "philox.h"
 
 namespace diffpure_fast {
@@ -26,6 +28,27 @@ DIFFPURE_HD scalar_t step_value(scalar_t x, scalar_t eps, scalar_t z, opmath_t a
   return static_cast<scalar_t>(static_cast<opmath_t>(s) + static_cast<opmath_t>(cz));
 }
 
+// The guided step: x_next = ((a*x + b*eps) + c*z) + guide, i.e. step_value's result (rounded to scalar_t) plus the
+// guidance term, that last sum rounded to scalar_t too -- the order torch evaluates `x * a + eps * b + z * c +
+// guide`. Without a guide the kernels call step_value alone (results bit-identical to the unguided op).
+template <typename scalar_t, typename opmath_t>
+DIFFPURE_HD scalar_t guided_value(scalar_t step, scalar_t guide) {
+  return static_cast<scalar_t>(static_cast<opmath_t>(step) + static_cast<opmath_t>(guide));
+}
+
+// step_value, plus the guide when kGuide (the guide argument is ignored otherwise): one instantiation per case so
+// that the unguided loops stay exactly as they were.
+template <bool kGuide, typename scalar_t, typename opmath_t>
+DIFFPURE_HD scalar_t step_value_g(scalar_t x, scalar_t eps, scalar_t z, scalar_t guide, opmath_t a, opmath_t b,
+                                  opmath_t c) {
+  const scalar_t v = step_value<scalar_t, opmath_t>(x, eps, z, a, b, c);
+  if constexpr (kGuide) {
+    return guided_value<scalar_t, opmath_t>(v, guide);
+  } else {
+    return v;
+  }
+}
+
 inline void check_like(const at::Tensor& x, const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.sizes() == x.sizes(), "sde_step: ", name, " must have the shape of x, got ", t.sizes(), " and ",
               x.sizes());
@@ -33,6 +56,15 @@ inline void check_like(const at::Tensor& x, const at::Tensor& t, const char* nam
               t.scalar_type(), " and ", x.scalar_type());
   TORCH_CHECK(t.device() == x.device(), "sde_step: ", name, " must be on the device of x, got ", t.device(),
               " and ", x.device());
+}
+
+// An optional guide, when given, must be like x; returns whether it was given.
+inline bool check_guide(const at::Tensor& x, const std::optional<at::Tensor>& guide) {
+  if (!guide.has_value()) {
+    return false;
+  }
+  check_like(x, *guide, "guide");
+  return true;
 }
 
 inline void check_x(const at::Tensor& x) {

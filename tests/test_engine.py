@@ -91,9 +91,9 @@ def test_purifier_module_equals_function():
 def test_ddpm_solver_runs_and_full_step_count():
     model = tiny_score_model()
     x = torch.rand(2, 3, 4, 4)
-    cfg = dpf.PurifyConfig(t_star=0.1, solver="ddpm")
+    cfg = dpf.PurifyConfig.build(t_star=0.1, solver="ddpm")
     assert len(cfg.plan()) == 100
-    assert len(dpf.PurifyConfig(t_star=0.1, solver="ddpm", steps=10).plan()) == 10
+    assert len(dpf.PurifyConfig.build(t_star=0.1, solver="ddpm", steps=10).plan()) == 10
     y = dpf.purify(x, model, t_star=0.1, solver="ddpm", steps=10, seed=0)
     assert y.shape == x.shape and torch.isfinite(y).all()
 
@@ -102,7 +102,7 @@ def test_ddpm_given_normals_match_hand_loop():
     model = tiny_score_model(dtype=torch.float64)
     x = torch.rand(2, 3, 4, 4, dtype=torch.float64) * 2 - 1
     z0 = torch.randn_like(x)
-    plan = dpf.PurifyConfig(t_star=0.05, solver="ddpm", steps=7).plan()
+    plan = dpf.PurifyConfig.build(t_star=0.05, solver="ddpm", steps=7).plan()
     zs = torch.randn(len(plan), *x.shape, dtype=torch.float64)
     ours = dpf.purify(x, model, t_star=0.05, solver="ddpm", steps=7, forward_noise=z0, increments=zs,
                       value_range=(-1, 1))
@@ -126,8 +126,8 @@ def _linear_sde_endpoints(steps_coarse, refine, t_star, n_paths, seed):
     """EM on the Gaussian-data reverse SDE at two resolutions on the same Brownian path (float64)."""
     model = dpf.EpsModel(GaussianEps(DIFFPURE_SCHEDULE), time_input="unit")
     g = torch.Generator().manual_seed(seed)
-    fine = dpf.PurifyConfig(t_star=t_star, dt=None, steps=steps_coarse * refine).plan(torch.float64)
-    coarse = dpf.PurifyConfig(t_star=t_star, dt=None, steps=steps_coarse).plan(torch.float64)
+    fine = dpf.PurifyConfig.build(t_star=t_star, dt=None, steps=steps_coarse * refine).plan(torch.float64)
+    coarse = dpf.PurifyConfig.build(t_star=t_star, dt=None, steps=steps_coarse).plan(torch.float64)
     h = torch.tensor([(s.c_unit / s.c_increment) ** 2 for s in fine.steps], dtype=torch.float64)
     shape = (n_paths, 1, 1, 1)
     dw_fine = torch.randn((len(h), *shape), generator=g, dtype=torch.float64) * h.sqrt().reshape(-1, 1, 1, 1, 1)
@@ -158,7 +158,7 @@ def test_weak_convergence_of_the_variance_on_linear_sde():
     errs = []
     for n in [20, 40, 80, 160]:
         var = gauss.variance(0.3)
-        for s in dpf.PurifyConfig(t_star=0.3, dt=None, steps=n).plan(torch.float64).steps:
+        for s in dpf.PurifyConfig.build(t_star=0.3, dt=None, steps=n).plan(torch.float64).steps:
             lin = s.a + s.b * DIFFPURE_SCHEDULE.sigma(s.t) / gauss.variance(s.t)
             var = lin * lin * var + s.c_unit ** 2
         errs.append(abs(var - gauss.variance(1e-5)))

@@ -34,7 +34,7 @@ def _autograd_purify(x, model, *, t_star, seed, solver="euler"):
     ids = torch.arange(x.shape[0])
     z = dpf.noise.sample_noise(seed, ids, 0, dpf.noise.STREAM_FORWARD, x)
     x_t = forward_diffuse(x * 2 - 1, z, t_star, DIFFPURE_SCHEDULE)
-    plan = PurifyConfig(t_star=t_star, solver=solver).plan(x.dtype)
+    plan = PurifyConfig.build(t_star=t_star, solver=solver).plan(x.dtype)
     return (reverse_solve(x_t, model, plan, Noise(seed=seed, sample_ids=ids)) + 1) / 2
 
 
@@ -94,7 +94,7 @@ def test_adjoint_matches_torchsde_sdeint_adjoint(capsys):
     ref = torchsde_purify(y0, model, t_star, bm=bm, adjoint=True, adjoint_params=())
     (g_ref,) = torch.autograd.grad((ref * w).sum(), y0)
     # Ours, on the same Brownian path.
-    cfg = PurifyConfig(t_star=t_star, grad_mode="adjoint")
+    cfg = PurifyConfig.build(t_star=t_star, grad_mode="adjoint")
     y1 = x_t.clone().requires_grad_(True)
     out = differentiable_reverse_solve(y1, model, cfg.plan(dtype), Noise(seed=0, sample_ids=torch.arange(b),
                                        increments=dw), cfg, x_in=y1,
@@ -102,7 +102,7 @@ def test_adjoint_matches_torchsde_sdeint_adjoint(capsys):
     (g_adj,) = torch.autograd.grad((out * w).sum(), y1)
     # The exact gradient of the same discrete computation, for contrast.
     y2 = x_t.clone().requires_grad_(True)
-    cfg_full = PurifyConfig(t_star=t_star, grad_mode="full")
+    cfg_full = PurifyConfig.build(t_star=t_star, grad_mode="full")
     out_full = differentiable_reverse_solve(y2, model, cfg_full.plan(dtype), Noise(increments=dw), cfg_full, x_in=y2)
     (g_full,) = torch.autograd.grad((out_full * w).sum(), y2)
     err = rel_err(g_adj, g_ref)

@@ -2,6 +2,7 @@
 
 Implementations: reference (pure torch), cpp (diffpure_fast._C CPU kernel), triton (on CPU tensors under
 TRITON_INTERPRET=1 when there is no GPU, see conftest.py) and cuda (diffpure_fast._C CUDA kernel, GPU only).
+Every step test runs unguided and guided (the optional additive ``guide``, summed last).
 """
 
 import os
@@ -15,7 +16,7 @@ import torch
 from diffpure_fast import noise
 from diffpure_fast.ops import IMPL_ENV, _dispatch, default_impl_name, reference, sde_step
 
-SHAPES = [(1, 1, 1, 1), (3, 1, 7, 5), (2, 3, 17, 13), (5, 3, 32, 32)]
+SHAPES = [(1, 1, 1, 1), (1, 3, 1, 1), (3, 1, 5, 7), (3, 1, 7, 5), (2, 3, 17, 13), (5, 3, 32, 32)]
 DTYPES = [torch.float32, torch.float64]
 SEED = 0x0123_4567_89AB_CDEF  # both key words non-zero
 COEFFS = (0.9731, -0.123456789, 0.3)
@@ -59,6 +60,14 @@ def _inputs(shape, dtype, device, seed=0):
     return x, eps, z, ids
 
 
+def _guide(x, guided=True):
+    """A guidance term like x (its own generator: not one of _inputs' tensors), or None when not guided."""
+    if not guided:
+        return None
+    g = torch.Generator().manual_seed(99)
+    return (0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64)).to(x.dtype).to(x.device)
+
+
 def _assert_noise_close(actual, expected, tol):
     if tol is None:
         assert torch.equal(actual, expected), f"max |diff| {(actual - expected).abs().max().item():.3g}"
@@ -66,16 +75,33 @@ def _assert_noise_close(actual, expected, tol):
         torch.testing.assert_close(actual, expected, rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", IMPLS)
-def test_sde_step_z_matches_reference(name, dtype, shape):
+def test_sde_step_z_matches_reference(name, dtype, shape, guided):
     """Given z, every implementation rounds like the torch expression: bit-equal (no FMA anywhere)."""
     impl = _impl(name)
     x, eps, z, _ = _inputs(shape, dtype, _device(name))
-    out = impl.sde_step_z(x, eps, z, *COEFFS)
+    guide = _guide(x, guided)
+    out = impl.sde_step_z(x, eps, z, *COEFFS, guide)
     assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
-    assert torch.equal(out, reference.sde_step_z(x, eps, z, *COEFFS))
+    assert torch.equal(out, reference.sde_step_z(x, eps, z, *COEFFS, guide))
+    if guided:  # the guide is summed last, each operation rounded: ((a*x + b*eps) + c*z) + guide
+        assert torch.equal(out, reference.sde_step_z(x, eps, z, *COEFFS) + guide)
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", IMPLS)
+def test_sde_step_z_low_precision_matches_reference(name, dtype, guided):
+    """float16/bfloat16: products and sums in float32 (opmath), each rounded to the dtype -- still bit-equal."""
+    impl = _impl(name)
+    if name == "triton" and dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("triton's CPU interpreter has no exact bfloat16 (numpy has none): unguided results differ too")
+    x, eps, z, _ = _inputs((3, 1, 5, 7), dtype, _device(name))
+    guide = _guide(x, guided)
+    assert torch.equal(impl.sde_step_z(x, eps, z, *COEFFS, guide), reference.sde_step_z(x, eps, z, *COEFFS, guide))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -90,14 +116,16 @@ def test_noise_matches_specification(name, dtype, shape):
     _assert_noise_close(z, expected, NOISE_TOL[name, dtype])
 
 
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", IMPLS)
-def test_sde_step_philox_matches_reference(name, dtype, shape):
+def test_sde_step_philox_matches_reference(name, dtype, shape, guided):
     impl = _impl(name)
     x, eps, _, ids = _inputs(shape, dtype, _device(name))
-    out = impl.sde_step_philox(x, eps, *COEFFS, SEED, ids, 3, noise.STREAM_FORWARD)
-    expected = reference.sde_step_philox(x, eps, *COEFFS, SEED, ids, 3, noise.STREAM_FORWARD)
+    guide = _guide(x, guided)
+    out = impl.sde_step_philox(x, eps, *COEFFS, SEED, ids, 3, noise.STREAM_FORWARD, guide)
+    expected = reference.sde_step_philox(x, eps, *COEFFS, SEED, ids, 3, noise.STREAM_FORWARD, guide)
     tol = NOISE_TOL[name, dtype]
     if tol is None:
         assert torch.equal(out, expected)
@@ -156,6 +184,25 @@ def test_kernel_input_checks(name, error):
         impl.sde_step_philox(x, eps, *COEFFS, SEED, ids.int(), 0, 0)
     with pytest.raises((error, ValueError), match="seed"):
         impl.sde_step_philox(x, eps, *COEFFS, -1, ids, 0, 0)
+    # A guide unlike x (shape, dtype, device: a meta tensor among CPU ones) is named in the error.
+    for bad in (x[:1], x.double(), torch.empty_like(x, device="meta")):
+        with pytest.raises(error, match="guide"):
+            impl.sde_step_z(x, eps, z, *COEFFS, bad)
+        with pytest.raises(error, match="guide"):
+            impl.sde_step_philox(x, eps, *COEFFS, SEED, ids, 0, 0, bad)
+
+
+@pytest.mark.parametrize("forced", ["reference", "cpp", pytest.param("triton", marks=pytest.mark.triton)])
+def test_public_op_checks_guide(forced, monkeypatch):
+    """The public ops check the guide before any implementation runs (the reference would broadcast/promote)."""
+    _impl(forced)
+    monkeypatch.setenv(IMPL_ENV, forced)
+    x, eps, z, ids = _inputs((2, 3, 4, 4), torch.float32, _device(forced))
+    for bad, what in ((x[:, :1], "shape"), (x.double(), "float64"), (torch.empty_like(x, device="meta"), "meta")):
+        with pytest.raises(ValueError, match=f"guide must have .*{what}"):
+            sde_step(x, eps, *COEFFS, z=z, guide=bad)
+        with pytest.raises(ValueError, match=f"guide must have .*{what}"):
+            sde_step(x, eps, *COEFFS, seed=SEED, sample_ids=ids, guide=bad)
 
 
 @pytest.mark.parametrize("name", ["cpp", pytest.param("triton", marks=pytest.mark.triton)])
@@ -167,6 +214,14 @@ def test_non_contiguous_inputs(name):
     out = impl.sde_step_philox(xt, et, *COEFFS, SEED, ids, 1, 1)
     torch.testing.assert_close(out, reference.sde_step_philox(xt, et, *COEFFS, SEED, ids, 1, 1), rtol=0,
                                atol=1e-6)
+    # A non-contiguous guide, with contiguous and with non-contiguous other inputs.
+    gt = _guide(x).transpose(2, 3)
+    assert not gt.is_contiguous()
+    for xs, es, zs in ((xt, et, zt), (xt.contiguous(), et.contiguous(), zt.contiguous())):
+        assert torch.equal(impl.sde_step_z(xs, es, zs, *COEFFS, gt), reference.sde_step_z(xs, es, zs, *COEFFS, gt))
+        out = impl.sde_step_philox(xs, es, *COEFFS, SEED, ids, 1, 1, gt)
+        torch.testing.assert_close(out, reference.sde_step_philox(xs, es, *COEFFS, SEED, ids, 1, 1, gt), rtol=0,
+                                   atol=1e-6)
 
 
 @pytest.mark.parametrize("impl_name", ["reference", "cpp"])
@@ -175,21 +230,34 @@ def test_opcheck(impl_name, monkeypatch):
     _impl(impl_name)
     monkeypatch.setenv(IMPL_ENV, impl_name)
     x, eps, z, ids = _inputs((2, 3, 5, 7), torch.float32, "cpu")
-    xg, eg, zg = (t.clone().requires_grad_() for t in (x, eps, z))
-    for args in ((x, eps, z, *COEFFS), (xg, eg, zg, *COEFFS)):
+    guide = _guide(x)
+    xg, eg, zg, gg = (t.clone().requires_grad_() for t in (x, eps, z, guide))
+    # guide absent (default), None, given, and given with a gradient.
+    for args in ((x, eps, z, *COEFFS), (xg, eg, zg, *COEFFS, None), (x, eps, z, *COEFFS, guide),
+                 (xg, eg, zg, *COEFFS, gg)):
         torch.library.opcheck(torch.ops.diffpure_fast.sde_step_z.default, args)
-    for args in ((x, eps, *COEFFS, SEED, ids, 4, 1), (xg, eg, *COEFFS, SEED, ids, 4, 1)):
+    philox = (*COEFFS, SEED, ids, 4, 1)
+    for args in ((x, eps, *philox), (xg, eg, *philox, None), (x, eps, *philox, guide), (xg, eg, *philox, gg)):
         torch.library.opcheck(torch.ops.diffpure_fast.sde_step_philox.default, args)
 
 
-def test_public_sde_step_gradients():
-    x, eps, _, ids = _inputs((2, 3, 4, 4), torch.float64, "cpu")
+@pytest.mark.parametrize("noise_from", ["z", "philox"])
+def test_public_sde_step_gradients(noise_from):
+    x, eps, z, ids = _inputs((2, 3, 4, 4), torch.float64, "cpu")
+    guide = _guide(x).requires_grad_()
     x.requires_grad_()
     eps.requires_grad_()
     a, b, c = COEFFS
-    out = sde_step(x, eps, a, b, c, seed=SEED, sample_ids=ids, step=2)
+    noise_args = {"z": z} if noise_from == "z" else {"seed": SEED, "sample_ids": ids, "step": 2}
+    out = sde_step(x, eps, a, b, c, **noise_args)
     gx, ge = torch.autograd.grad(out.sum(), (x, eps))
     assert torch.equal(gx, torch.full_like(x, a)) and torch.equal(ge, torch.full_like(eps, b))
+    # Guided: d/d guide is the incoming gradient itself (identity), the others unchanged.
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=x.dtype)
+    out = sde_step(x, eps, a, b, c, guide=guide, **noise_args)
+    gx, ge, gg = torch.autograd.grad(out, (x, eps, guide), grad_out)
+    assert torch.equal(gg, grad_out)
+    assert torch.equal(gx, grad_out * a) and torch.equal(ge, grad_out * b)
 
 
 def test_default_dispatch(monkeypatch):

@@ -1,6 +1,8 @@
 // CUDA kernels of diffpure_fast_C::sde_step_z and diffpure_fast_C::sde_step_philox (schemas in diffpure_fast.cpp).
 //
-// Both are streaming elementwise kernels: 3 (z given: 4) tensors touched once, so the target is DRAM bandwidth.
+// Both are streaming elementwise kernels: 3 (z given: 4; a guide adds one) tensors touched once, so the target is
+// DRAM bandwidth. kGuide instantiates the guided step (+ guide, summed last, see sde_step.h); without it the guide
+// pointer is never read and the kernel is the unguided one.
 // Each thread owns 4 consecutive elements -- for the philox step exactly the 4 lanes of one Philox call -- and moves
 // them with one 16-byte load/store per tensor for float32 (two for float64) when the data is 16-byte aligned.
 #include <ATen/Dispatch.h>
@@ -46,11 +48,11 @@ int64_t grid_size(int64_t work_items) {
   return std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t{sms} * kBlocksPerSm));
 }
 
-template <typename scalar_t, typename opmath_t, bool kVec>
+template <typename scalar_t, typename opmath_t, bool kVec, bool kGuide>
 __global__ void __launch_bounds__(kThreads)
     sde_step_z_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ eps,
-                      const scalar_t* __restrict__ z, scalar_t* __restrict__ out, int64_t n, opmath_t a, opmath_t b,
-                      opmath_t c) {
+                      const scalar_t* __restrict__ z, const scalar_t* __restrict__ guide, scalar_t* __restrict__ out,
+                      int64_t n, opmath_t a, opmath_t b, opmath_t c) {
   const int64_t n_vec = (n + 3) / 4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < n_vec; v += stride) {
@@ -59,17 +61,22 @@ __global__ void __launch_bounds__(kThreads)
       const Vec4<scalar_t> xv = reinterpret_cast<const Vec4<scalar_t>*>(x)[v];
       const Vec4<scalar_t> ev = reinterpret_cast<const Vec4<scalar_t>*>(eps)[v];
       const Vec4<scalar_t> zv = reinterpret_cast<const Vec4<scalar_t>*>(z)[v];
+      Vec4<scalar_t> gv{};
+      if constexpr (kGuide) {
+        gv = reinterpret_cast<const Vec4<scalar_t>*>(guide)[v];
+      }
       Vec4<scalar_t> ov;
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        ov.v[k] = step_value<scalar_t, opmath_t>(xv.v[k], ev.v[k], zv.v[k], a, b, c);
+        ov.v[k] = step_value_g<kGuide, scalar_t, opmath_t>(xv.v[k], ev.v[k], zv.v[k], gv.v[k], a, b, c);
       }
       reinterpret_cast<Vec4<scalar_t>*>(out)[v] = ov;
     } else {
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         if (e + k < n) {
-          out[e + k] = step_value<scalar_t, opmath_t>(x[e + k], eps[e + k], z[e + k], a, b, c);
+          out[e + k] = step_value_g<kGuide, scalar_t, opmath_t>(x[e + k], eps[e + k], z[e + k],
+                                                               kGuide ? guide[e + k] : scalar_t(0), a, b, c);
         }
       }
     }
@@ -79,12 +86,12 @@ __global__ void __launch_bounds__(kThreads)
 // One thread per (sample, Philox call): it generates the 4 noise values of elements 4q .. 4q + 3 of its sample in
 // float64 (the Box-Muller of philox.h, with libdevice log/sqrt/sincos) and applies the step to those 4 elements.
 // kVec: every sample starts 4-element aligned (n % 4 == 0) and the pointers are Vec4-aligned.
-template <typename scalar_t, typename opmath_t, bool kVec>
+template <typename scalar_t, typename opmath_t, bool kVec, bool kGuide>
 __global__ void __launch_bounds__(kThreads)
     sde_step_philox_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ eps,
-                           scalar_t* __restrict__ out, const int64_t* __restrict__ sample_ids, int64_t n,
-                           int64_t n_quads, int64_t total_quads, opmath_t a, opmath_t b, opmath_t c, uint64_t seed,
-                           uint32_t step, uint32_t stream) {
+                           const scalar_t* __restrict__ guide, scalar_t* __restrict__ out,
+                           const int64_t* __restrict__ sample_ids, int64_t n, int64_t n_quads, int64_t total_quads,
+                           opmath_t a, opmath_t b, opmath_t c, uint64_t seed, uint32_t step, uint32_t stream) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < total_quads; g += stride) {
     // A 64-bit division per call: cheap next to the float64 transcendental functions that follow.
@@ -98,40 +105,62 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t v = base / 4;
       const Vec4<scalar_t> xv = reinterpret_cast<const Vec4<scalar_t>*>(x)[v];
       const Vec4<scalar_t> ev = reinterpret_cast<const Vec4<scalar_t>*>(eps)[v];
+      Vec4<scalar_t> gv{};
+      if constexpr (kGuide) {
+        gv = reinterpret_cast<const Vec4<scalar_t>*>(guide)[v];
+      }
       Vec4<scalar_t> ov;
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        ov.v[k] = step_value<scalar_t, opmath_t>(xv.v[k], ev.v[k], static_cast<scalar_t>(zd[k]), a, b, c);
+        ov.v[k] =
+            step_value_g<kGuide, scalar_t, opmath_t>(xv.v[k], ev.v[k], static_cast<scalar_t>(zd[k]), gv.v[k], a, b, c);
       }
       reinterpret_cast<Vec4<scalar_t>*>(out)[v] = ov;
     } else {
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         if (e + k < n) {
-          out[base + k] =
-              step_value<scalar_t, opmath_t>(x[base + k], eps[base + k], static_cast<scalar_t>(zd[k]), a, b, c);
+          out[base + k] = step_value_g<kGuide, scalar_t, opmath_t>(x[base + k], eps[base + k],
+                                                                  static_cast<scalar_t>(zd[k]),
+                                                                  kGuide ? guide[base + k] : scalar_t(0), a, b, c);
         }
       }
     }
   }
 }
 
+// Launches kernel<..., kVec, kGuide> for the runtime (vec, guided) pair: four instantiations per dtype.
+#define DIFFPURE_LAUNCH_VEC_GUIDE(vec, guided, KERNEL, ...)                                        \
+  do {                                                                                             \
+    if (vec && guided) {                                                                           \
+      KERNEL<scalar_t, opmath_t, true, true><<<blocks, kThreads, 0, cuda_stream>>>(__VA_ARGS__);   \
+    } else if (vec) {                                                                              \
+      KERNEL<scalar_t, opmath_t, true, false><<<blocks, kThreads, 0, cuda_stream>>>(__VA_ARGS__);  \
+    } else if (guided) {                                                                           \
+      KERNEL<scalar_t, opmath_t, false, true><<<blocks, kThreads, 0, cuda_stream>>>(__VA_ARGS__);  \
+    } else {                                                                                       \
+      KERNEL<scalar_t, opmath_t, false, false><<<blocks, kThreads, 0, cuda_stream>>>(__VA_ARGS__); \
+    }                                                                                              \
+  } while (0)
+
 at::Tensor sde_step_z_cuda(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& z, double a, double b,
-                           double c) {
+                           double c, const std::optional<at::Tensor>& guide) {
   check_x(x);
   check_like(x, eps, "eps");
   check_like(x, z, "z");
+  const bool guided = check_guide(x, guide);
   TORCH_INTERNAL_ASSERT(x.device().is_cuda());
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const at::Tensor ec = eps.contiguous();
   const at::Tensor zc = z.contiguous();
+  const at::Tensor gc = guided ? guide->contiguous() : at::Tensor();
   at::Tensor out = at::empty_like(xc, xc.options(), at::MemoryFormat::Contiguous);
   const int64_t n = xc.numel();
   if (n == 0) {
     return out;
   }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t cuda_stream = c10::cuda::getCurrentCUDAStream();
   const int64_t blocks = grid_size((n + 3) / 4);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sde_step_z_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -139,23 +168,23 @@ at::Tensor sde_step_z_cuda(const at::Tensor& x, const at::Tensor& eps, const at:
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
     const scalar_t* ep = ec.const_data_ptr<scalar_t>();
     const scalar_t* zp = zc.const_data_ptr<scalar_t>();
+    const scalar_t* gp = guided ? gc.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const bool vec = is_vec4_aligned<scalar_t>(xp) && is_vec4_aligned<scalar_t>(ep) &&
-                     is_vec4_aligned<scalar_t>(zp) && is_vec4_aligned<scalar_t>(op);
-    if (vec) {
-      sde_step_z_kernel<scalar_t, opmath_t, true><<<blocks, kThreads, 0, stream>>>(xp, ep, zp, op, n, a_, b_, c_);
-    } else {
-      sde_step_z_kernel<scalar_t, opmath_t, false><<<blocks, kThreads, 0, stream>>>(xp, ep, zp, op, n, a_, b_, c_);
-    }
+                     is_vec4_aligned<scalar_t>(zp) && is_vec4_aligned<scalar_t>(op) &&
+                     (!guided || is_vec4_aligned<scalar_t>(gp));
+    DIFFPURE_LAUNCH_VEC_GUIDE(vec, guided, sde_step_z_kernel, xp, ep, zp, gp, op, n, a_, b_, c_);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
 at::Tensor sde_step_philox_cuda(const at::Tensor& x, const at::Tensor& eps, double a, double b, double c,
-                                int64_t seed, const at::Tensor& sample_ids, int64_t step, int64_t stream) {
+                                int64_t seed, const at::Tensor& sample_ids, int64_t step, int64_t stream,
+                                const std::optional<at::Tensor>& guide) {
   check_x(x);
   check_like(x, eps, "eps");
+  const bool guided = check_guide(x, guide);
   const int64_t n = check_philox_args(x, seed, sample_ids);
   TORCH_INTERNAL_ASSERT(x.device().is_cuda());
   // sample_ids are not range-checked here (that would cost a device-to-host sync); values >= 2^32 wrap.
@@ -163,6 +192,7 @@ at::Tensor sde_step_philox_cuda(const at::Tensor& x, const at::Tensor& eps, doub
   const at::Tensor xc = x.contiguous();
   const at::Tensor ec = eps.contiguous();
   const at::Tensor ids = sample_ids.contiguous();
+  const at::Tensor gc = guided ? guide->contiguous() : at::Tensor();
   at::Tensor out = at::empty_like(xc, xc.options(), at::MemoryFormat::Contiguous);
   const int64_t batch = x.size(0);
   if (batch == 0 || n == 0) {
@@ -179,21 +209,19 @@ at::Tensor sde_step_philox_cuda(const at::Tensor& x, const at::Tensor& eps, doub
     const opmath_t a_ = static_cast<opmath_t>(a), b_ = static_cast<opmath_t>(b), c_ = static_cast<opmath_t>(c);
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
     const scalar_t* ep = ec.const_data_ptr<scalar_t>();
+    const scalar_t* gp = guided ? gc.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const int64_t* idp = ids.const_data_ptr<int64_t>();
     const bool vec = n % 4 == 0 && is_vec4_aligned<scalar_t>(xp) && is_vec4_aligned<scalar_t>(ep) &&
-                     is_vec4_aligned<scalar_t>(op);
-    if (vec) {
-      sde_step_philox_kernel<scalar_t, opmath_t, true><<<blocks, kThreads, 0, cuda_stream>>>(
-          xp, ep, op, idp, n, n_quads, total_quads, a_, b_, c_, seed64, step32, stream32);
-    } else {
-      sde_step_philox_kernel<scalar_t, opmath_t, false><<<blocks, kThreads, 0, cuda_stream>>>(
-          xp, ep, op, idp, n, n_quads, total_quads, a_, b_, c_, seed64, step32, stream32);
-    }
+                     is_vec4_aligned<scalar_t>(op) && (!guided || is_vec4_aligned<scalar_t>(gp));
+    DIFFPURE_LAUNCH_VEC_GUIDE(vec, guided, sde_step_philox_kernel, xp, ep, gp, op, idp, n, n_quads, total_quads, a_,
+                              b_, c_, seed64, step32, stream32);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
+
+#undef DIFFPURE_LAUNCH_VEC_GUIDE
 
 }  // namespace
 

@@ -1,22 +1,24 @@
-"""Gradients through purification: ``grad_mode`` "full" (exact discrete adjoint), "adjoint" (torchsde-style
-continuous adjoint) and "surrogate" (exact gradient of a shorter DDPM chain); "bpda" (identity backward) is a
-straight-through in ``diffpure_fast.engine.purify``.
+"""Gradients through purification: ``grad_mode`` "full" (exact adjoint of the whole chain, guidance included),
+"adjoint" (torchsde-style continuous adjoint, DiffPure only) and "surrogate" (exact gradient of a shorter unguided
+DDPM chain); "bpda" (identity backward) is a straight-through in ``diffpure_fast.engine.purify``.
 
 Every mode does its backward work inside ``autograd.Function.backward``: nothing calls autograd during the forward
-pass (AutoAttack's checks flag models that do).
+pass for the attacker's graph (AutoAttack's checks flag models that do).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..engine import Noise, PurifyConfig, reverse_solve
+from ..chain import Chain, Noise, Round, run_chain, start_state
+from ..config import PurifyConfig
 from ..models.base import ScoreModel
 from ..solvers.base import Plan
 from .continuous_adjoint import BridgedBrownian, ContinuousAdjoint
-from .discrete_adjoint import DiscreteAdjoint, GraphGuard
+from .discrete_adjoint import ChainAdjoint, GraphGuard
 
-__all__ = ["BridgedBrownian", "ContinuousAdjoint", "DiscreteAdjoint", "GraphGuard", "differentiable_reverse_solve"]
+__all__ = ["BridgedBrownian", "ChainAdjoint", "ContinuousAdjoint", "GraphGuard", "differentiable_chain",
+           "differentiable_reverse_solve"]
 
 
 def _guard(x: torch.Tensor, model: ScoreModel) -> GraphGuard:
@@ -24,28 +26,39 @@ def _guard(x: torch.Tensor, model: ScoreModel) -> GraphGuard:
                          list(model.parameters()) + list(model.buffers())})
 
 
-def differentiable_reverse_solve(x_t: torch.Tensor, model: ScoreModel, plan: Plan, noise: Noise,
-                                 cfg: PurifyConfig, *, x_in: torch.Tensor, brownian_factory=None) -> torch.Tensor:
-    """The reverse solve from x_t (B, C, H, W) with a backward pass of the kind ``cfg.grad_mode`` names.
+def _params(model: ScoreModel, cfg: PurifyConfig) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad] if cfg.param_grads else []
 
-    x_in: the caller's input tensor, watched for in-place changes between forward and backward."""
+
+def differentiable_chain(x_in: torch.Tensor, model: ScoreModel, chain: Chain, noise: Noise, cfg: PurifyConfig, *,
+                         x_user: torch.Tensor, brownian_factory=None) -> torch.Tensor:
+    """The chain from x_in (B, C, H, W) in [-1, 1] with a backward pass of the kind ``cfg.grad_mode`` names.
+
+    x_user: the caller's input tensor, watched for in-place changes between forward and backward."""
     mode = cfg.grad_mode
     if mode == "full":
-        params = [p for p in model.parameters() if p.requires_grad] if cfg.param_grads else []
-        return DiscreteAdjoint.apply(x_t, model, plan, noise, cfg.grad_cache_steps, _guard(x_in, model), *params)
+        return ChainAdjoint.apply(x_in, model, chain, noise, cfg.grad_cache_steps, _guard(x_user, model),
+                                  *_params(model, cfg))
     if mode == "adjoint":
-        if cfg.solver != "euler" or cfg.steps is not None:
-            raise ValueError("grad_mode: 'adjoint' is torchsde's adjoint of DiffPure's Euler–Maruyama solve; it needs "
-                             "solver='euler' with dt (not steps)")
-        return ContinuousAdjoint.apply(x_t, model, plan, noise, cfg.t_star, cfg.dt, cfg.schedule,
-                                       _guard(x_in, model), brownian_factory)
+        # DiffPure only (checked by PurifyConfig): the start state with autograd, then the continuous adjoint.
+        (rnd,) = chain.rounds
+        x_t = start_state(x_in, rnd, 0, noise, x_in)
+        return ContinuousAdjoint.apply(x_t, model, rnd.plan, noise, cfg.options.t_star, cfg.options.dt,
+                                       cfg.schedule, _guard(x_user, model), brownian_factory)
     if mode == "surrogate":
         with torch.no_grad():
-            out = reverse_solve(x_t.detach(), model, plan, noise)
-        sur_cfg = PurifyConfig(t_star=cfg.t_star, solver="ddpm", steps=min(cfg.surrogate_steps,
-                               cfg.schedule.level_of(cfg.t_star)), value_range=cfg.value_range, schedule=cfg.schedule)
-        sur_noise = Noise(seed=noise.seed, sample_ids=noise.sample_ids)
-        sur = DiscreteAdjoint.apply(x_t, model, sur_cfg.plan(x_t.dtype), sur_noise, 0, _guard(x_in, model))
+            out = run_chain(x_in.detach(), model, chain, noise)
+        # Same start noise and seed, the surrogate's own solver steps (no caller-given increments).
+        sur_noise = Noise(seed=noise.seed, sample_ids=noise.sample_ids, forward=noise.forward)
+        sur = ChainAdjoint.apply(x_in, model, cfg.surrogate_chain(x_in.dtype), sur_noise, 0, _guard(x_user, model))
         # Forward value: the defended purification; gradient: that of the surrogate chain.
         return out + (sur - sur.detach())
     raise ValueError(f"grad_mode: no differentiable solve for {mode!r}")
+
+
+def differentiable_reverse_solve(x_t: torch.Tensor, model: ScoreModel, plan: Plan, noise: Noise,
+                                 cfg: PurifyConfig, *, x_in: torch.Tensor, brownian_factory=None) -> torch.Tensor:
+    """An unguided reverse solve of ``plan`` from an already diffused x_t (B, C, H, W), with the backward pass of
+    ``cfg.grad_mode`` ("full" or "adjoint"); x_in: the tensor watched for in-place changes."""
+    chain = Chain((Round(plan, 1.0, 0.0),))
+    return differentiable_chain(x_t, model, chain, noise, cfg, x_user=x_in, brownian_factory=brownian_factory)

@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from ..engine import Noise
+from ..chain import Noise, reverse_solve
 from ..noise import STREAM_REVERSE, sample_noise
 from ..schedule import VPSchedule
 from ..solvers.euler import T_END, reverse_time_grid
@@ -95,8 +95,6 @@ class ContinuousAdjoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_t, model, plan, noise: Noise, t_star: float, dt: float, schedule: VPSchedule,
                 guard: GraphGuard, brownian_factory):
-        from ..engine import reverse_solve
-
         out = reverse_solve(x_t.detach(), model, plan, noise)
         ctx.save_for_backward(out)
         ctx.model, ctx.noise, ctx.t_star, ctx.dt, ctx.schedule = model, noise, t_star, dt, schedule

@@ -1,28 +1,31 @@
-"""grad_mode="full": the exact gradient of the discrete purification, in near-constant memory.
+"""grad_mode="full": the exact gradient of a whole purification chain, guidance included, in near-constant memory.
 
-Every step is ``x_{k+1} = a_k x_k + b_k eps(x_k, t_k) + c_k z_k`` with noise that does not depend on x, so the
+Every step of a chain (``diffpure_fast.chain``) is ``x_{k+1} = a_k x_k + b_k eps(x_k) + c_k z_k + G_k(x_k, x_in)``
+with noise that does not depend on the input, and every round starts from ``s_r y_{r-1} + n_r z_r``. The
 vector-Jacobian product of one step is
 
-    g_k = a_k g_{k+1} + b_k J_eps(x_k)^T g_{k+1},
+    g_k = a_k g_{k+1} + J_{eps}(x_k)^T (b_k g_{k+1}) + J_{G_k, x}^T g_{k+1},     g_in += J_{G_k, x_in}^T g_{k+1},
 
-one VJP through the score network at the stored state x_k. The forward pass runs without a graph and keeps only
-the states x_0..x_{n-1} (one image each; the noise is never stored); the backward pass walks the steps in reverse,
-recomputes each network call with a graph, takes its VJP with respect to x_k only (the network's parameters get no
-gradient and their weight-gradient kernels are never run), and frees it. A caller who asks for parameter gradients
-(``param_grads=True``) passes the parameters as inputs; each step then adds ``b_k J_theta(x_k)^T g_{k+1}``.
-Optionally the graphs of the last ``cache_steps`` steps are kept from the forward pass, so their recompute is
-skipped when memory allows.
+with the second-order terms inside ``J_{G_k}`` where the guidance is itself a gradient (a double backward through
+the network where it depends on it). The forward pass runs without a graph and keeps only the states x_k (one image
+each; the noise is never stored); the backward pass walks the steps in reverse, recomputes each step's network call
+and guidance with a graph (``create_graph=True`` inside the guidance), takes one VJP with respect to x_k and x_in,
+and frees it. Without guidance this is one VJP through the network per step, with respect to x_k only (the
+parameters get no gradient unless asked for with ``param_grads=True``, which passes them as inputs).
+
+``guidance_grad="detached"`` drops the guidance's part of ``J_{G_k}`` (the method's guidance then returns that part
+as a constant): the gradient the released evaluations of guided methods computed. Optionally the graphs of the
+last ``cache_steps`` steps are kept from the forward pass, so their recompute is skipped when memory allows.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..engine import Noise, model_eps
+from ..chain import Chain, Noise, model_eps, start_state, step_terms
 from ..models.base import ScoreModel
-from ..solvers.base import Plan
 
-__all__ = ["DiscreteAdjoint", "GraphGuard"]
+__all__ = ["ChainAdjoint", "GraphGuard"]
 
 
 class GraphGuard:
@@ -46,50 +49,85 @@ class GraphGuard:
                     f"gradient of the computation that produced the output; purify again after modifying it")
 
 
-class DiscreteAdjoint(torch.autograd.Function):
+def _graph_terms(model: ScoreModel, chain: Chain, k: int, step, xk: torch.Tensor, ref: torch.Tensor, noise: Noise,
+                 with_guidance: bool):
+    """eps(x_k) and, with_guidance, G_k (None where the step has none), with their graphs; xk: a leaf that
+    requires grad."""
+    with torch.enable_grad():
+        if with_guidance:
+            return step_terms(model, chain.guidance, k, step, xk, ref, noise, create_graph=True)
+        return model_eps(model, xk, step), None
+
+
+class ChainAdjoint(torch.autograd.Function):
+    """y = chain(x_in) with the exact backward; x_in: (B, C, H, W) in [-1, 1], the start and the guidance reference.
+
+    Guidance terms are differentiated as their ``term`` builds them: a guidance made with mode "detached" returns
+    the guidance as a constant itself."""
+
     @staticmethod
-    def forward(ctx, x_t, model: ScoreModel, plan: Plan, noise: Noise, cache_steps: int, guard: GraphGuard,
-                *params):
-        n = len(plan)
-        first_cached = max(n - cache_steps, 0)
+    def forward(ctx, x_in, model: ScoreModel, chain: Chain, noise: Noise, cache_steps: int, guard, *params):
+        guided = chain.guidance is not None
+        ref = x_in.detach()
+        # One leaf for the input as the guidance reference, shared by the cached graphs and the recomputes.
+        ref_leaf = x_in.detach().requires_grad_(guided)
+        first_cached = max(len(chain) - cache_steps, 0)
         states, cached = [], {}
-        x = x_t.detach()
-        for k, step in enumerate(plan.steps):
-            states.append(x)
-            if k < first_cached:
-                eps = model_eps(model, x, step)
-            else:
-                # Keep this step's graph: x_k as a leaf, eps(x_k) with its autograd history.
-                xk = x.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    eps_graph = model_eps(model, xk, step)
-                cached[k] = (xk, eps_graph)
-                eps = eps_graph.detach()
-            x = noise.step(x, eps, k, step)
-        ctx.model, ctx.plan, ctx.states, ctx.cached, ctx.guard = model, plan, states, cached, guard
-        ctx.params = params
-        return x
+        y = ref
+        for r, rnd in enumerate(chain.rounds):
+            x = start_state(y, rnd, r, noise, ref)
+            for j, step in enumerate(rnd.plan.steps):
+                k = rnd.first_step + j
+                states.append(x)
+                if k < first_cached:
+                    eps, g = step_terms(model, chain.guidance, k, step, x, ref, noise, create_graph=False)
+                else:
+                    # Keep this step's graph: x_k as a leaf, eps and G_k with their autograd history (G_k is
+                    # built with its graph even when detached, since its value is needed anyway).
+                    xk = x.detach().requires_grad_(True)
+                    eps_graph, g_graph = _graph_terms(model, chain, k, step, xk, ref_leaf, noise, True)
+                    cached[k] = (xk, eps_graph, g_graph)
+                    eps, g = eps_graph.detach(), None if g_graph is None else g_graph.detach()
+                x = noise.step(x, eps, k, step, g)
+            y = x
+        ctx.model, ctx.chain, ctx.noise, ctx.states, ctx.cached, ctx.guard = model, chain, noise, states, cached, guard
+        ctx.ref, ctx.guided, ctx.params = ref_leaf, guided, params
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
         ctx.guard.check("purify(grad_mode='full') backward")
-        model, plan, states, cached = ctx.model, ctx.plan, ctx.states, ctx.cached
-        params = ctx.params
+        model, chain, noise, states, cached = ctx.model, ctx.chain, ctx.noise, ctx.states, ctx.cached
+        ref, params, guided = ctx.ref, ctx.params, ctx.guided
         param_grads = [torch.zeros_like(p) for p in params]
+        g_ref = torch.zeros_like(grad_out)
         g = grad_out
-        for k in range(len(plan) - 1, -1, -1):
-            step = plan.steps[k]
-            if k in cached:
-                # A kept graph serves one backward pass; a second one (retain_graph=True) recomputes the step.
-                xk, eps = cached.pop(k)
-            else:
-                xk = states[k].detach().requires_grad_(True)
-                with torch.enable_grad():
-                    eps = model_eps(model, xk, step)
-            vjp, *vjp_params = torch.autograd.grad(eps, (xk, *params), g, allow_unused=True)
-            g = g * step.a + vjp * step.b
-            for acc, vp in zip(param_grads, vjp_params):
-                if vp is not None:
-                    acc.add_(vp, alpha=step.b)
-            del xk, eps, vjp, vjp_params
-        return (g, None, None, None, None, None, *param_grads)
+        for rnd in reversed(chain.rounds):
+            for j in range(len(rnd.plan) - 1, -1, -1):
+                k = rnd.first_step + j
+                step = rnd.plan.steps[j]
+                if k in cached:
+                    # A kept graph serves one backward pass; a second one (retain_graph=True) recomputes the step.
+                    xk, eps, gk = cached.pop(k)
+                else:
+                    xk = states[k].detach().requires_grad_(True)
+                    eps, gk = _graph_terms(model, chain, k, step, xk, ref, noise, guided)
+                if gk is not None and not gk.requires_grad:
+                    gk = None  # a guidance with a zero derivative (e.g. a sign of the input): nothing flows back
+                if gk is None or not guided:
+                    vjp, *vjp_params = torch.autograd.grad(eps, (xk, *params), g, allow_unused=True)
+                    g = g * step.a + vjp * step.b
+                    vjp_params = [None if v is None else v * step.b for v in vjp_params]
+                else:
+                    vjp, vjp_ref, *vjp_params = torch.autograd.grad((eps, gk), (xk, ref, *params), (g * step.b, g),
+                                                                    allow_unused=True)
+                    g = g * step.a + vjp
+                    if vjp_ref is not None:
+                        g_ref += vjp_ref
+                for acc, vp in zip(param_grads, vjp_params):
+                    if vp is not None:
+                        acc.add_(vp)
+                del xk, eps, gk, vjp, vjp_params
+            # Into the round's start x_0 = s y + n z (nothing flows back from a round that starts from noise).
+            g = torch.zeros_like(g) if rnd.from_noise else g * rnd.start_scale
+        return (g + g_ref, None, None, None, None, None, *param_grads)

@@ -14,16 +14,18 @@ __all__ = ["IMPLS", "IMPL_ENV", "available", "default_impl_name", "sde_step"]
 
 def sde_step(x: torch.Tensor, eps: torch.Tensor, a: float, b: float, c: float, *, z: torch.Tensor | None = None,
              seed: int | None = None, sample_ids: torch.Tensor | None = None, step: int = 0,
-             stream: int = STREAM_REVERSE) -> torch.Tensor:
-    """``a*x + b*eps + c*z`` in one pass over memory.
+             stream: int = STREAM_REVERSE, guide: torch.Tensor | None = None) -> torch.Tensor:
+    """``a*x + b*eps + c*z [+ guide]`` in one pass over memory.
 
-    x, eps (and z when given): (B, ...) tensors of one shape, float dtype and device. Without ``z`` the noise is
-    generated in-kernel from (seed, sample_ids[i], step, stream, element), see ``diffpure_fast.noise``.
+    x, eps (and z, guide when given): (B, ...) tensors of one shape, float dtype and device. Without ``z`` the
+    noise is generated in-kernel from (seed, sample_ids[i], step, stream, element), see ``diffpure_fast.noise``.
+    guide: an additive guidance term, summed last (``((a*x + b*eps) + c*z) + guide``); its gradient is the
+    incoming one.
     """
     if z is not None:
-        return _library.sde_step_z(x, eps, z, float(a), float(b), float(c))
+        return _library.sde_step_z(x, eps, z, float(a), float(b), float(c), guide)
     if seed is None or sample_ids is None:
         raise ValueError("sde_step: give either z, or both seed and sample_ids")
     check_seed(seed)
     return _library.sde_step_philox(x, eps, float(a), float(b), float(c), seed, sample_ids.to(torch.int64), step,
-                                    stream)
+                                    stream, guide)

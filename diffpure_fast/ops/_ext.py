@@ -48,12 +48,12 @@ class _Ext:
         return f"diffpure_fast._C ({self.device_type})"
 
     @staticmethod
-    def sde_step_z(x, eps, z, a, b, c):
-        return torch.ops.diffpure_fast_C.sde_step_z(x, eps, z, a, b, c)
+    def sde_step_z(x, eps, z, a, b, c, guide=None):
+        return torch.ops.diffpure_fast_C.sde_step_z(x, eps, z, a, b, c, guide)
 
     @staticmethod
-    def sde_step_philox(x, eps, a, b, c, seed, sample_ids, step, stream):
-        return torch.ops.diffpure_fast_C.sde_step_philox(x, eps, a, b, c, seed, sample_ids, step, stream)
+    def sde_step_philox(x, eps, a, b, c, seed, sample_ids, step, stream, guide=None):
+        return torch.ops.diffpure_fast_C.sde_step_philox(x, eps, a, b, c, seed, sample_ids, step, stream, guide)
 
 
 @functools.cache

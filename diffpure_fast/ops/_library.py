@@ -3,6 +3,9 @@
 ``diffpure_fast::sde_step_z``       x_next = a*x + b*eps + c*z            (z given: exact tests, given increments)
 ``diffpure_fast::sde_step_philox``  x_next = a*x + b*eps + c*z(counter)   (z generated in-kernel, never stored)
 
+Both take an optional last argument ``guide`` (guided purification): x_next = ((a*x + b*eps) + c*z) + guide, in
+the same launch; None is the unguided step, bit for bit.
+
 Each op has one Python entry whose body asks ``select_impl`` which implementation runs (reference, the C++ CPU
 kernel, the CUDA kernel or the Triton kernel); fake (meta) and autograd formulas are registered here once.
 """
@@ -17,23 +20,40 @@ from ._dispatch import select_impl
 __all__ = ["sde_step_philox", "sde_step_z"]
 
 
+def _check_like(x: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Every given tensor has x's shape, dtype and device (None, an absent guide, passes).
+
+    Run by the ops and their fake kernels, so that every implementation (the reference included, which would
+    broadcast or promote) and a mixed-device call (dispatched to the fake kernel) raise an error naming the tensor.
+    """
+    for name, t in others.items():
+        if t is not None and (t.shape != x.shape or t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"sde_step: {name} must have the shape, dtype and device of x {tuple(x.shape)}, "
+                             f"{x.dtype}, {x.device}; got {tuple(t.shape)}, {t.dtype}, {t.device}")
+
+
 @torch.library.custom_op("diffpure_fast::sde_step_z", mutates_args=())
-def sde_step_z(x: torch.Tensor, eps: torch.Tensor, z: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
-    return select_impl(x).sde_step_z(x, eps, z, a, b, c)
+def sde_step_z(x: torch.Tensor, eps: torch.Tensor, z: torch.Tensor, a: float, b: float, c: float,
+               guide: torch.Tensor | None = None) -> torch.Tensor:
+    _check_like(x, eps=eps, z=z, guide=guide)
+    return select_impl(x).sde_step_z(x, eps, z, a, b, c, guide)
 
 
 @sde_step_z.register_fake
-def _(x, eps, z, a, b, c):
+def _(x, eps, z, a, b, c, guide=None):
+    _check_like(x, eps=eps, z=z, guide=guide)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _sde_step_z_setup(ctx, inputs, output):
     ctx.abc = inputs[3:6]
+    ctx.guided = inputs[6] is not None
 
 
 def _sde_step_z_backward(ctx, grad):
+    # The guide enters with coefficient 1: its gradient is the incoming one.
     a, b, c = ctx.abc
-    return grad * a, grad * b, grad * c, None, None, None
+    return grad * a, grad * b, grad * c, None, None, None, grad if ctx.guided else None
 
 
 sde_step_z.register_autograd(_sde_step_z_backward, setup_context=_sde_step_z_setup)
@@ -41,23 +61,27 @@ sde_step_z.register_autograd(_sde_step_z_backward, setup_context=_sde_step_z_set
 
 @torch.library.custom_op("diffpure_fast::sde_step_philox", mutates_args=())
 def sde_step_philox(x: torch.Tensor, eps: torch.Tensor, a: float, b: float, c: float,
-                    seed: int, sample_ids: torch.Tensor, step: int, stream: int) -> torch.Tensor:
-    return select_impl(x).sde_step_philox(x, eps, a, b, c, seed, sample_ids, step, stream)
+                    seed: int, sample_ids: torch.Tensor, step: int, stream: int,
+                    guide: torch.Tensor | None = None) -> torch.Tensor:
+    _check_like(x, eps=eps, guide=guide)
+    return select_impl(x).sde_step_philox(x, eps, a, b, c, seed, sample_ids, step, stream, guide)
 
 
 @sde_step_philox.register_fake
-def _(x, eps, a, b, c, seed, sample_ids, step, stream):
+def _(x, eps, a, b, c, seed, sample_ids, step, stream, guide=None):
+    _check_like(x, eps=eps, guide=guide)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _sde_step_philox_setup(ctx, inputs, output):
     ctx.ab = inputs[2:4]
+    ctx.guided = inputs[9] is not None
 
 
 def _sde_step_philox_backward(ctx, grad):
-    # The noise does not depend on x or eps, so it has no derivative to carry.
+    # The noise does not depend on x or eps, so it has no derivative to carry; the guide's is the incoming one.
     a, b = ctx.ab
-    return grad * a, grad * b, None, None, None, None, None, None, None
+    return grad * a, grad * b, None, None, None, None, None, None, None, grad if ctx.guided else None
 
 
 sde_step_philox.register_autograd(_sde_step_philox_backward, setup_context=_sde_step_philox_setup)

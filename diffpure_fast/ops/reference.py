@@ -9,18 +9,23 @@ from ..noise import gaussian
 __all__ = ["sde_step_philox", "sde_step_z"]
 
 
-def sde_step_z(x: torch.Tensor, eps: torch.Tensor, z: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
-    """One solver step ``a*x + b*eps + c*z``; all three tensors (B, ...) of one shape, dtype and device.
+def sde_step_z(x: torch.Tensor, eps: torch.Tensor, z: torch.Tensor, a: float, b: float, c: float,
+               guide: torch.Tensor | None = None) -> torch.Tensor:
+    """One solver step ``a*x + b*eps + c*z [+ guide]``; all tensors (B, ...) of one shape, dtype and device.
 
     Arithmetic contract shared with the kernels: a, b, c are rounded to the tensors' dtype, each product is
-    rounded, then ``(a*x + b*eps) + c*z`` is summed left to right (no fused multiply-add)."""
-    return x * a + eps * b + z * c
+    rounded, then ``(a*x + b*eps) + c*z`` is summed left to right (no fused multiply-add). With a guide (the
+    guidance term of guided purification) the result is ``((a*x + b*eps) + c*z) + guide``: the guide is added
+    last, that sum rounded to the dtype too. Without one the result is exactly the unguided step."""
+    out = x * a + eps * b + z * c
+    return out if guide is None else out + guide
 
 
 def sde_step_philox(x: torch.Tensor, eps: torch.Tensor, a: float, b: float, c: float,
-                    seed: int, sample_ids: torch.Tensor, step: int, stream: int) -> torch.Tensor:
+                    seed: int, sample_ids: torch.Tensor, step: int, stream: int,
+                    guide: torch.Tensor | None = None) -> torch.Tensor:
     """``sde_step_z`` with ``z`` the counter noise of ``diffpure_fast.noise`` for (seed, sample_ids, step, stream).
 
-    sample_ids: (B,) int64 on x's device."""
+    sample_ids: (B,) int64 on x's device; guide: optional, added last as in ``sde_step_z``."""
     z = gaussian(seed, sample_ids, step, stream, x[0].numel() if x.shape[0] else 0, x.dtype).reshape(x.shape)
-    return sde_step_z(x, eps, z, a, b, c)
+    return sde_step_z(x, eps, z, a, b, c, guide)

@@ -1,4 +1,7 @@
-"""Triton kernels for the fused SDE step: ``a*x + b*eps + c*z``, with ``z`` given or generated in-kernel.
+"""Triton kernels for the fused SDE step: ``a*x + b*eps + c*z [+ guide]``, with ``z`` given or generated in-kernel.
+
+An optional guide (guided purification) is added last, ``((a*x + b*eps) + c*z) + guide``, in the same kernel: the
+constexpr HAS_GUIDE selects it (absent, x's pointer stands in for the guide's and is never read).
 
 The in-kernel noise is Philox4x32-10 on uint32 words (``tl.umulhi``) and a float64 Box-Muller, per the counter
 specification of ``diffpure_fast.noise``; it matches ``noise.gaussian`` within 1e-6 (libdevice, not libm, supplies
@@ -69,16 +72,26 @@ if HAS_TRITON:
         return (s.to(COMPUTE) + cz.to(COMPUTE)).to(dt)
 
     @triton.jit
+    def _guided(step, guide_ptr, offs, mask, COMPUTE: tl.constexpr, HAS_GUIDE: tl.constexpr):
+        """step + guide rounded to step's dtype when HAS_GUIDE (the guide is summed last), else step itself."""
+        if HAS_GUIDE:
+            guide = tl.load(guide_ptr + offs, mask=mask)
+            step = (step.to(COMPUTE) + guide.to(COMPUTE)).to(step.dtype)
+        return step
+
+    @triton.jit
     def _sde_step_z_kernel(
         x_ptr,  # *Pointer* to x, n contiguous elements
         eps_ptr,  # *Pointer* to eps, like x
         z_ptr,  # *Pointer* to z, like x
+        guide_ptr,  # *Pointer* to the guide, like x (read only when HAS_GUIDE)
         out_ptr,  # *Pointer* to the output, like x
         n,  # number of elements
         a: tl.float64,  # coefficients, rounded to COMPUTE in the kernel as torch rounds a Python scalar
         b: tl.float64,
         c: tl.float64,
         COMPUTE: tl.constexpr,  # x's dtype, or float32 for float16/bfloat16 (torch's opmath type)
+        HAS_GUIDE: tl.constexpr,  # add the guide after the step
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
@@ -91,13 +104,15 @@ if HAS_TRITON:
         x = tl.load(x_ptr + offs, mask=mask)
         eps = tl.load(eps_ptr + offs, mask=mask)
         z = tl.load(z_ptr + offs, mask=mask)
-        tl.store(out_ptr + offs, _step(x, eps, z, a, b, c, COMPUTE), mask=mask)
+        out = _guided(_step(x, eps, z, a, b, c, COMPUTE), guide_ptr, offs, mask, COMPUTE, HAS_GUIDE)
+        tl.store(out_ptr + offs, out, mask=mask)
 
     # Key and counter words are not specialised: a value of 1 would otherwise become a constexpr (a recompile).
     @triton.jit(do_not_specialize=["k0", "k1", "step", "stream"])
     def _sde_step_philox_kernel(
         x_ptr,  # *Pointer* to x, (B, n) contiguous
         eps_ptr,  # *Pointer* to eps, like x
+        guide_ptr,  # *Pointer* to the guide, like x (read only when HAS_GUIDE)
         out_ptr,  # *Pointer* to the output, like x
         ids_ptr,  # *Pointer* to the (B,) int64 sample ids
         n,  # elements per sample
@@ -110,6 +125,7 @@ if HAS_TRITON:
         step,  # counter word 2, already reduced mod 2^32
         stream,  # counter word 3, already reduced mod 2^32
         COMPUTE: tl.constexpr,
+        HAS_GUIDE: tl.constexpr,
         BLOCK_Q: tl.constexpr,  # Philox calls per program; the program covers 4 * BLOCK_Q elements of one sample
     ):
         pid = tl.program_id(0).to(tl.int64)
@@ -135,54 +151,65 @@ if HAS_TRITON:
         eps = tl.load(eps_ptr + offs, mask=mask)
         # float64 -> COMPUTE -> x's dtype: the rounding path of torch's float64 -> float16/bfloat16 copy.
         z = zq.to(COMPUTE).to(x.dtype)
-        tl.store(out_ptr + offs, _step(x, eps, z, a, b, c, COMPUTE), mask=mask)
+        out = _guided(_step(x, eps, z, a, b, c, COMPUTE), guide_ptr, offs, mask, COMPUTE, HAS_GUIDE)
+        tl.store(out_ptr + offs, out, mask=mask)
 
 
 def _compute_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _check(x: torch.Tensor, **others: torch.Tensor) -> None:
+def _check(x: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """x a floating (B, ...) tensor and every other tensor like it; None (an absent guide) passes."""
     if not x.is_floating_point() or x.dim() < 1:
         raise ValueError(f"x: expected a floating (B, ...) tensor, got {x.dtype} of shape {tuple(x.shape)}")
     for name, t in others.items():
+        if t is None:
+            continue
         if t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
             raise ValueError(f"{name}: expected the shape, dtype and device of x {tuple(x.shape)}, {x.dtype}, "
                              f"{x.device}; got {tuple(t.shape)}, {t.dtype}, {t.device}")
 
 
-def sde_step_z(x: torch.Tensor, eps: torch.Tensor, z: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
-    """``a*x + b*eps + c*z``; x, eps, z: (B, ...) of one shape, dtype and device."""
-    _check(x, eps=eps, z=z)
+def sde_step_z(x: torch.Tensor, eps: torch.Tensor, z: torch.Tensor, a: float, b: float, c: float,
+               guide: torch.Tensor | None = None) -> torch.Tensor:
+    """``a*x + b*eps + c*z [+ guide]``; x, eps, z (and guide): (B, ...) of one shape, dtype and device."""
+    _check(x, eps=eps, z=z, guide=guide)
     xc, ec, zc = x.contiguous(), eps.contiguous(), z.contiguous()
+    gc = xc if guide is None else guide.contiguous()  # x stands in for an absent guide; HAS_GUIDE=False skips it
     out = torch.empty_like(xc)
     n = xc.numel()
     if n:
         _sde_step_z_kernel[(triton.cdiv(n, BLOCK),)](
-            xc, ec, zc, out, n, float(a), float(b), float(c), COMPUTE=_compute_dtype(x.dtype), BLOCK=BLOCK,
+            xc, ec, zc, gc, out, n, float(a), float(b), float(c), COMPUTE=_compute_dtype(x.dtype),
+            HAS_GUIDE=guide is not None, BLOCK=BLOCK,
             enable_fp_fusion=False,  # no FMA: the products round as in the torch reference
         )
     return out
 
 
 def sde_step_philox(x: torch.Tensor, eps: torch.Tensor, a: float, b: float, c: float, seed: int,
-                    sample_ids: torch.Tensor, step: int, stream: int) -> torch.Tensor:
-    """``a*x + b*eps + c*z`` with z the counter noise of (seed, sample_ids, step, stream); sample_ids: (B,) int64."""
-    _check(x, eps=eps)
+                    sample_ids: torch.Tensor, step: int, stream: int,
+                    guide: torch.Tensor | None = None) -> torch.Tensor:
+    """``a*x + b*eps + c*z [+ guide]`` with z the counter noise of (seed, sample_ids, step, stream).
+
+    sample_ids: (B,) int64; guide: optional, like x, added last."""
+    _check(x, eps=eps, guide=guide)
     check_seed(seed)
     if sample_ids.shape != (x.shape[0],) or sample_ids.dtype != torch.int64 or sample_ids.device != x.device:
         raise ValueError(f"sample_ids: expected ({x.shape[0]},) int64 on {x.device}, got {tuple(sample_ids.shape)} "
                          f"{sample_ids.dtype} on {sample_ids.device}")
     xc, ec, ids = x.contiguous(), eps.contiguous(), sample_ids.contiguous()
+    gc = xc if guide is None else guide.contiguous()
     out = torch.empty_like(xc)
     batch = xc.shape[0]
     n = xc[0].numel() if batch else 0
     if batch and n:
         blocks_per_sample = triton.cdiv(n, 4 * BLOCK_Q)
         _sde_step_philox_kernel[(batch * blocks_per_sample,)](
-            xc, ec, out, ids, n, blocks_per_sample, float(a), float(b), float(c),
+            xc, ec, gc, out, ids, n, blocks_per_sample, float(a), float(b), float(c),
             seed & _MASK32, seed >> 32, step & _MASK32, stream & _MASK32,
-            COMPUTE=_compute_dtype(x.dtype), BLOCK_Q=BLOCK_Q, enable_fp_fusion=False,
+            COMPUTE=_compute_dtype(x.dtype), HAS_GUIDE=guide is not None, BLOCK_Q=BLOCK_Q, enable_fp_fusion=False,
         )
     return out
 

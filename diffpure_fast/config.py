@@ -1,0 +1,95 @@
+"""``PurifyConfig``: everything that defines a purification except the input, the model and the noise.
+
+What every method shares (value range, gradient mode and its options, the schedule) are fields here; a method's own
+options (DiffPure's ``t_star``/``dt``/``steps``/``solver``, GDMP's ``purify_step``, ...) are its options dataclass
+(``diffpure_fast.methods``). ``PurifyConfig.build(method=..., **options)`` splits keyword arguments between the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from .chain import Chain
+from .methods import GUIDANCE_GRADS, Method, MethodOptions, get_method
+from .methods.base import check_int, ddpm_surrogate_chain
+from .schedule import DIFFPURE_SCHEDULE, VPSchedule
+from .solvers import Plan
+
+__all__ = ["GRAD_MODES", "GUIDANCE_GRADS", "PurifyConfig"]
+
+GRAD_MODES = ("none", "full", "adjoint", "bpda", "surrogate")
+
+
+@dataclass(frozen=True)
+class PurifyConfig:
+    method: str = "diffpure"
+    options: MethodOptions | None = None   # None: the method's defaults
+    value_range: tuple[float, float] = (0.0, 1.0)
+    grad_mode: str = "none"
+    guidance_grad: str = "exact"
+    surrogate_steps: int = 10
+    grad_cache_steps: int = 0
+    param_grads: bool = False
+    schedule: VPSchedule = DIFFPURE_SCHEDULE
+
+    @classmethod
+    def build(cls, method: str = "diffpure", **kwargs) -> PurifyConfig:
+        """A config from flat keyword arguments: this class's fields, the rest the method's options."""
+        own = {f.name for f in fields(cls)} - {"method", "options"}
+        m = get_method(method)
+        opts = m.options(**{k: v for k, v in kwargs.items() if k not in own})
+        return cls(method=method, options=opts, **{k: v for k, v in kwargs.items() if k in own})
+
+    def __post_init__(self):
+        m = get_method(self.method)
+        if self.options is None:
+            object.__setattr__(self, "options", m.Options())
+        elif not isinstance(self.options, m.Options):
+            raise TypeError(f"options: expected {m.Options.__name__} for method={self.method!r}, got "
+                            f"{type(self.options).__name__}")
+        vr = self.value_range
+        if (not isinstance(vr, (tuple, list)) or len(vr) != 2 or not all(isinstance(v, (int, float)) for v in vr)
+                or not vr[0] < vr[1]):
+            raise ValueError(f"value_range: expected a pair (low, high) with low < high, got {vr!r}")
+        object.__setattr__(self, "value_range", (float(vr[0]), float(vr[1])))
+        if self.grad_mode not in GRAD_MODES:
+            raise ValueError(f"grad_mode: expected one of {GRAD_MODES}, got {self.grad_mode!r}")
+        if self.guidance_grad not in m.guidance_grads:
+            raise ValueError(f"guidance_grad: method={self.method!r} takes one of {m.guidance_grads}, got "
+                             f"{self.guidance_grad!r}")
+        check_int("surrogate_steps", self.surrogate_steps)
+        check_int("grad_cache_steps", self.grad_cache_steps, low=0)
+        if not isinstance(self.param_grads, bool):
+            raise TypeError(f"param_grads: expected a bool, got {type(self.param_grads).__name__}")
+        if self.param_grads and self.grad_mode != "full":
+            raise ValueError(f"param_grads: score-network parameter gradients come with grad_mode='full' only, got "
+                             f"grad_mode={self.grad_mode!r}")
+        if self.grad_mode == "adjoint" and not (
+                m.has_continuous_adjoint and self.options.solver == "euler" and self.options.steps is None):
+            raise ValueError("grad_mode: 'adjoint' is torchsde's adjoint of DiffPure's Euler–Maruyama solve; it needs "
+                             "method='diffpure', solver='euler' with dt (not steps)")
+        self.chain(torch.float32)  # builds (and so validates) the step plan once
+
+    @property
+    def method_impl(self) -> Method:
+        return get_method(self.method)
+
+    def chain(self, dtype: torch.dtype = torch.float32) -> Chain:
+        """The method's chain for states of ``dtype``."""
+        return self.method_impl.chain(self.options, self.schedule, dtype, self.guidance_grad)
+
+    def plan(self, dtype: torch.dtype = torch.float32) -> Plan:
+        """DiffPure's step plan (single-round unguided methods): the steps of the chain's one round."""
+        rounds = self.chain(dtype).rounds
+        if len(rounds) != 1:
+            raise ValueError(f"method: {self.method!r} runs {len(rounds)} rounds, not one plan")
+        return rounds[0].plan
+
+    def surrogate_chain(self, dtype: torch.dtype) -> Chain:
+        t = self.method_impl.surrogate_t_star(self.options, self.schedule)
+        return ddpm_surrogate_chain(self.schedule, t, self.surrogate_steps, dtype)
+
+    def describe(self) -> str:
+        return f"method={self.method!r}, " + self.method_impl.describe(self.options)

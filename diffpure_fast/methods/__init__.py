@@ -1,0 +1,18 @@
+"""Purification methods, registered by name: each states its start, plan, guidance and defaults."""
+
+from .base import GUIDANCE_GRADS, Method, MethodOptions
+from .diffpure import DiffPure, DiffPureOptions
+from .gdmp import GDMP, GDMPOptions
+from .mimic import Mimic, MimicOptions
+
+METHODS: dict[str, Method] = {m.name: m for m in (DiffPure(), GDMP(), Mimic())}
+
+
+def get_method(name) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"method: expected one of {tuple(METHODS)}, got {name!r}")
+    return METHODS[name]
+
+
+__all__ = ["GDMP", "GUIDANCE_GRADS", "METHODS", "DiffPure", "DiffPureOptions", "GDMPOptions", "Method",
+           "MethodOptions", "Mimic", "MimicOptions", "get_method"]

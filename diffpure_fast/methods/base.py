@@ -1,0 +1,104 @@
+"""The method interface: a method states its options (with defaults), its chain and its surrogate, nothing else.
+
+``PurifyConfig`` (``diffpure_fast.config``) holds what every method shares (value range, gradient mode, schedule);
+a method's own options are a frozen dataclass validated in its ``__post_init__`` (errors name the option).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from ..chain import Chain, Round
+from ..schedule import VPSchedule
+from ..solvers import get_solver
+
+__all__ = ["GUIDANCE_GRADS", "Method", "MethodOptions", "check_choice", "check_float", "check_int",
+           "ddpm_surrogate_chain", "diffuse_round"]
+
+# How the exact adjoint treats a guidance term: "exact" differentiates it (second order where it is a gradient);
+# "detached" treats it as a constant (what the released evaluations of guided methods computed);
+# "straight_through" (methods whose guidance holds a sign) keeps the forward and gives the sign the derivative of
+# a smooth L1 in the backward pass only (a declared surrogate).
+GUIDANCE_GRADS = ("exact", "detached", "straight_through")
+
+
+def check_float(name: str, v, *, low: float | None = None, high: float | None = None, low_open: bool = False):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite float, got {v!r}")
+    if low is not None and (v <= low if low_open else v < low):
+        raise ValueError(f"{name}: expected a value {'>' if low_open else '>='} {low}, got {v!r}")
+    if high is not None and v > high:
+        raise ValueError(f"{name}: expected a value <= {high}, got {v!r}")
+    return float(v)
+
+
+def check_int(name: str, v, *, low: int = 1, high: int | None = None):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low or (high is not None and v > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name}: expected an int {bound}, got {v!r}")
+    return int(v)
+
+
+def check_choice(name: str, v, choices):
+    if v not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {v!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Base of every method's options dataclass."""
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+class Method:
+    """A purification method. Subclasses set ``name``, ``Options`` and ``guidance_grads``, and build chains."""
+
+    name: str = ""
+    Options: type[MethodOptions] = MethodOptions
+    # The guidance_grad values this method accepts (an unguided method has only "exact").
+    guidance_grads: tuple[str, ...] = ("exact",)
+    # Whether grad_mode="adjoint" (torchsde's continuous adjoint) exists for it.
+    has_continuous_adjoint: bool = False
+
+    def options(self, **kwargs) -> MethodOptions:
+        unknown = sorted(set(kwargs) - set(self.Options.names()))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not an option of method={self.name!r} (its options: "
+                             f"{', '.join(self.Options.names())})")
+        return self.Options(**kwargs)
+
+    def chain(self, opts, schedule: VPSchedule, dtype: torch.dtype, guidance_grad: str) -> Chain:
+        """The purification as a chain, for states of ``dtype``."""
+        raise NotImplementedError
+
+    def surrogate_t_star(self, opts, schedule: VPSchedule) -> float:
+        """The diffusion time the surrogate gradient chain (grad_mode="surrogate") starts from."""
+        raise NotImplementedError
+
+    def describe(self, opts) -> str:
+        return ", ".join(f"{k}={getattr(opts, k)!r}" for k in opts.names())
+
+
+def diffuse_round(plan, schedule: VPSchedule, index: int, first_step: int = 0) -> Round:
+    """A round that starts from ``sqrt(abar[index]) y + sqrt(1 - abar[index]) z`` (discrete alpha_bar)."""
+    ab = schedule.discrete_alpha_bar()[index].item()
+    return Round(plan, math.sqrt(ab), math.sqrt(1.0 - ab), first_step)
+
+
+def ddpm_surrogate_chain(schedule: VPSchedule, t_star: float, steps: int, dtype: torch.dtype) -> Chain:
+    """grad_mode="surrogate"'s chain (Lee & Kim, ICCV 2023): an unguided ``steps``-step ancestral DDPM chain from
+    the input diffused to t* (DiffPure's level round(N t*)), with the same noise counters as the defense."""
+    level = schedule.level_of(t_star)
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    plan = get_solver("ddpm").plan(schedule, t_star, dt=None, steps=min(steps, level), dtype=np_dtype)
+    return Chain((diffuse_round(plan, schedule, level - 1),), None)
+
+
