@@ -183,13 +183,40 @@ def _check_inputs(x, model, cfg: PurifyConfig, plan: Plan, forward_noise, increm
         if t.device != x.device:
             raise ValueError(f"{name}: is on {t.device} but x is on {x.device}")
         _check_finite(name, t)
-    if noise_ids is not None:
-        if not isinstance(noise_ids, torch.Tensor) or noise_ids.dtype.is_floating_point or noise_ids.dim() != 1:
-            raise TypeError("noise_ids: expected a 1-D integer tensor (B,) of per-sample noise ids")
-        if noise_ids.shape[0] != x.shape[0]:
-            raise ValueError(f"noise_ids: expected {x.shape[0]} ids (one per sample), got {noise_ids.shape[0]}")
-        if noise_ids.numel() and (int(noise_ids.min()) < 0 or int(noise_ids.max()) >= 1 << 32):
+    _as_noise_ids(noise_ids, x)
+
+
+def _as_noise_ids(noise_ids, x: torch.Tensor) -> torch.Tensor:
+    """noise_ids as a (B,) int64 tensor on x's device; None gives arange(B). Accepts any 1-D integer sequence (list,
+    tuple, range, NumPy array, tensor) of ids in [0, 2^32); bools and floats are refused, never rounded."""
+    if noise_ids is None:
+        return torch.arange(x.shape[0], device=x.device)
+    what = "noise_ids: expected a 1-D integer sequence (list, tuple, NumPy array or tensor) of per-sample ids"
+    if isinstance(noise_ids, (torch.Tensor, np.ndarray)):
+        dt = noise_ids.dtype
+        is_int = (dt.kind in "iu") if isinstance(noise_ids, np.ndarray) else not (
+            dt == torch.bool or dt.is_floating_point or dt.is_complex)
+        if not is_int:
+            raise TypeError(f"{what}, got an array of dtype {dt}")
+        if noise_ids.ndim != 1:
+            raise ValueError(f"{what}, got shape {tuple(noise_ids.shape)}")
+        # int64 is exact below 2^63; larger unsigned ids wrap negative and fail the range check below
+        ids = torch.as_tensor(noise_ids).detach().to(torch.int64)
+    elif isinstance(noise_ids, (list, tuple, range)):
+        bad = next((v for v in noise_ids if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))),
+                   None)
+        if bad is not None:
+            raise TypeError(f"{what}, got an element {bad!r} of type {type(bad).__name__}")
+        if any(not 0 <= int(v) < 1 << 32 for v in noise_ids):
             raise ValueError("noise_ids: expected ids in [0, 2^32)")
+        ids = torch.tensor([int(v) for v in noise_ids], dtype=torch.int64)
+    else:
+        raise TypeError(f"{what}, got {type(noise_ids).__name__}")
+    if ids.shape[0] != x.shape[0]:
+        raise ValueError(f"noise_ids: expected {x.shape[0]} ids (one per sample), got {ids.shape[0]}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= 1 << 32):
+        raise ValueError("noise_ids: expected ids in [0, 2^32)")
+    return ids.to(x.device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,7 +224,7 @@ def _check_inputs(x, model, cfg: PurifyConfig, plan: Plan, forward_noise, increm
 
 def purify(x: torch.Tensor, model: ScoreModel, *, t_star: float = 0.1, dt: float | None = 1e-3,
            steps: int | None = None, solver: str = "euler", seed: int | None = None,
-           noise_ids: torch.Tensor | None = None, forward_noise: torch.Tensor | None = None,
+           noise_ids=None, forward_noise: torch.Tensor | None = None,
            increments: torch.Tensor | None = None, value_range: tuple[float, float] = (0.0, 1.0),
            grad_mode: str = "none", surrogate_steps: int = 10, grad_cache_steps: int = 0,
            param_grads: bool = False, schedule: VPSchedule = DIFFPURE_SCHEDULE) -> torch.Tensor:
@@ -212,7 +239,8 @@ def purify(x: torch.Tensor, model: ScoreModel, *, t_star: float = 0.1, dt: float
         solver: ``"euler"`` (DiffPure's reverse SDE) or ``"ddpm"`` (ancestral steps on the discrete schedule).
         seed, noise_ids: the engine's noise is a function of (seed, noise_ids[i], step, element): the same pair
             gives the same noise for a sample whatever batch it sits in. ``seed=None`` draws a fresh seed from the
-            OS (not from torch's RNG); ``noise_ids`` defaults to ``arange(B)``.
+            OS (not from torch's RNG); ``noise_ids`` (a 1-D integer list, tuple, NumPy array or tensor of B ids in
+            [0, 2^32)) defaults to ``arange(B)``.
         forward_noise: (B, C, H, W) the z of the forward diffusion, used exactly when given.
         increments: (steps, B, C, H, W) per-step noise used exactly when given: Brownian increments dW_k for
             ``"euler"``, standard normals for ``"ddpm"``.
@@ -238,7 +266,7 @@ def purify(x: torch.Tensor, model: ScoreModel, *, t_star: float = 0.1, dt: float
     plan = cfg.plan(x.dtype if isinstance(x, torch.Tensor) else torch.float32)
     _check_inputs(x, model, cfg, plan, forward_noise, increments, noise_ids)
     seed = secrets.randbits(63) if seed is None else check_seed(seed)
-    ids = torch.arange(x.shape[0], device=x.device) if noise_ids is None else noise_ids.to(x.device, torch.int64)
+    ids = _as_noise_ids(noise_ids, x)
 
     lo, hi = cfg.value_range
     scale = (hi - lo) / 2.0
@@ -287,7 +315,7 @@ class Purifier(nn.Module):
         self.model.eval()
         return self
 
-    def forward(self, x: torch.Tensor, *, noise_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, noise_ids=None) -> torch.Tensor:
         c = self.config
         return purify(x, self.model, t_star=c.t_star, dt=c.dt, steps=c.steps, solver=c.solver, seed=self.seed,
                       noise_ids=noise_ids, value_range=c.value_range, grad_mode=c.grad_mode,
