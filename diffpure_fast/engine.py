@@ -63,9 +63,10 @@ class PurifyConfig:
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"grad_cache_steps: expected an int >= 0, got {v!r}")
         vr = self.value_range
+        # finite too (found by the property tests): an infinite range turned every output into NaN, silently
         if (not isinstance(vr, (tuple, list)) or len(vr) != 2 or not all(isinstance(v, (int, float)) for v in vr)
-                or not vr[0] < vr[1]):
-            raise ValueError(f"value_range: expected a pair (low, high) with low < high, got {vr!r}")
+                or not all(math.isfinite(v) for v in vr) or not vr[0] < vr[1]):
+            raise ValueError(f"value_range: expected a finite pair (low, high) with low < high, got {vr!r}")
         if self.grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode: expected one of {GRAD_MODES}, got {self.grad_mode!r}")
         if not isinstance(self.param_grads, bool):
@@ -127,6 +128,11 @@ def reverse_solve(x: torch.Tensor, model: ScoreModel, plan: Plan, noise: Noise, 
 # Validation: every bad input gets an error naming the argument and what was expected.
 
 
+def _pair(v):
+    """A list value_range as a tuple; anything else unchanged, for PurifyConfig to reject by name."""
+    return tuple(v) if isinstance(v, list) else v
+
+
 def _check_image(x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor (B, C, H, W), got {type(x).__name__}")
@@ -136,6 +142,8 @@ def _check_image(x) -> None:
         raise TypeError(f"x: expected a floating-point dtype, got {x.dtype}")
     if x.shape[0] == 0:
         raise ValueError("x: expected a batch of at least one image, got B = 0")
+    if x.device.type == "meta":  # found by the property tests: the range check below reads values
+        raise ValueError("x: is on the meta device, which holds no values; purify needs real data")
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
@@ -259,7 +267,7 @@ def purify(x: torch.Tensor, model: ScoreModel, *, t_star: float = 0.1, dt: float
         (B, C, H, W) purified images in ``value_range`` (not clipped: the reverse SDE can overshoot slightly, as
         in the official code).
     """
-    cfg = PurifyConfig(t_star=t_star, dt=dt, steps=steps, solver=solver, value_range=tuple(value_range),
+    cfg = PurifyConfig(t_star=t_star, dt=dt, steps=steps, solver=solver, value_range=_pair(value_range),
                        grad_mode=grad_mode, surrogate_steps=surrogate_steps, grad_cache_steps=grad_cache_steps,
                        param_grads=param_grads, schedule=schedule)
     model = as_score_model(model)
@@ -303,7 +311,7 @@ class Purifier(nn.Module):
                  grad_mode: str = "none", surrogate_steps: int = 10, grad_cache_steps: int = 0,
                  param_grads: bool = False, schedule: VPSchedule = DIFFPURE_SCHEDULE):
         super().__init__()
-        self.config = PurifyConfig(t_star=t_star, dt=dt, steps=steps, solver=solver, value_range=tuple(value_range),
+        self.config = PurifyConfig(t_star=t_star, dt=dt, steps=steps, solver=solver, value_range=_pair(value_range),
                                    grad_mode=grad_mode, surrogate_steps=surrogate_steps,
                                    grad_cache_steps=grad_cache_steps, param_grads=param_grads, schedule=schedule)
         self.model = as_score_model(model).eval()

@@ -277,6 +277,22 @@ def _load_guided(ckpt: Any, config) -> UNetModel:
     return net
 
 
+def _check_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device: expected a str or torch.device such as 'cpu' or 'cuda', got {type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda', got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):  # meta (no weights), or backends the networks were never run on
+        raise ValueError(f"device: expected a cpu or cuda device, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but no CUDA device is available")
+    return dev
+
+
 def load_score_model(family: str, checkpoint: str | os.PathLike | Mapping[str, Any] | None = None,
                      config: Mapping[str, Any] | None = None, *, device: str | torch.device | None = None,
                      dtype: torch.dtype | None = None, use_ema: bool = True,
@@ -313,10 +329,20 @@ def load_score_model(family: str, checkpoint: str | os.PathLike | Mapping[str, A
     if fam == "digits":
         from .digits import load_digits_score_model
 
-        if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
-            raise TypeError(f"checkpoint: the digits family takes a .safetensors path or None (the shipped "
-                            f"weights), got {type(checkpoint).__name__}")
-        model = load_digits_score_model(device, path=checkpoint)
+        if checkpoint is not None:
+            if not isinstance(checkpoint, (str, os.PathLike)):
+                raise TypeError(f"checkpoint: the digits family takes a .safetensors path or None (the shipped "
+                                f"weights), got {type(checkpoint).__name__}")
+            if not os.path.isfile(checkpoint):
+                raise FileNotFoundError(f"checkpoint: file not found: {os.fspath(checkpoint)!r}")
+        dev = _check_device(device)
+        try:
+            model = load_digits_score_model(dev, path=checkpoint)
+        except ValueError as exc:
+            if checkpoint is None:
+                raise
+            msg = str(exc).splitlines()[0]  # the shipped-weights hint that follows is not about this file
+            raise ValueError(msg if msg.startswith("checkpoint") else f"checkpoint: {msg}") from None
         model.family = fam
         return model
     if checkpoint is None:
@@ -333,9 +359,9 @@ def load_score_model(family: str, checkpoint: str | os.PathLike | Mapping[str, A
         raise TypeError(f"checkpoint: expected a path or a loaded checkpoint dict, got {type(checkpoint).__name__}")
     if not isinstance(use_ema, bool):
         raise TypeError(f"use_ema: expected a bool, got {type(use_ema).__name__}")
+    dev = _check_device(device)
     ckpt = (read_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint)
             if isinstance(checkpoint, (str, os.PathLike)) else checkpoint)
-    dev = torch.device(device) if device is not None else torch.device("cpu")
 
     if fam == "score_sde":
         net: torch.nn.Module = _load_score_sde(ckpt, config, use_ema)
