@@ -66,10 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score model: the embedded digits model, or an official checkpoint family")
     p.add_argument("--checkpoint", default=None, help="checkpoint path (score_sde, guided_diffusion); never "
                    "downloaded")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="read a .pt/.pth checkpoint with the full unpickler. By default only tensors, numbers, "
+                   "containers and the NumPy scalars of official score_sde checkpoints are unpickled, because a "
+                   "pickle can run arbitrary code; pass this only for a file whose source you trust")
     p.add_argument("--input", required=True, help="a folder of PNG/JPEG images, an .npy/.npz array (N, C, H, W) "
                    "or a .pt tensor")
     p.add_argument("--output", required=True, help="where to write, in the input's kind (folder, .npy, .npz, .pt)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (outputs are always written "
+                   "to a temporary file and renamed into place, so an interrupted run leaves no partial file)")
     p.add_argument("--solver", default="euler", choices=("euler", "ddpm"), help="reverse solver (default euler)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_solver_args(p, steps_default=None, t_star_default=0.1)
@@ -110,7 +115,8 @@ def _cmd_purify(args) -> int:
         raise ValueError(f"--output: the input is a {batch.kind}, so the output must be one too, got {dst}")
     if args.model != "digits" and args.checkpoint is None:
         raise ValueError(f"--checkpoint: --model {args.model} needs a checkpoint path (nothing is downloaded)")
-    model = load_score_model(args.model, args.checkpoint, device=args.device)
+    model = load_score_model(args.model, args.checkpoint, device=args.device,
+                             trust_checkpoint=args.trust_checkpoint)
     x = batch.x.to(args.device)
     dt = args.dt if args.dt is not None else (1e-3 if args.steps is None else None)
     outs = []
@@ -121,7 +127,7 @@ def _cmd_purify(args) -> int:
                                solver=args.solver, seed=args.seed, noise_ids=ids).cpu())
         except (ValueError, TypeError) as e:  # purify's checks (channels, size, range) name x: say which file
             raise ValueError(f"{src}: {e}") from None
-    write_images(dst, batch, torch.cat(outs))
+    write_images(dst, batch, torch.cat(outs), overwrite=args.overwrite)
     return 0
 
 
@@ -139,13 +145,31 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _check_common(args) -> None:
+    """Options purify/demo share that torch would otherwise reject with a RuntimeError (a traceback)."""
+    import torch
+
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads: expected an int >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size: expected an int >= 1, got {args.batch_size}")
+    if getattr(args, "device", None) is not None:
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device: expected a torch device such as cpu or cuda, got {args.device!r}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device: {args.device!r} requested but no CUDA device is available")
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device: expected cpu or cuda[:N], got {args.device!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
+        _check_common(args)
         return {"info": _cmd_info, "purify": _cmd_purify, "demo": _cmd_demo}[args.command](args)
     except USER_ERRORS as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -7,6 +7,7 @@ options (DiffPure's ``t_star``/``dt``/``steps``/``solver``, GDMP's ``purify_step
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -50,9 +51,11 @@ class PurifyConfig:
             raise TypeError(f"options: expected {m.Options.__name__} for method={self.method!r}, got "
                             f"{type(self.options).__name__}")
         vr = self.value_range
-        if (not isinstance(vr, (tuple, list)) or len(vr) != 2 or not all(isinstance(v, (int, float)) for v in vr)
-                or not vr[0] < vr[1]):
-            raise ValueError(f"value_range: expected a pair (low, high) with low < high, got {vr!r}")
+        # finite too (found by the property tests): an infinite range turned every output into NaN, silently
+        if (not isinstance(vr, (tuple, list)) or len(vr) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vr)
+                or not all(math.isfinite(v) for v in vr) or not vr[0] < vr[1]):
+            raise ValueError(f"value_range: expected a finite pair (low, high) with low < high, got {vr!r}")
         object.__setattr__(self, "value_range", (float(vr[0]), float(vr[1])))
         if self.grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode: expected one of {GRAD_MODES}, got {self.grad_mode!r}")

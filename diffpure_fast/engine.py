@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,6 +39,8 @@ def _check_image(x) -> None:
         raise TypeError(f"x: expected a floating-point dtype, got {x.dtype}")
     if x.shape[0] == 0:
         raise ValueError("x: expected a batch of at least one image, got B = 0")
+    if x.device.type == "meta":  # found by the property tests: the range check below reads values
+        raise ValueError("x: is on the meta device, which holds no values; purify needs real data")
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
@@ -88,13 +91,40 @@ def _check_inputs(x, model, cfg: PurifyConfig, chain: Chain, forward_noise, incr
         if t.device != x.device:
             raise ValueError(f"{name}: is on {t.device} but x is on {x.device}")
         _check_finite(name, t)
-    if noise_ids is not None:
-        if not isinstance(noise_ids, torch.Tensor) or noise_ids.dtype.is_floating_point or noise_ids.dim() != 1:
-            raise TypeError("noise_ids: expected a 1-D integer tensor (B,) of per-sample noise ids")
-        if noise_ids.shape[0] != x.shape[0]:
-            raise ValueError(f"noise_ids: expected {x.shape[0]} ids (one per sample), got {noise_ids.shape[0]}")
-        if noise_ids.numel() and (int(noise_ids.min()) < 0 or int(noise_ids.max()) >= 1 << 32):
+    _as_noise_ids(noise_ids, x)
+
+
+def _as_noise_ids(noise_ids, x: torch.Tensor) -> torch.Tensor:
+    """noise_ids as a (B,) int64 tensor on x's device; None gives arange(B). Accepts any 1-D integer sequence (list,
+    tuple, range, NumPy array, tensor) of ids in [0, 2^32); bools and floats are refused, never rounded."""
+    if noise_ids is None:
+        return torch.arange(x.shape[0], device=x.device)
+    what = "noise_ids: expected a 1-D integer sequence (list, tuple, NumPy array or tensor) of per-sample ids"
+    if isinstance(noise_ids, (torch.Tensor, np.ndarray)):
+        dt = noise_ids.dtype
+        is_int = (dt.kind in "iu") if isinstance(noise_ids, np.ndarray) else not (
+            dt == torch.bool or dt.is_floating_point or dt.is_complex)
+        if not is_int:
+            raise TypeError(f"{what}, got an array of dtype {dt}")
+        if noise_ids.ndim != 1:
+            raise ValueError(f"{what}, got shape {tuple(noise_ids.shape)}")
+        # int64 is exact below 2^63; larger unsigned ids wrap negative and fail the range check below
+        ids = torch.as_tensor(noise_ids).detach().to(torch.int64)
+    elif isinstance(noise_ids, (list, tuple, range)):
+        bad = next((v for v in noise_ids if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))),
+                   None)
+        if bad is not None:
+            raise TypeError(f"{what}, got an element {bad!r} of type {type(bad).__name__}")
+        if any(not 0 <= int(v) < 1 << 32 for v in noise_ids):
             raise ValueError("noise_ids: expected ids in [0, 2^32)")
+        ids = torch.tensor([int(v) for v in noise_ids], dtype=torch.int64)
+    else:
+        raise TypeError(f"{what}, got {type(noise_ids).__name__}")
+    if ids.shape[0] != x.shape[0]:
+        raise ValueError(f"noise_ids: expected {x.shape[0]} ids (one per sample), got {ids.shape[0]}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= 1 << 32):
+        raise ValueError("noise_ids: expected ids in [0, 2^32)")
+    return ids.to(x.device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,7 +153,8 @@ def purify(x: torch.Tensor, model: ScoreModel, *, method: str = "diffpure", seed
             ``norm_batch`` (16), ``eps_in_guidance`` (False), ``eta`` (1.0), ``st_beta`` (1.0).
         seed, noise_ids: the engine's noise is a function of (seed, noise_ids[i], step, element): the same pair
             gives the same noise for a sample whatever batch it sits in. ``seed=None`` draws a fresh seed from the
-            OS (not from torch's RNG); ``noise_ids`` defaults to ``arange(B)``.
+            OS (not from torch's RNG); ``noise_ids`` (a 1-D integer list, tuple, NumPy array or tensor of B ids in
+            [0, 2^32)) defaults to ``arange(B)``.
         forward_noise: (B, C, H, W) the z of DiffPure's forward diffusion, used exactly when given.
         increments: (steps, B, C, H, W) DiffPure's per-step noise used exactly when given: Brownian increments
             dW_k for ``"euler"``, standard normals for ``"ddpm"``.
@@ -156,7 +187,7 @@ def _purify(x, model, cfg: PurifyConfig, *, seed, noise_ids, forward_noise=None,
     chain = cfg.chain(x.dtype if isinstance(x, torch.Tensor) else torch.float32)
     _check_inputs(x, model, cfg, chain, forward_noise, increments, noise_ids)
     seed = secrets.randbits(63) if seed is None else check_seed(seed)
-    ids = torch.arange(x.shape[0], device=x.device) if noise_ids is None else noise_ids.to(x.device, torch.int64)
+    ids = _as_noise_ids(noise_ids, x)
 
     lo, hi = cfg.value_range
     scale = (hi - lo) / 2.0

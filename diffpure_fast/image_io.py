@@ -1,17 +1,25 @@
 """Reading and writing image batches for the CLI: a folder of PNG/JPEG files, an ``.npy``/``.npz`` array, or a
 ``.pt`` tensor, each written back in the kind it came in. Nothing is resized, converted between channel counts or
-clipped on the way in; bad input raises ``ValueError`` naming the file and what was expected."""
+clipped on the way in; bad input raises ``ValueError`` naming the file and what was expected.
+
+Reading never runs code: arrays are loaded with ``allow_pickle=False`` and ``.pt`` files with torch's restricted
+(``weights_only``) unpickler. Writing is atomic (:func:`atomic_write`): every file is written to a temporary file in
+the same folder and renamed into place, so an interrupted run never leaves a half-written output."""
 
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["ImageBatch", "read_images", "write_images", "IMAGE_SUFFIXES", "kind_of"]
+__all__ = ["ImageBatch", "read_images", "write_images", "IMAGE_SUFFIXES", "kind_of", "atomic_write"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _MODES = {"L": 1, "RGB": 3}
@@ -89,7 +97,16 @@ def read_images(path: str | Path) -> ImageBatch:
                 x, u8 = _from_array(z[key], f"{path}[{key!r}]")
             return ImageBatch(x, kind, key=key, uint8=u8)
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+    except pickle.UnpicklingError as e:
+        from .models.loading import refused_object
+
+        obj = refused_object(e)
+        if obj is None:
+            raise ValueError(f"{path}: not a readable pt file (a corrupt, truncated or non-torch file)") from None
+        # an image tensor needs no other object: anything else is refused, never unpickled (a pickle can run code)
+        raise ValueError(f"{path}: refused to unpickle: a .pt input must hold a plain tensor (torch.save(x, path)), "
+                         f"this file holds {obj}, and unpickling other objects could run arbitrary code") from None
+    except (OSError, ValueError, RuntimeError, EOFError) as e:
         if isinstance(e, ValueError) and str(e).startswith(str(path)):
             raise
         raise ValueError(f"{path}: not a readable {kind} file ({e})") from None
@@ -105,22 +122,84 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def write_images(path: str | Path, batch: ImageBatch, x: torch.Tensor) -> None:
-    """Write x (N, C, H, W) in [0, 1] to ``path`` in the input's kind (folder/npy/npz/pt) and dtype."""
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; restore it at once
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, write: Callable, *, overwrite: bool = False) -> None:
+    """Write a file atomically: ``write(f)`` fills a temporary file (binary) in ``path``'s folder, which is then
+    flushed, fsync'ed and renamed onto ``path`` (``os.replace``, atomic on POSIX and Windows within one file system).
+
+    Readers see either no file (or the old one) or the complete new one; a crash or Ctrl-C mid-write leaves at most
+    nothing behind (the temporary file is removed). An existing ``path`` is replaced only with ``overwrite=True``.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        # mkstemp creates the file 0600; give it the permissions a plain open() would have
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists() and not overwrite:  # created by someone else while we wrote
+            raise FileExistsError(f"{path}: exists; pass --overwrite to replace it")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_folder(path: Path, names: list[str], images: np.ndarray, *, overwrite: bool) -> None:
+    from PIL import Image
+
+    def save(folder: Path, name: str, arr: np.ndarray, replace: bool) -> None:
+        fmt = "PNG" if Path(name).suffix.lower() == ".png" else "JPEG"  # the name's suffix; the temp file has none
+        atomic_write(folder / name, lambda f: Image.fromarray(arr).save(f, format=fmt), overwrite=replace)
+
+    arrays = [img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0) for img in images]
+    if path.exists():
+        if not overwrite:
+            raise FileExistsError(f"{path}: exists; pass --overwrite to replace it")
+        if not path.is_dir():
+            raise ValueError(f"{path}: exists and is not a folder; the input is a folder of images")
+        # An existing folder is updated in place, each image atomically: replacing the whole folder would delete
+        # files the purification did not write (think --output . --overwrite).
+        for name, arr in zip(names, arrays):
+            save(path, name, arr, True)
+        return
+    # A new folder is built as a temporary sibling and renamed into place once every image is written.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates it 0700; give it mkdir's permissions
+        for name, arr in zip(names, arrays):
+            save(tmp, name, arr, False)
+        os.rename(tmp, path)  # fails (rather than merging) if path appeared meanwhile
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_images(path: str | Path, batch: ImageBatch, x: torch.Tensor, *, overwrite: bool = False) -> None:
+    """Write x (N, C, H, W) in [0, 1] to ``path`` in the input's kind (folder/npy/npz/pt) and dtype, atomically
+    (see :func:`atomic_write`); an existing output is replaced only with ``overwrite=True``."""
     path = Path(path)
     x = x.detach().cpu().float()
     if batch.kind == "folder":
-        from PIL import Image
-
-        path.mkdir(parents=True, exist_ok=True)
-        for name, img in zip(batch.names, _to_uint8(x)):
-            arr = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
-            Image.fromarray(arr).save(path / name)
+        _write_folder(path, batch.names, _to_uint8(x), overwrite=overwrite)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     if batch.kind == "npy":
-        np.save(path, _to_uint8(x) if batch.uint8 else x.numpy())
+        arr = _to_uint8(x) if batch.uint8 else x.numpy()
+        atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False), overwrite=overwrite)
     elif batch.kind == "npz":
-        np.savez(path, **{batch.key: _to_uint8(x) if batch.uint8 else x.numpy()})
+        arrays = {batch.key: _to_uint8(x) if batch.uint8 else x.numpy()}
+        atomic_write(path, lambda f: np.savez(f, **arrays), overwrite=overwrite)
     else:
-        torch.save(torch.from_numpy(_to_uint8(x)) if batch.uint8 else x, path)
+        t = torch.from_numpy(_to_uint8(x)) if batch.uint8 else x
+        atomic_write(path, lambda f: torch.save(t, f), overwrite=overwrite)

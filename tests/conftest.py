@@ -1,4 +1,4 @@
-"""Shared test setup: Triton's interpreter on machines without a CUDA GPU, and marker-based skips.
+"""Shared test setup: Triton's interpreter on machines without a CUDA GPU, marker-based skips, hypothesis profiles.
 
 TRITON_INTERPRET must be in the environment before triton is imported (triton.jit reads it when a kernel is
 defined), so it is set here, at conftest import, before any test module imports diffpure_fast.ops.triton_sde.
@@ -14,6 +14,19 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # the property tests skip themselves without hypothesis
+    pass
+else:
+    # "ci": the same examples on every run (derandomized, no example database) so CI cannot flake; "dev": fresh
+    # random examples each run, to keep exploring. HYPOTHESIS_PROFILE overrides the choice.
+    _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+                   print_blob=True)
+    settings.register_profile("ci", derandomize=True, database=None, **_common)
+    settings.register_profile("dev", **_common)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -37,6 +37,8 @@ class DiffPureOptions(MethodOptions):
         if self.steps is not None:
             check_int("steps", self.steps)
         get_solver(self.solver)
+        if self.solver == "euler" and self.dt is None and self.steps is None:
+            raise ValueError("dt, steps: solver='euler' needs a step size dt or a step count steps, got neither")
 
 
 class DiffPure(Method):

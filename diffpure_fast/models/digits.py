@@ -99,10 +99,14 @@ def read_weights(path: str | Path, *, kind: str) -> tuple[dict[str, torch.Tensor
     if not path.is_file():
         raise FileNotFoundError(f"digits {kind} weights not found at {path}; {_TRAIN_HINT}")
     tensors = {}
-    with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata() or {})
-        for name in f.keys():
-            tensors[name] = f.get_tensor(name)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+    except Exception as exc:  # safetensors raises its own error types for empty, truncated or foreign files
+        raise ValueError(f"checkpoint: {path}: not a readable safetensors file ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     if metadata.get("kind") != kind or "config" not in metadata:
         raise ValueError(f"{path}: not a digits {kind} weight file (metadata kind={metadata.get('kind')!r}); "
                          f"{_TRAIN_HINT}")
@@ -125,9 +129,14 @@ def load_digits_score_model(device: str | torch.device | None = None, *, path: s
 
     Inputs are 1x16x16 images in [-1, 1] (``2 x - 1`` of ``load_digits_dataset`` images).
     """
-    state, config, _ = read_weights(SCORE_WEIGHTS if path is None else path, kind="score")
+    path = SCORE_WEIGHTS if path is None else path
+    state, config, _ = read_weights(path, kind="score")
     net = build_digits_score_net(config)
-    net.load_state_dict(state)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:  # keys or shapes that do not match the config in the file's own metadata
+        raise ValueError(f"checkpoint: {path}: the weights do not match their config: "
+                         f"{str(exc).splitlines()[0]}") from None
     model = EpsModel(net, time_input="continuous", schedule=schedule)
     return _freeze(model, device)
 

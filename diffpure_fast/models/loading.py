@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,7 +35,8 @@ from .adm import ADM_IMAGENET256_UNCOND_CONFIG, UNetModel, create_adm_model
 from .base import EpsModel
 from .ncsnpp import NCSNPP_CIFAR10_CONFIG, NCSNpp
 
-__all__ = ["FAMILIES", "build_network", "load_classifier", "load_score_model", "read_checkpoint"]
+__all__ = ["FAMILIES", "build_network", "load_classifier", "load_score_model", "official_safe_globals",
+           "read_checkpoint", "refused_object", "safe_torch_load"]
 
 FAMILIES = ("score_sde", "guided_diffusion", "digits")
 _ALIASES = {"score_sde": "score_sde", "ncsnpp": "score_sde", "ddpmpp": "score_sde",
@@ -48,8 +50,95 @@ def _fmt(keys, limit: int = 12) -> str:
     return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)} in all)"
 
 
-def read_checkpoint(path: str | os.PathLike) -> Any:
-    """Read a ``.pt``/``.pth`` (torch pickle) or ``.safetensors`` file on the CPU."""
+def official_safe_globals() -> list:
+    """The non-tensor objects the official checkpoints hold that torch's ``weights_only`` unpickler refuses.
+
+    score_sde's ``checkpoint_*.pth`` stores its Adam ``optimizer.state_dict()``, and score_sde's warm-up sets
+    ``g['lr'] = lr * np.minimum(step / warmup, 1.0)`` (``losses.optimization_manager``): the learning rate in
+    ``param_groups`` is a NumPy float64 scalar, pickled as ``numpy.core.multiarray.scalar(numpy.dtype('float64'),
+    bytes)`` (``numpy._core...`` when written with NumPy 2). Rebuilding one needs exactly these: the ``scalar``
+    function under both module names, ``numpy.dtype``, and the float64 dtype class (the unpickler's BUILD checks the
+    dtype object's type). None of them can call arbitrary code: ``scalar`` only reinterprets bytes as a number of a
+    given dtype. Everything else in the official files (tensors, dicts, lists, ints, floats, strings, ``step`` an
+    int, the EMA's ``decay``/``num_updates``/``shadow_params``, guided-diffusion's plain state dict, the conformance
+    vectors) is read by the restricted unpickler as it is.
+    """
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar  # NumPy >= 2
+    except ImportError:  # pragma: no cover - NumPy 1.x
+        from numpy.core.multiarray import scalar
+    safe: list = [np.dtype, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
+    dtypes = getattr(np, "dtypes", None)  # NumPy >= 1.25: each dtype has its own class
+    if dtypes is not None:
+        safe.append(dtypes.Float64DType)
+    return safe
+
+
+_OPT_IN = ("pass trust_checkpoint=True (CLI: --trust-checkpoint) only if you trust the file's source, since "
+           "unpickling it can run arbitrary code")
+
+
+def safe_torch_load(path: str, *, what: str = "checkpoint", trust_checkpoint: bool = False) -> Any:
+    """``torch.load`` on the CPU with the restricted (``weights_only``) unpickler and :func:`official_safe_globals`.
+
+    Any other object in the pickle is refused with a ``ValueError`` naming the opt-in: a pickle can run code, and
+    people download checkpoints from links. ``trust_checkpoint=True`` uses the full unpickler (as DiffPure's own
+    ``torch.load`` does).
+    """
+    if trust_checkpoint:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise ValueError(f"{what}: cannot read {path!r} as a torch file: {_first_line(exc)}") from None
+    try:
+        with torch.serialization.safe_globals(official_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        obj = refused_object(exc)
+        if obj is None:  # not a refusal: a corrupt, truncated or foreign file
+            raise ValueError(f"{what}: cannot read {path!r} as a torch file: {_wo_detail(exc)}") from None
+        raise ValueError(f"{what}: refused to unpickle {path!r}: it holds {obj}, outside the tensors, numbers and "
+                         f"containers a checkpoint needs; {_OPT_IN}") from None
+    except Exception as exc:
+        raise ValueError(f"{what}: cannot read {path!r} as a torch file: {_first_line(exc)}") from None
+
+
+# What torch's weights_only unpickler says when it refuses an object (torch/_weights_only_unpickler.py), as opposed
+# to a file it cannot parse at all.
+_REFUSAL = re.compile(r"GLOBAL ([\w.]+)|allowlisted\s+via `add_safe_globals`,? but got (<[^>]+>|\S+)")
+
+
+def refused_object(exc: BaseException) -> str | None:
+    """The object torch's restricted unpickler refused in ``exc`` (e.g. ``'posix.system'``), or None when the
+    error is not a refusal (a corrupt or truncated file)."""
+    m = _REFUSAL.search(str(exc))
+    return None if m is None else next(g for g in m.groups() if g)
+
+
+def _wo_detail(exc: BaseException) -> str:
+    # torch wraps the unpickler's message in several lines of advice about weights_only; keep the cause only
+    msg = str(exc)
+    cause = msg.split("WeightsUnpickler error:", 1)[-1].strip()
+    return cause.splitlines()[0] if cause else type(exc).__name__
+
+
+def _first_line(exc: BaseException) -> str:
+    msg = str(exc).strip()
+    return f"{type(exc).__name__}: {msg.splitlines()[0] if msg else ''}"
+
+
+def read_checkpoint(path: str | os.PathLike, *, trust_checkpoint: bool = False) -> Any:
+    """Read a ``.pt``/``.pth`` (torch pickle) or ``.safetensors`` file on the CPU.
+
+    Pickles are read with the restricted unpickler (see :func:`safe_torch_load`); ``trust_checkpoint=True`` is the
+    explicit opt-in to the full one for files that hold other objects.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"checkpoint: expected a path, got {type(path).__name__}")
+    if not isinstance(trust_checkpoint, bool):
+        raise TypeError(f"trust_checkpoint: expected a bool, got {type(trust_checkpoint).__name__}")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint: file not found: {path!r}")
@@ -60,20 +149,8 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
             from safetensors.torch import load_file
             return load_file(path, device="cpu")
         except Exception as exc:
-            raise ValueError(f"checkpoint: cannot read safetensors file {path!r}: {exc}") from exc
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # The restricted unpickler refuses some objects that old official checkpoints may contain (e.g. numpy
-        # scalars in score_sde's optimizer / step entries). The path was named explicitly by the caller as a
-        # checkpoint to trust, so fall back to the full unpickler as DiffPure itself does (torch.load).
-        pass
-    except Exception as exc:
-        raise ValueError(f"checkpoint: cannot read {path!r} as a torch checkpoint: {exc}") from exc
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ValueError(f"checkpoint: cannot read {path!r} as a torch checkpoint: {exc}") from exc
+            raise ValueError(f"checkpoint: cannot read safetensors file {path!r}: {_first_line(exc)}") from None
+    return safe_torch_load(path, what="checkpoint", trust_checkpoint=trust_checkpoint)
 
 
 def _is_tensor_dict(d: Any) -> bool:
@@ -200,9 +277,26 @@ def _load_guided(ckpt: Any, config) -> UNetModel:
     return net
 
 
+def _check_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device: expected a str or torch.device such as 'cpu' or 'cuda', got {type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda', got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):  # meta (no weights), or backends the networks were never run on
+        raise ValueError(f"device: expected a cpu or cuda device, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but no CUDA device is available")
+    return dev
+
+
 def load_score_model(family: str, checkpoint: str | os.PathLike | Mapping[str, Any] | None = None,
                      config: Mapping[str, Any] | None = None, *, device: str | torch.device | None = None,
-                     dtype: torch.dtype | None = None, use_ema: bool = True) -> EpsModel:
+                     dtype: torch.dtype | None = None, use_ema: bool = True,
+                     trust_checkpoint: bool = False) -> EpsModel:
     """Load an official DiffPure score network, or the embedded digits model.
 
     Args:
@@ -220,16 +314,35 @@ def load_score_model(family: str, checkpoint: str | os.PathLike | Mapping[str, A
             input/middle/output blocks) as ``convert_to_fp16`` does; score_sde: casts the whole network (the
             forward casts inputs and outputs). Autocast is the other way to run in reduced precision.
         use_ema: score_sde only: apply the EMA weights (DiffPure does); ``False`` keeps the raw weights.
+        trust_checkpoint: a checkpoint path is read with torch's restricted (``weights_only``) unpickler plus the
+            few NumPy scalar types the official score_sde checkpoints hold (:func:`official_safe_globals`); a file
+            with any other object is refused, since unpickling it could run code. ``True`` opts in to the full
+            unpickler for a file you trust. The digits family reads safetensors (no pickle) and ignores it.
 
     Returns:
         an ``EpsModel`` in eval mode (``time_input="continuous"`` for score_sde, ``"discrete"`` with
         ``learned_sigma`` for guided-diffusion).
     """
     fam = _family(family)
+    if not isinstance(trust_checkpoint, bool):
+        raise TypeError(f"trust_checkpoint: expected a bool, got {type(trust_checkpoint).__name__}")
     if fam == "digits":
         from .digits import load_digits_score_model
 
-        model = load_digits_score_model(device, path=checkpoint)
+        if checkpoint is not None:
+            if not isinstance(checkpoint, (str, os.PathLike)):
+                raise TypeError(f"checkpoint: the digits family takes a .safetensors path or None (the shipped "
+                                f"weights), got {type(checkpoint).__name__}")
+            if not os.path.isfile(checkpoint):
+                raise FileNotFoundError(f"checkpoint: file not found: {os.fspath(checkpoint)!r}")
+        dev = _check_device(device)
+        try:
+            model = load_digits_score_model(dev, path=checkpoint)
+        except ValueError as exc:
+            if checkpoint is None:
+                raise
+            msg = str(exc).splitlines()[0]  # the shipped-weights hint that follows is not about this file
+            raise ValueError(msg if msg.startswith("checkpoint") else f"checkpoint: {msg}") from None
         model.family = fam
         return model
     if checkpoint is None:
@@ -242,8 +355,13 @@ def load_score_model(family: str, checkpoint: str | os.PathLike | Mapping[str, A
             config = vars(config)          # argparse.Namespace, as DiffPure builds from its yaml
         elif not (fam == "score_sde" and (hasattr(config, "to_dict") or hasattr(config, "model"))):
             raise ValueError(f"config: expected a dict in the official format, got {type(config).__name__}")
-    ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if not isinstance(checkpoint, (str, os.PathLike, Mapping)):
+        raise TypeError(f"checkpoint: expected a path or a loaded checkpoint dict, got {type(checkpoint).__name__}")
+    if not isinstance(use_ema, bool):
+        raise TypeError(f"use_ema: expected a bool, got {type(use_ema).__name__}")
+    dev = _check_device(device)
+    ckpt = (read_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint)
+            if isinstance(checkpoint, (str, os.PathLike)) else checkpoint)
 
     if fam == "score_sde":
         net: torch.nn.Module = _load_score_sde(ckpt, config, use_ema)
