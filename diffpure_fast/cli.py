@@ -14,12 +14,14 @@ from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
+from .methods import METHODS
+
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError)
 
 
 def _add_solver_args(p: argparse.ArgumentParser, *, steps_default, t_star_default) -> None:
     p.add_argument("--t-star", type=float, default=t_star_default,
-                   help=f"diffusion time t* in (0, 1] (default {t_star_default})")
+                   help=f"diffusion time t* in (0, 1] (default {t_star_default or '0.1, DiffPure only'})")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, default=steps_default,
                    help="solver steps (euler: equal steps over [1e-5, t*]; ddpm: respaced levels)"
@@ -80,9 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="where to write, in the input's kind (folder, .npy, .npz, .pt)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (outputs are always written "
                    "to a temporary file and renamed into place, so an interrupted run leaves no partial file)")
-    p.add_argument("--solver", default="euler", choices=("euler", "ddpm"), help="reverse solver (default euler)")
+    p.add_argument("--method", default="diffpure", choices=tuple(METHODS),
+                   help="purification method, at its released defaults (default diffpure); --t-star, --steps, "
+                        "--dt and --solver are DiffPure's options")
+    p.add_argument("--solver", default=None, choices=("euler", "ddpm"), help="reverse solver (default euler)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_solver_args(p, steps_default=None, t_star_default=0.1)
+    _add_solver_args(p, steps_default=None, t_star_default=None)
 
     i = sub.add_parser("info", help="versions, device, and the active kernel implementations",
                        description="Print versions, devices and which fused-step implementation each device uses.")
@@ -123,13 +128,23 @@ def _cmd_purify(args) -> int:
     model = load_score_model(args.model, args.checkpoint, device=args.device,
                              trust_checkpoint=args.trust_checkpoint)
     x = batch.x.to(args.device)
-    dt = args.dt if args.dt is not None else (1e-3 if args.steps is None else None)
+    diffpure_opts = {"--t-star": args.t_star, "--steps": args.steps, "--dt": args.dt, "--solver": args.solver}
+    if args.method == "diffpure":
+        options = dict(t_star=0.1 if args.t_star is None else args.t_star, steps=args.steps,
+                       dt=args.dt if args.dt is not None else (1e-3 if args.steps is None else None),
+                       solver=args.solver or "euler")
+    else:
+        given = [k for k, v in diffpure_opts.items() if v is not None]
+        if given:
+            raise ValueError(f"{given[0]}: an option of --method diffpure; --method {args.method} runs at its "
+                             "released defaults")
+        options = {}
     outs = []
     for i in tqdm(range(0, len(x), args.batch_size), desc="purify", disable=args.no_progress):
         ids = torch.arange(i, min(i + args.batch_size, len(x)), device=x.device)
         try:
-            outs.append(purify(x[i:i + args.batch_size], model, t_star=args.t_star, dt=dt, steps=args.steps,
-                               solver=args.solver, seed=args.seed, noise_ids=ids).cpu())
+            outs.append(purify(x[i:i + args.batch_size], model, method=args.method, seed=args.seed, noise_ids=ids,
+                               **options).cpu())
         except (ValueError, TypeError) as e:  # purify's checks (channels, size, range) name x: say which file
             raise ValueError(f"{src}: {e}") from None
     write_images(dst, batch, torch.cat(outs), overwrite=args.overwrite)

@@ -179,3 +179,18 @@ def test_wilson_interval_known_values():
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
     with pytest.raises(ValueError, match="correct, total"):
         wilson_interval(3, 2)
+
+
+@needs_weights
+def test_purify_with_a_guided_method_matches_the_python_api(tmp_path, capsys):
+    x = _digits(2)
+    torch.save(x, tmp_path / "in.pt")
+    rc, _, err = _run(["purify", "--model", "digits", "--method", "mimic", "--input", tmp_path / "in.pt",
+                       "--output", tmp_path / "out.pt", "--seed", "3", "--no-progress"], capsys)
+    assert rc == 0, err
+    ref = dpf.purify(x, dpf.load_score_model("digits"), method="mimic", seed=3)
+    assert torch.allclose(torch.load(tmp_path / "out.pt"), ref, atol=1e-6)
+    # DiffPure's options with another method: a one-line error naming the option.
+    rc, _, err = _run(["purify", "--model", "digits", "--method", "gdmp", "--input", tmp_path / "in.pt",
+                       "--output", tmp_path / "out2.pt", "--t-star", "0.2"], capsys)
+    _assert_one_line_error(rc, err, "--t-star")
