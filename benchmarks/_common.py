@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import statistics
@@ -87,3 +89,33 @@ def run_isolated(script: Path, args: list[str]) -> str:
     if out.returncode != 0:
         raise RuntimeError(f"{script.name} {' '.join(args)} failed:\n{out.stderr[-3000:]}")
     return out.stdout
+
+
+def write_results(filename: str, lines: list[str]) -> None:
+    """Write a results file under benchmarks/results/ and echo it."""
+    out = RESULTS / filename
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def run_workers(script: Path, modes: list[str], args: list[str], describe) -> dict[str, dict]:
+    """Run ``script --worker MODE *args`` for each mode in a fresh process; each prints one JSON line."""
+    results = {}
+    for mode in modes:
+        out = run_isolated(script, ["--worker", mode, *args])
+        results[mode] = json.loads(out.strip().splitlines()[-1])
+        print(f"{describe(mode)}: {results[mode]['seconds']:.2f} s, {results[mode]['peak_bytes'] / 2**20:.0f} MiB",
+              flush=True)
+    return results
+
+
+def worker_parser(doc: str, modes) -> argparse.ArgumentParser:
+    """The options every per-mode benchmark takes: --repeats, --batch, --modes, and the hidden --worker."""
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per mode (median); the first gives memory")
+    p.add_argument("--batch", type=int, default=4, help="images per batch")
+    p.add_argument("--modes", default=",".join(modes), help="comma-separated subset of " + ",".join(modes))
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return p

@@ -19,7 +19,6 @@ resetting it through /proc/self/clear_refs).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -30,7 +29,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import diffpure_fast as dpf
-from benchmarks._common import RESULTS, header, median_time, peak_rss_since_reset, reset_peak_rss, run_isolated
+from benchmarks._common import (
+    header,
+    median_time,
+    peak_rss_since_reset,
+    reset_peak_rss,
+    run_workers,
+    worker_parser,
+    write_results,
+)
 from benchmarks.bench_purify import bench_model
 from diffpure_fast.engine import Noise, PurifyConfig, forward_diffuse
 from diffpure_fast.grad import differentiable_reverse_solve
@@ -115,12 +122,8 @@ def run_mode(mode: str, batch: int, t_star: float, repeats: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=1, help="timed runs per mode (median); the first gives memory")
-    p.add_argument("--batch", type=int, default=4, help="images per batch")
+    p = worker_parser(__doc__, MODES)
     p.add_argument("--t-star", type=float, default=0.1, help="diffusion time t*")
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         res = run_mode(args.worker, args.batch, args.t_star, args.repeats)
@@ -131,13 +134,9 @@ def main() -> None:
     with torch.no_grad():
         t = torch.full((args.batch,), 0.05)
         t_net = median_time(lambda: model.eps(x, t), repeats=20, warmup=3)
-    results = {}
-    for mode in args.modes.split(","):
-        out = run_isolated(Path(__file__), ["--worker", mode, "--batch", str(args.batch), "--t-star",
-                                            str(args.t_star), "--repeats", str(args.repeats)])
-        results[mode] = json.loads(out.strip().splitlines()[-1])
-        print(f"{MODES[mode]}: {results[mode]['seconds']:.2f} s, {results[mode]['peak_bytes'] / 2**20:.0f} MiB",
-              flush=True)
+    results = run_workers(Path(__file__), args.modes.split(","), ["--batch", str(args.batch), "--t-star",
+                                                                   str(args.t_star), "--repeats", str(args.repeats)],
+                          MODES.get)
     ref = results.get("torchsde_autograd", {}).get("grad")
     ref = None if ref is None else torch.tensor(ref)
     lines = ["# Gradients through purification (cpu)", "",
@@ -156,10 +155,7 @@ def main() -> None:
         lines.append(f"| {MODES[mode]} | {r['seconds']:.2f} | {r['seconds'] / t_net:.0f} | "
                      f"{r['peak_bytes'] / 2**20:.0f} | {err} | {cos} |")
     lines.append("")
-    out = RESULTS / "grad_cpu.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results("grad_cpu.md", lines)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ the detached and straight-through gradients against the exact one (relative erro
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -27,7 +26,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import diffpure_fast as dpf
-from benchmarks._common import RESULTS, header, median_time, peak_rss_since_reset, reset_peak_rss, run_isolated
+from benchmarks._common import (
+    header,
+    median_time,
+    peak_rss_since_reset,
+    reset_peak_rss,
+    run_workers,
+    worker_parser,
+    write_results,
+)
 from benchmarks.bench_purify import bench_model
 
 # (method, grad_mode, guidance_grad) per measured mode.
@@ -102,11 +109,7 @@ def digits_gradients(n: int = 16) -> list[str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=1, help="timed runs per mode (median); the first gives memory")
-    p.add_argument("--batch", type=int, default=4, help="images per batch")
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p = worker_parser(__doc__, MODES)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(run_mode(args.worker, args.batch, args.repeats)))
@@ -116,12 +119,8 @@ def main() -> None:
     x = torch.rand(args.batch, 3, 32, 32)
     with torch.no_grad():
         t_net = median_time(lambda: model.eps(x, torch.full((args.batch,), 0.05)), repeats=20, warmup=3)
-    results = {}
-    for mode in args.modes.split(","):
-        out = run_isolated(Path(__file__), ["--worker", mode, "--batch", str(args.batch), "--repeats",
-                                            str(args.repeats)])
-        results[mode] = json.loads(out.strip().splitlines()[-1])
-        print(f"{mode}: {results[mode]['seconds']:.2f} s, {results[mode]['peak_bytes'] / 2**20:.0f} MiB", flush=True)
+    results = run_workers(Path(__file__), args.modes.split(","), ["--batch", str(args.batch), "--repeats",
+                                                                   str(args.repeats)], str)
     lines = ["# Guided methods: cost of purification and of its gradients (cpu)", "",
              header("python benchmarks/bench_guided.py " + " ".join(sys.argv[1:])),
              f"NCSN++ 2.47M parameters (random weights), batch {args.batch}x3x32x32 float32, released CIFAR-10 "
@@ -133,10 +132,7 @@ def main() -> None:
         lines.append(f"| {mode} | {r['steps']} | {r['seconds']:.2f} | {calls:.0f} | {calls / r['steps']:.2f} | "
                      f"{r['peak_bytes'] / 2**20:.0f} |")
     lines += ["", *digits_gradients(), ""]
-    out = RESULTS / "guided_cpu.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results("guided_cpu.md", lines)
 
 
 if __name__ == "__main__":
