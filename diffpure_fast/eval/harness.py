@@ -290,6 +290,10 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
     if not isinstance(config, EvalConfig):
         raise TypeError(f"config: expected an EvalConfig, got {type(config).__name__}")
     cfg = config
+    if cfg.attack == "autoattack":
+        from ..attacks.autoattack import autoattack_package
+
+        autoattack_package(cfg.aa_package)  # a missing package fails now, not after the clean evaluation
     rank, world, device = _dist_context(device)
     clf = load_classifier_spec(classifier, device)
     if defense is not None:
