@@ -74,11 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_solver_args(p, steps_default=None, t_star_default=0.1)
 
-    _add_eval_parsers(sub)
-
     i = sub.add_parser("info", help="versions, device, and the active kernel implementations",
                        description="Print versions, devices and which fused-step implementation each device uses.")
     i.add_argument("--json", action="store_true", help="print JSON instead of aligned text")
+
+    _add_eval_parsers(sub)
     return ap
 
 
