@@ -19,7 +19,7 @@ from diffpure_fast.eval import protocol_metrics
 from diffpure_fast.eval.classifiers import load_classifier_spec
 from diffpure_fast.eval.datasets import load_data, read_cifar10_batch
 from diffpure_fast.eval.defenses import build_defense
-from diffpure_fast.eval.harness import STOP_ENV, EvalConfig, evaluate
+from diffpure_fast.eval.harness import PAUSE_ENV, STOP_ENV, EvalConfig, evaluate
 from diffpure_fast.eval.records import comparable, read_records
 from diffpure_fast.eval.report import write_report
 
@@ -91,6 +91,31 @@ def test_killed_run_resumes_to_the_uninterrupted_result(reference_run, tmp_path)
     # a rerun of a finished evaluation computes nothing and changes nothing
     p = _run(CLI_ARGS + ["--output", str(out)])
     assert p.returncode == 0 and len((out / "records-000.jsonl").read_text().splitlines()) == 6
+
+
+def test_sigkilled_run_resumes_to_the_uninterrupted_result(reference_run, tmp_path):
+    """A real SIGKILL mid-run (the run pauses 60 s after each block, so the kill lands after the first one)."""
+    import signal
+    import time
+
+    out = tmp_path / "sigkill"
+    env = dict(os.environ, **{PAUSE_ENV: "60"})
+    proc = subprocess.Popen([sys.executable, "-m", "diffpure_fast", *CLI_ARGS, "--output", str(out)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        records_file, deadline = out / "records-000.jsonl", time.monotonic() + 300
+        while not (records_file.is_file() and records_file.read_text().strip()):
+            assert proc.poll() is None, "the run ended before it was killed"
+            assert time.monotonic() < deadline, "no record written in 300 s"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert len(read_records(out)) == 2
+    p = _run(CLI_ARGS + ["--output", str(out)])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert _records(out) == _records(reference_run)
 
 
 def test_torchrun_two_processes_equal_one(reference_run, tmp_path):

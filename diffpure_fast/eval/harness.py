@@ -42,8 +42,10 @@ ATTACKS = ("pgd-eot", "bpda-eot", "autoattack")
 # DiffPure's BPDA+EOT (bpda_eot/bpda_eot_attack.py): identity backward, 50 steps of 2/255, 15 EOT, logits averaged
 BPDA_EOT_SETTINGS = {"steps": 50, "step_size": 2 / 255, "eot": 15, "eot_reduce": "logits"}
 PGD_EOT_DEFAULTS = {"steps": 20, "step_size": None, "eot": 20, "eot_reduce": "loss"}
-# Test hook: exit hard (as a kill would) after this many blocks were written.
+# Test hooks: exit hard (as a kill would) after this many blocks were written; sleep this long after each block
+# (so that a test's SIGKILL lands between two known blocks).
 STOP_ENV = "DIFFPURE_FAST_EVAL_STOP_AFTER"
+PAUSE_ENV = "DIFFPURE_FAST_EVAL_PAUSE_S"
 
 
 @dataclass(frozen=True)
@@ -316,7 +318,7 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
     out = Path(output)
     deciding = {"eval": cfg.deciding(), "defense": describe_defense(defense), "grad_mode": defended.grad_mode,
                 "classifier": classifier if isinstance(classifier, str) else type(clf).__name__,
-                "data": source.description}
+                "data": source.description, "n_samples": len(indices)}
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         resumed = rec.check_config(out, deciding, overwrite=overwrite)
@@ -334,6 +336,7 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
     mine = [blk for blk in mine if blk]
     position = {i: k for k, i in enumerate(indices)}
     stop_after = int(os.environ.get(STOP_ENV, "0"))
+    pause = float(os.environ.get(PAUSE_ENV, "0"))
     steps_per_block = 1 if cfg.attack == "autoattack" else cfg.restarts * (cfg.steps + 1)
 
     from tqdm.auto import tqdm
@@ -355,6 +358,8 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
             bar.set_postfix_str(f"robust {n_robust}/{n_done} = {100 * n_robust / n_done:.1f}%")
             if stop_after and k + 1 >= stop_after:
                 os._exit(17)  # test hook: die like a killed process, no cleanup
+            if pause:
+                time.sleep(pause)
     finally:
         bar.close()
         writer.close()

@@ -43,7 +43,7 @@ def compute_report(folder: str | Path) -> dict:
     if all("attack_pred_trace" in r for r in records):
         curve = [a.as_dict() for a in robust_curve(labels, [r["attack_pred_trace"] for r in records])]
     ev = config["eval"]
-    expected = ev["n_images"]
+    expected = config.get("n_samples")
     return {
         "configuration": config,
         "n_samples": len(records),
