@@ -1,4 +1,4 @@
-"""``diffpure-fast`` (also ``python -m diffpure_fast``): demo | purify | info.
+"""``diffpure-fast`` (also ``python -m diffpure_fast``): demo | purify | eval | report | info.
 
 Errors in what the user gave (missing or unreadable files, wrong shapes or channel counts, a checkpoint of the
 wrong family, an output that exists) print one line and exit with status 2, never a traceback.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
-from .methods import METHODS
+from .methods import GUIDANCE_GRADS, METHODS
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError)
 
@@ -37,7 +37,7 @@ def _add_solver_args(p: argparse.ArgumentParser, *, steps_default, t_star_defaul
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="diffpure-fast", description="DiffPure adversarial purification: fused "
                                  "kernels, exact gradients, official checkpoints.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{demo,purify,info}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{demo,purify,eval,report,info}")
 
     d = sub.add_parser("demo", help="attack and purify handwritten digits with the embedded models (CPU, minutes)",
                        description="Clean, PGD, transfer and adaptive PGD-EOT accuracies with 95%% Wilson intervals "
@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="versions, device, and the active kernel implementations",
                        description="Print versions, devices and which fused-step implementation each device uses.")
     i.add_argument("--json", action="store_true", help="print JSON instead of aligned text")
+
+    _add_eval_parsers(sub)
     return ap
 
 
@@ -106,6 +108,20 @@ def _cmd_info(args) -> int:
         for k, v in data.items():
             print(f"{k:<{width}}  {v}")
     return 0
+
+
+def _method_options(args, method: str) -> dict:
+    """DiffPure's solver options from --t-star/--steps/--dt/--solver; other methods run at their released
+    defaults, so those flags are an error with them."""
+    given = {"--t-star": args.t_star, "--steps": args.steps, "--dt": args.dt, "--solver": args.solver}
+    if method == "diffpure":
+        return dict(t_star=0.1 if args.t_star is None else args.t_star, steps=args.steps,
+                    dt=args.dt if args.dt is not None else (1e-3 if args.steps is None else None),
+                    solver=args.solver or "euler")
+    named = [k for k, v in given.items() if v is not None]
+    if named:
+        raise ValueError(f"{named[0]}: an option of DiffPure; {method} runs at its released defaults")
+    return {}
 
 
 def _cmd_purify(args) -> int:
@@ -128,17 +144,7 @@ def _cmd_purify(args) -> int:
     model = load_score_model(args.model, args.checkpoint, device=args.device,
                              trust_checkpoint=args.trust_checkpoint)
     x = batch.x.to(args.device)
-    diffpure_opts = {"--t-star": args.t_star, "--steps": args.steps, "--dt": args.dt, "--solver": args.solver}
-    if args.method == "diffpure":
-        options = dict(t_star=0.1 if args.t_star is None else args.t_star, steps=args.steps,
-                       dt=args.dt if args.dt is not None else (1e-3 if args.steps is None else None),
-                       solver=args.solver or "euler")
-    else:
-        given = [k for k, v in diffpure_opts.items() if v is not None]
-        if given:
-            raise ValueError(f"{given[0]}: an option of --method diffpure; --method {args.method} runs at its "
-                             "released defaults")
-        options = {}
+    options = _method_options(args, args.method)
     outs = []
     for i in tqdm(range(0, len(x), args.batch_size), desc="purify", disable=args.no_progress):
         ids = torch.arange(i, min(i + args.batch_size, len(x)), device=x.device)
@@ -187,11 +193,133 @@ def _check_common(args) -> None:
             raise ValueError(f"--device: expected cpu or cuda[:N], got {args.device!r}")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# eval / report: the evaluation harness (diffpure_fast.eval) on the command line.
+
+
+def _radius(text: str) -> float:
+    """A radius as a float or a fraction such as 8/255."""
+    num, slash, den = text.partition("/")
+    try:
+        return float(num) / float(den) if slash else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number or a fraction like 8/255, got {text!r}") from None
+
+
+def _add_eval_parsers(sub) -> None:
+    from .attacks.autoattack import AA_PACKAGES, AA_VERSIONS
+    from .attacks.pgd import EOT_REDUCTIONS, LOSSES, NORMS
+    from .eval.defenses import DEFENSES
+    from .eval.harness import ATTACKS
+
+    e = sub.add_parser("eval", help="attack a purification defense and report robust accuracy (records, report, "
+                       "plots)", description="Evaluate a defense against an adaptive attack with an explicit "
+                       "protocol: clean and robust accuracy single-shot, mean, worst-of-N and majority vote over "
+                       "--n-eval fresh-noise evaluations, each with a 95%% Wilson interval. Resumable (rerun the "
+                       "same command) and shardable (torchrun --nproc-per-node K -m diffpure_fast eval ...).")
+    e.add_argument("--defense", default="diffpure", choices=(*DEFENSES, "none"),
+                   help="purification method, or none for the undefended classifier (default diffpure)")
+    e.add_argument("--model", default="digits", choices=("digits", "score_sde", "guided_diffusion"),
+                   help="score model (default: the embedded digits model)")
+    e.add_argument("--checkpoint", default=None, help="checkpoint path for score_sde / guided_diffusion")
+    e.add_argument("--classifier", default="digits", help="digits, a TorchScript file, or module:function "
+                   "returning an nn.Module (inputs in [0, 1])")
+    e.add_argument("--data", default="digits:test", help="digits:test, cifar10:FOLDER[:test|:train], an image "
+                   "folder (class sub-folders or labels.txt), .npz (x, y) or .npy with --labels")
+    e.add_argument("--labels", default=None, help="labels .npy for an .npy --data")
+    e.add_argument("--attack", default="pgd-eot", choices=ATTACKS, help="pgd-eot, bpda-eot (DiffPure's: "
+                   "identity backward, 50 x 2/255, 15 EOT) or autoattack (default pgd-eot)")
+    e.add_argument("--grad-mode", default=None, choices=("full", "adjoint", "bpda", "surrogate"),
+                   help="the attack's gradient through the purifier: full (exact discrete adjoint), adjoint "
+                   "(continuous adjoint), bpda (identity), surrogate (shorter DDPM chain); default full, bpda for "
+                   "bpda-eot")
+    e.add_argument("--surrogate-steps", type=int, default=10, help="DDPM steps of --grad-mode surrogate")
+    e.add_argument("--guidance-grad", default="exact", choices=GUIDANCE_GRADS,
+                   help="guided defenses with --grad-mode full: exact (through the guidance), detached (the "
+                   "released evaluations' gradient), straight_through (mimic: declared sign surrogate); "
+                   "default exact")
+    e.add_argument("--solver", default=None, choices=("euler", "ddpm"), help="DiffPure's reverse solver "
+                   "(default euler)")
+    e.add_argument("--norm", default="linf", choices=NORMS, help="threat model (default linf)")
+    e.add_argument("--eps", type=_radius, default=8 / 255, help="radius in [0, 1] units, e.g. 8/255 (default)")
+    e.add_argument("--attack-steps", type=int, default=None, help="PGD steps (default 20; bpda-eot 50)")
+    e.add_argument("--step-size", type=_radius, default=None, help="PGD step (default 2.5 eps / steps; bpda-eot "
+                   "2/255)")
+    e.add_argument("--eot", type=int, default=None, help="EOT draws per step (default 20; bpda-eot 15)")
+    e.add_argument("--eot-reduce", default=None, choices=EOT_REDUCTIONS, help="average the loss (default) or the "
+                   "logits (bpda-eot) over the EOT draws")
+    e.add_argument("--loss", default="ce", choices=LOSSES, help="attack loss (default ce)")
+    e.add_argument("--restarts", type=int, default=1, help="PGD restarts (default 1)")
+    e.add_argument("--no-random-start", action="store_true", help="start PGD at x instead of a random point")
+    e.add_argument("--aa-version", default="rand", choices=AA_VERSIONS, help="AutoAttack version (default rand: "
+                   "APGD-CE + APGD-DLR with 20 EOT)")
+    e.add_argument("--aa-package", default="auto", choices=("auto", *AA_PACKAGES),
+                   help="AutoAttack package (default: autoattack if installed, else pyautoattack)")
+    e.add_argument("--n-eval", type=int, default=10, help="fresh-noise evaluations per sample (default 10)")
+    e.add_argument("--n-images", type=int, default=None, help="samples to evaluate (default: all)")
+    e.add_argument("--start", type=int, default=0, help="index of the first sample (default 0)")
+    e.add_argument("--chunk-size", type=int, default=None, help="at most this many image copies per purifier "
+                   "call (memory budget; default a whole batch x EOT)")
+    e.add_argument("--output", required=True, help="output folder (records, report.md/json, curve.png, grid.png); "
+                   "rerunning the same command there resumes")
+    e.add_argument("--overwrite", action="store_true", help="discard records of another configuration there")
+    e.add_argument("--quiet", action="store_true", help="no progress bar, no report on stdout")
+    _add_solver_args(e, steps_default=None, t_star_default=None)
+    e.set_defaults(batch_size=16)
+
+    r = sub.add_parser("report", help="rebuild report.md/json and the plots of an eval folder from its records",
+                       description="Rebuild report.md, report.json, curve.png and grid.png from the records alone.")
+    r.add_argument("folder", help="the --output folder of diffpure-fast eval")
+    r.add_argument("--quiet", action="store_true", help="do not print the report")
+
+
+def _cmd_eval(args) -> int:
+    from .eval.defenses import build_defense
+    from .eval.harness import EvalConfig, evaluate
+    from .models.loading import load_score_model
+
+    grad_mode = args.grad_mode or ("bpda" if args.attack == "bpda-eot" else "full")
+    cfg = EvalConfig(attack=args.attack, norm=args.norm, eps=args.eps, steps=args.attack_steps,
+                     step_size=args.step_size, random_start=not args.no_random_start, restarts=args.restarts,
+                     loss=args.loss, eot=args.eot, eot_reduce=args.eot_reduce, aa_version=args.aa_version,
+                     aa_package=args.aa_package, n_eval=args.n_eval, n_images=args.n_images, start=args.start,
+                     seed=args.seed, batch_size=args.batch_size, chunk_size=args.chunk_size)
+    defense = None
+    if args.defense != "none":
+        if args.model != "digits" and args.checkpoint is None:
+            raise ValueError(f"--checkpoint: --model {args.model} needs a checkpoint path (nothing is downloaded)")
+        model = load_score_model(args.model, args.checkpoint, device=args.device)
+        defense = build_defense(model, method=args.defense, grad_mode=grad_mode, guidance_grad=args.guidance_grad,
+                                surrogate_steps=args.surrogate_steps, **_method_options(args, args.defense))
+    command = "diffpure-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        report = evaluate(defense, args.classifier, args.data, args.output, config=cfg, labels=args.labels,
+                          device=args.device, progress=not args.quiet, overwrite=args.overwrite, command=command)
+    except ImportError as e:  # a missing optional AutoAttack package: the message says what to install
+        raise ValueError(str(e)) from None
+    if report is not None and not args.quiet:
+        print((Path(args.output) / "report.md").read_text())
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .eval.report import write_report
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    write_report(folder)
+    if not args.quiet:
+        print((folder / "report.md").read_text())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check_common(args)
-        return {"info": _cmd_info, "purify": _cmd_purify, "demo": _cmd_demo}[args.command](args)
+        return {"info": _cmd_info, "purify": _cmd_purify, "demo": _cmd_demo, "eval": _cmd_eval,
+                "report": _cmd_report}[args.command](args)
     except USER_ERRORS as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"diffpure-fast {args.command}: error: {msg}", file=sys.stderr)

@@ -1,0 +1,57 @@
+"""Classifier sources: images (B, C, H, W) in [0, 1] -> logits (B, K), in eval mode with frozen parameters.
+
+Specs (``load_classifier_spec``): ``digits`` (the embedded CNN); a TorchScript file (``.pt``/``.ts``/``.pth``
+saved by ``torch.jit.save``); ``package.module:function`` (called with no arguments, returning an ``nn.Module``).
+An ``nn.Module`` is used as it is.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["load_classifier_spec"]
+
+
+def _freeze(m: nn.Module) -> nn.Module:
+    m.eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+def load_classifier_spec(spec, device="cpu") -> nn.Module:
+    if isinstance(spec, nn.Module):
+        return _freeze(spec.to(device))
+    if not isinstance(spec, (str, Path)):
+        raise TypeError(f"classifier: expected an nn.Module or a spec string, got {type(spec).__name__}")
+    spec = str(spec)
+    if spec == "digits":
+        from ..models.digits import load_digits_classifier
+
+        return _freeze(load_digits_classifier(torch.device(device)))
+    path = Path(spec)
+    if path.is_file():
+        try:
+            m = torch.jit.load(str(path), map_location=device)
+        except RuntimeError as e:
+            raise ValueError(f"classifier: {spec} is not a TorchScript file ({str(e).splitlines()[0]}); save one "
+                             f"with torch.jit.save, or pass module:function") from None
+        return _freeze(m)
+    if ":" in spec and not path.exists():
+        mod_name, _, fn_name = spec.partition(":")
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise ValueError(f"classifier: cannot import module {mod_name!r} ({e})") from None
+        fn = getattr(mod, fn_name, None)
+        if not callable(fn):
+            raise ValueError(f"classifier: {mod_name!r} has no callable {fn_name!r}")
+        m = fn()
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"classifier: {spec}() returned a {type(m).__name__}, expected an nn.Module")
+        return _freeze(m.to(device))
+    raise FileNotFoundError(f"classifier: {spec!r} is neither 'digits', a TorchScript file nor module:function")

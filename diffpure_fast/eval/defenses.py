@@ -1,0 +1,37 @@
+"""Building the defense an evaluation attacks: the one place that turns (method, grad_mode, options) into a module."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from ..engine import METHODS, Purifier
+
+__all__ = ["DEFENSES", "build_defense", "describe_defense"]
+
+# The purification methods ``--defense`` accepts (one list for the CLI and the API).
+DEFENSES = tuple(METHODS)
+
+
+def build_defense(model, *, method: str = "diffpure", grad_mode: str = "full", **options) -> Purifier:
+    """A ``Purifier`` for ``method`` whose gradient is ``grad_mode`` ("full": exact adjoint, through the guidance
+    as ``guidance_grad`` says; "adjoint": continuous adjoint; "bpda": identity backward; "surrogate": a shorter
+    unguided DDPM chain); ``options`` go to ``Purifier`` unchanged (the method's options, guidance_grad, ...)."""
+    if method not in DEFENSES:
+        raise ValueError(f"method: expected one of {DEFENSES}, got {method!r}")
+    return Purifier(model, method=method, grad_mode=grad_mode, **options)
+
+
+def describe_defense(defense) -> dict:
+    """JSON-able description of a defense (every option that decides its output)."""
+    if defense is None:
+        return {"method": "none (undefended classifier)"}
+    out = {"class": type(defense).__name__, "score_model": type(getattr(defense, "model", None)).__name__}
+    config = getattr(defense, "config", None)
+    if config is not None:
+        for k, v in vars(config).items():
+            if k == "options":
+                v = asdict(v)
+            out[k] = v if isinstance(v, (int, float, str, bool, type(None), dict)) else (
+                list(v) if isinstance(v, tuple) else repr(v))
+    out.setdefault("method", "diffpure")
+    return out
