@@ -30,7 +30,8 @@ def _gradient(config: dict) -> str:
     """The gradient an attack used, in words: grad_mode, and for a guided method how the guidance was treated."""
     text = _GRAD_MODES.get(config["grad_mode"], config["grad_mode"])
     defense = config.get("defense", {})
-    if config["grad_mode"] == "full" and defense.get("method") not in (None, "diffpure", "none (undefended classifier)"):
+    guided = defense.get("method") not in (None, "diffpure", "none (undefended classifier)")
+    if config["grad_mode"] == "full" and guided:
         text += "; " + _GUIDANCE_GRADS.get(defense.get("guidance_grad"), str(defense.get("guidance_grad")))
     return text
 _NAMES = {"single_shot": "single-shot (evaluation 1)", "mean": "mean over the N evaluations",
