@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--guided-images", type=int, default=dc.guided_images,
                    help=f"images for the guided methods' rows (GDMP, MimicDiffusion); 0 skips them "
                         f"(default {dc.guided_images})")
+    d.add_argument("--n-eval", type=int, default=dc.n_eval,
+                   help=f"fresh-noise judgements of each adaptive adversarial image (default {dc.n_eval})")
     d.add_argument("--guided-eot", type=int, default=dc.guided_eot,
                    help=f"EOT noise draws per adaptive step for the guided methods (default {dc.guided_eot})")
     d.add_argument("--full-steps", action="store_true",
@@ -163,7 +165,7 @@ def _cmd_demo(args) -> int:
     cfg = DemoConfig(n_images=args.n_images, adaptive_images=args.adaptive_images or args.n_images,
                      t_star=args.t_star, steps=None if (args.full_steps or args.dt) else args.steps, eps=args.eps,
                      pgd_steps=args.pgd_steps, adaptive_steps=args.adaptive_steps, eot=args.eot, seed=args.seed,
-                     guided_images=args.guided_images, guided_eot=args.guided_eot,
+                     guided_images=args.guided_images, guided_eot=args.guided_eot, n_eval=args.n_eval,
                      batch_size=args.batch_size, device=args.device)
     command = "diffpure-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = run_demo(args.output, cfg, overwrite=args.overwrite, command=command)

@@ -133,16 +133,18 @@ def test_reduced_demo_report_is_consistent(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--output", out, "--n-images", "6", "--adaptive-images", "4", "--steps", "3", "--t-star", "0.05",
             "--pgd-steps", "2", "--adaptive-steps", "1", "--eot", "2", "--batch-size", "4", "--guided-images", "2",
-            "--guided-eot", "1"]
+            "--guided-eot", "1", "--n-eval", "2"]
     rc, stdout, err = _run(argv, capsys)
     assert rc == 0, err
     report = json.loads((out / "report.json").read_text())
     assert (out / "report.md").is_file() and (out / "grid.png").is_file()
     r, s = report["results"], report["settings"]
     for key in ("clean_undefended", "clean_defended", "pgd_undefended", "pgd_transfer_defended", "adaptive_defended"):
-        a = r[key]
+        a = r[key].get("single_shot", r[key])
         assert 0 <= a["correct"] <= a["total"] and a["wilson95"][0] <= a["accuracy"] <= a["wilson95"][1]
-    assert r["adaptive_defended"]["total"] == 4 and r["clean_undefended"]["total"] == 6
+    ad = r["adaptive_defended"]
+    assert ad["single_shot"]["total"] == 4 and r["clean_undefended"]["total"] == 6
+    assert ad["worst_of_n"]["correct"] <= ad["single_shot"]["correct"] and ad["mean"]["total"] == 4 * s["n_eval"]
     assert r["linf_check"]["pgd"] <= s["eps"] + 1e-6 and r["linf_check"]["adaptive"] <= s["eps"] + 1e-6
     # One section per guided method, every adaptive row within the budget.
     from diffpure_fast.demo import GUIDED_ATTACKS
@@ -151,7 +153,8 @@ def test_reduced_demo_report_is_consistent(tmp_path, capsys):
     for method, g in r["guided"].items():
         assert g["clean_defended"]["total"] == 2
         for key, _ in GUIDED_ATTACKS[method]:
-            assert g[f"adaptive_{key}"]["total"] == 2 and g[f"linf_{key}"] <= s["eps"] + 1e-6
+            a = g[f"adaptive_{key}"]
+            assert a["single_shot"]["total"] == 2 and a["linf"] <= s["eps"] + 1e-6
         assert f"## {method}" in (out / "report.md").read_text()
     # Defended clean accuracy is the classifier's accuracy on purified images: recompute it.
     from diffpure_fast.data import load_digits_dataset
