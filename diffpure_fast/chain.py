@@ -123,12 +123,6 @@ class Chain:
     def __len__(self) -> int:
         return sum(len(r.plan) for r in self.rounds)
 
-    def steps(self):
-        """(round index, global step index k, Step) for every step, in order."""
-        for r, rnd in enumerate(self.rounds):
-            for j, step in enumerate(rnd.plan.steps):
-                yield r, rnd.first_step + j, step
-
 
 def model_eps(model: ScoreModel, x: torch.Tensor, step: Step) -> torch.Tensor:
     """The network's epsilon at one step: (B, C, H, W)."""
