@@ -149,3 +149,34 @@ def test_cuda_skip_on_a_gpu_machine_is_a_failure(tmp_path, no_cuda):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "1 passed, 3 skipped" in summary, proc.stdout
 
+
+def _ptxas_log(registers: int, spill_stores: int = 0, spill_loads: int = 0) -> str:
+    """A `ptxas -v` report of one kernel, in nvcc 13's format."""
+    return (f"ptxas info    : 0 bytes gmem\n"
+            f"ptxas info    : Compiling entry function '_Z1kPf' for 'sm_90'\n"
+            f"ptxas info    : Function properties for _Z1kPf\n"
+            f"    40 bytes stack frame, {spill_stores} bytes spill stores, {spill_loads} bytes spill loads\n"
+            f"ptxas info    : Used {registers} registers, used 0 barriers, 360 bytes cmem[0]\n"
+            f"ptxas info    : Compile time = 7.149 ms\n")
+
+
+@pytest.mark.skipif(shutil.which("awk") is None, reason="needs awk")
+@pytest.mark.parametrize("log, ok", [
+    (_ptxas_log(44), True),
+    (_ptxas_log(255), True),  # the most __launch_bounds__(256) allows
+    (_ptxas_log(256), False),
+    (_ptxas_log(40, spill_stores=8), False),
+    (_ptxas_log(40, spill_loads=4), False),
+    (_ptxas_log(44) + _ptxas_log(40, spill_stores=16), False),  # one bad kernel among good ones
+    ("ptxas info    : 0 bytes gmem\n", False),  # no kernel reported: nothing was checked
+])
+def test_cuda_compile_check_rejects_spills_and_register_overflow(tmp_path, log, ok):
+    """scripts/check_cuda_compile.sh's ptxas -v check, on saved reports (no nvcc needed)."""
+    path = tmp_path / "ptxas.log"
+    path.write_text(log)
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "check_cuda_compile.sh"), "--ptxas-report", str(path)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert (proc.returncode == 0) is ok, proc.stdout + proc.stderr
+    kernels = log.count("Compiling entry function")
+    assert proc.stdout.count("registers,") == kernels
+    assert proc.stdout.count("FAIL") == (0 if ok or not kernels else 1)
