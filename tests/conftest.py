@@ -55,9 +55,10 @@ def _cuda_kernels_missing() -> str | None:
     if _ext.cuda_impl() is not None:
         return None
     why = _ext.load_error() or "built without CUDA"
+    # `make install` alone would do nothing: its stamp is newer than every source, and a new GPU changes no file.
     return (f"a GPU is visible but the CUDA kernels of diffpure_fast._C are not built ({why}): rebuild with "
-            "`make install` (or FORCE_CUDA=1 pip install --no-build-isolation -e .), or set DIFFPURE_FAST_NO_CUDA=1 "
-            "to run CPU-only")
+            "`rm .venv/.installed && make install` (or FORCE_CUDA=1 pip install --no-build-isolation -e .), or set "
+            "DIFFPURE_FAST_NO_CUDA=1 to run CPU-only")
 
 
 @pytest.hookimpl(hookwrapper=True)
