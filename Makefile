@@ -6,7 +6,14 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 OUT    ?= out/demo
-SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
+SOURCES := setup.py pyproject.toml requirements-dev.txt diffpure_fast/_build.py \
+           $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
+# A GPU that nvidia-smi can list makes the build include the CUDA kernels (FORCE_CUDA=1: setup.py then fails with
+# the reason, e.g. a CPU-only torch, instead of quietly building CPU-only); DIFFPURE_FAST_NO_CUDA=1 opts out.
+# Without one, setup.py builds the CPU kernels only. On a GPU machine, tests/conftest.py fails any CUDA test that
+# skips because the CUDA kernels are missing.
+GPUS   := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+CUDA_BUILD := $(if $(filter-out 0,$(GPUS)),FORCE_CUDA=1,)
 
 .PHONY: install build demo test lint cpp-test cuda-check pytest bench clean
 
@@ -16,7 +23,7 @@ $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
-	DIFFPURE_FAST_NO_CUDA=$${DIFFPURE_FAST_NO_CUDA:-1} $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(CUDA_BUILD) $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 demo: $(STAMP)

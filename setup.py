@@ -1,13 +1,16 @@
 """Build diffpure_fast and its kernel extension diffpure_fast._C.
 
 The C++ CPU kernels are always built. The CUDA kernels are added when a GPU is visible or FORCE_CUDA=1 (e.g. a
-wheel built on a CPU-only machine with nvcc), and never when DIFFPURE_FAST_NO_CUDA=1. The package works without
-the extension: every op falls back to the pure-torch reference, and nothing is ever compiled at import time.
+wheel built on a CPU-only machine with nvcc), and never when DIFFPURE_FAST_NO_CUDA=1. Their GPU architectures:
+TORCH_CUDA_ARCH_LIST when set, else those of the visible GPUs (torch detects them), else sm_80, sm_90 and
+compute_90 PTX (diffpure_fast/_build.py). The package works without the extension: every op falls back to the
+pure-torch reference, and nothing is ever compiled at import time.
 
     pip install --no-build-isolation -e .                      # torch must already be installed
     DEBUG=1 MAX_JOBS=4 pip install --no-build-isolation -e .   # -O0 -g, at most 4 compiler processes
 """
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -20,8 +23,15 @@ ROOT = Path(__file__).parent
 CSRC = ROOT / "csrc"
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+def _load_build_rules():
+    """diffpure_fast/_build.py, loaded by path: the package itself cannot be imported while it is being built."""
+    spec = importlib.util.spec_from_file_location("diffpure_fast_build", ROOT / "diffpure_fast" / "_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_build = _load_build_rules()
 
 
 def _version() -> str:
@@ -30,20 +40,20 @@ def _version() -> str:
 
 
 def _extension():
-    debug = _flag("DEBUG")
-    use_cuda = (torch.cuda.is_available() or _flag("FORCE_CUDA")) and not _flag("DIFFPURE_FAST_NO_CUDA")
-    if use_cuda and CUDA_HOME is None:
-        raise RuntimeError("setup.py: a CUDA build was requested but no CUDA toolkit was found (set CUDA_HOME, or "
-                           "DIFFPURE_FAST_NO_CUDA=1 for a CPU-only build)")
+    debug = _build.flag(os.environ, "DEBUG")
+    gpu_visible = torch.cuda.is_available()
+    use_cuda = _build.use_cuda(os.environ, gpu_visible=gpu_visible, torch_cuda=torch.version.cuda,
+                               cuda_home=CUDA_HOME)
     # -ffp-contract=off / --fmad=false: no fused multiply-adds, so a*x + b*eps + c*z rounds like the torch
     # reference (see csrc/sde_step.h).
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     cxx += ["-fopenmp", "-ffp-contract=off"]
     nvcc = ["-O0", "-g", "-G"] if debug else ["-O3"]
     nvcc += ["--fmad=false"]
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        # A CPU-only machine has no GPU to take the arch list from: build the two targets the project supports.
-        nvcc += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+    arch_list = _build.cuda_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"), gpu_visible=gpu_visible)
+    if use_cuda and arch_list is not None:
+        # BuildExtension turns TORCH_CUDA_ARCH_LIST into -gencode flags (no GPU: sm_80, sm_90 and compute_90 PTX).
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     sources = [str(CSRC / "diffpure_fast.cpp")]
     if use_cuda:
         sources += sorted(str(p) for p in (CSRC / "cuda").glob("*.cu"))

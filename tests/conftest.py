@@ -1,8 +1,14 @@
 """Shared test setup: Triton's interpreter on machines without a CUDA GPU, marker-based skips, hypothesis profiles.
 
+A test marked ``cuda`` skips on a machine without a GPU. On a machine with one, such a skip is a failure when the
+CUDA kernels of diffpure_fast._C are not built (an extension built CPU-only would otherwise hide every CUDA test),
+unless ``DIFFPURE_FAST_NO_CUDA=1`` says that the CPU-only build was asked for.
+
 TRITON_INTERPRET must be in the environment before triton is imported (triton.jit reads it when a kernel is
 defined), so it is set here, at conftest import, before any test module imports diffpure_fast.ops.triton_sde.
 """
+
+from __future__ import annotations
 
 import importlib.util
 import os
@@ -37,6 +43,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
         if item.get_closest_marker("triton") and not HAS_TRITON:
             item.add_marker(skip_triton)
+
+
+def _cuda_kernels_missing() -> str | None:
+    """Why a cuda-marked skip on this machine is a failure, or None when it may skip."""
+    if not torch.cuda.is_available() or os.environ.get("DIFFPURE_FAST_NO_CUDA", "0").strip().lower() in (
+            "1", "true", "yes", "on"):
+        return None
+    from diffpure_fast.ops import _ext
+
+    if _ext.cuda_impl() is not None:
+        return None
+    why = _ext.load_error() or "built without CUDA"
+    # `make install` alone would do nothing: its stamp is newer than every source, and a new GPU changes no file.
+    return (f"a GPU is visible but the CUDA kernels of diffpure_fast._C are not built ({why}): rebuild with "
+            "`rm .venv/.installed && make install` (or FORCE_CUDA=1 pip install --no-build-isolation -e .), or set "
+            "DIFFPURE_FAST_NO_CUDA=1 to run CPU-only")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and item.get_closest_marker("cuda"):
+        why = _cuda_kernels_missing()
+        if why is not None:
+            report.outcome = "failed"
+            report.longrepr = f"cuda-marked test skipped on a machine with a GPU: {why}"
 
 
 @pytest.fixture(scope="module")

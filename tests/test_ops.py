@@ -5,6 +5,7 @@ TRITON_INTERPRET=1 when there is no GPU, see conftest.py) and cuda (diffpure_fas
 Every step test runs unguided and guided (the optional additive ``guide``, summed last).
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -224,14 +225,51 @@ def test_non_contiguous_inputs(name):
                                    atol=1e-6)
 
 
-@pytest.mark.parametrize("impl_name", ["reference", "cpp"])
-def test_opcheck(impl_name, monkeypatch):
-    """Schema, fake (meta) and autograd registrations of both public ops, run through the chosen kernel."""
+LAYOUTS = ["contiguous", "channels_last", "transposed", "strided", "mixed"]
+
+
+def _layout(tensors, layout):
+    """The same values in another memory layout: channels_last, a transposed view, a strided (non-dense) view, or
+    mixed (x channels_last, the others contiguous). Views change the shape, identically for every tensor."""
+    if layout == "channels_last":
+        return [t.contiguous(memory_format=torch.channels_last) for t in tensors]
+    if layout == "transposed":
+        return [t.transpose(2, 3) for t in tensors]
+    if layout == "strided":
+        return [t[:, :, ::2] for t in tensors]
+    if layout == "mixed":
+        return [tensors[0].contiguous(memory_format=torch.channels_last), *tensors[1:]]
+    return list(tensors)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", IMPLS)
+def test_every_implementation_returns_a_contiguous_output(name, layout):
+    """The layout contract of _library: a contiguous output whatever the inputs' strides, like the fake kernels
+    (the reference alone used to keep a channels_last or transposed x's layout)."""
+    impl = _impl(name)
+    x, eps, z, ids = _inputs((2, 3, 6, 5), torch.float32, _device(name))
+    x, eps, z, guide = _layout([x, eps, z, _guide(x)], layout)
+    assert layout == "contiguous" or not x.is_contiguous()
+    for g in (None, guide):
+        out = impl.sde_step_z(x, eps, z, *COEFFS, g)
+        assert out.is_contiguous() and out.shape == x.shape
+        assert torch.equal(out, reference.sde_step_z(x.contiguous(), eps.contiguous(), z.contiguous(), *COEFFS,
+                                                     None if g is None else g.contiguous()))
+        out = impl.sde_step_philox(x, eps, *COEFFS, SEED, ids, 4, 1, g)
+        assert out.is_contiguous() and out.shape == x.shape
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("impl_name", IMPLS)
+def test_opcheck(impl_name, layout, monkeypatch):
+    """Schema, fake (meta) and autograd registrations of both public ops, run through every implementation with
+    contiguous, channels_last and non-contiguous inputs: the fake kernels' strides must be the real outputs'."""
     _impl(impl_name)
     monkeypatch.setenv(IMPL_ENV, impl_name)
-    x, eps, z, ids = _inputs((2, 3, 5, 7), torch.float32, "cpu")
-    guide = _guide(x)
-    xg, eg, zg, gg = (t.clone().requires_grad_() for t in (x, eps, z, guide))
+    x, eps, z, ids = _inputs((2, 3, 5, 7), torch.float32, _device(impl_name))
+    x, eps, z, guide = _layout([x, eps, z, _guide(x)], layout)
+    xg, eg, zg, gg = (t.detach().clone().requires_grad_() for t in (x, eps, z, guide))
     # guide absent (default), None, given, and given with a gradient.
     for args in ((x, eps, z, *COEFFS), (xg, eg, zg, *COEFFS, None), (x, eps, z, *COEFFS, guide),
                  (xg, eg, zg, *COEFFS, gg)):
@@ -239,6 +277,173 @@ def test_opcheck(impl_name, monkeypatch):
     philox = (*COEFFS, SEED, ids, 4, 1)
     for args in ((x, eps, *philox), (xg, eg, *philox, None), (x, eps, *philox, guide), (xg, eg, *philox, gg)):
         torch.library.opcheck(torch.ops.diffpure_fast.sde_step_philox.default, args)
+
+
+@pytest.mark.parametrize("forced", IMPLS)
+def test_public_op_checks_sample_ids(forced, monkeypatch):
+    """One rule for every implementation: sample_ids (B,) int64 in [0, 2^32), else a ValueError naming them (the
+    reference would return non-finite noise, the CUDA and Triton kernels would wrap the ids silently)."""
+    _impl(forced)
+    monkeypatch.setenv(IMPL_ENV, forced)
+    x, eps, _, ids = _inputs((3, 2, 4, 4), torch.float32, _device(forced))
+    for bad in (-1, 1 << 32, (1 << 63) - 1, -(1 << 63)):
+        bad_ids = ids.clone()
+        bad_ids[1] = bad
+        with pytest.raises(ValueError, match=r"sample_ids must be in \[0, 2\^32\).*" + str(bad)):
+            sde_step(x, eps, *COEFFS, seed=SEED, sample_ids=bad_ids)
+        with pytest.raises(ValueError, match=r"sample_ids must be in \[0, 2\^32\)"):
+            sde_step(x, eps, *COEFFS, seed=SEED, sample_ids=bad_ids, guide=_guide(x))
+    for bad_ids, what in ((ids[:1], r"\(1,\)"), (ids.float(), "float32"), (ids.to("meta"), "meta")):
+        with pytest.raises(ValueError, match=f"sample_ids must be .*{what}"):
+            torch.ops.diffpure_fast.sde_step_philox(x, eps, *COEFFS, SEED, bad_ids, 0, 1)
+    # The ends of the range are valid ids, with finite noise equal to the specification's.
+    edge_ids = torch.tensor([0, (1 << 32) - 1, 5], device=x.device)
+    out = sde_step(x, eps, 0.0, 0.0, 1.0, seed=SEED, sample_ids=edge_ids, step=2)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, noise.sample_noise(SEED, edge_ids, 2, noise.STREAM_REVERSE, x), rtol=0,
+                               atol=1e-6)
+
+
+@pytest.mark.triton
+def test_triton_device_guard():
+    """Triton launches on the current CUDA device: the launchers make x's device current, and only for CUDA."""
+    from diffpure_fast.ops import triton_sde
+
+    guard = triton_sde._device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1  # constructing it touches no GPU
+    assert isinstance(triton_sde._device_guard(torch.device("cpu")), contextlib.nullcontext)
+
+
+@pytest.mark.triton
+def test_triton_launches_go_through_the_device_guard(monkeypatch):
+    """Both launchers launch inside _device_guard(x.device) (checked by recording the guards active at launch)."""
+    from diffpure_fast.ops import triton_sde
+
+    _impl("triton")
+    active, launched = [], []
+
+    @contextlib.contextmanager
+    def recording_guard(device):
+        active.append(device)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    class RecordingKernel:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def run(*args, **kwargs):
+                launched.append(list(active))
+                return launch(*args, **kwargs)
+
+            return run
+
+    monkeypatch.setattr(triton_sde, "_device_guard", recording_guard)
+    for kernel in ("_sde_step_z_kernel", "_sde_step_philox_kernel"):
+        monkeypatch.setattr(triton_sde, kernel, RecordingKernel(getattr(triton_sde, kernel)))
+    x, eps, z, ids = _inputs((2, 1, 3, 5), torch.float32, _device("triton"))
+    assert torch.equal(triton_sde.sde_step_z(x, eps, z, *COEFFS), reference.sde_step_z(x, eps, z, *COEFFS))
+    out = triton_sde.sde_step_philox(x, eps, *COEFFS, SEED, ids, 1, 1)
+    torch.testing.assert_close(out, reference.sde_step_philox(x, eps, *COEFFS, SEED, ids, 1, 1), rtol=0, atol=1e-6)
+    assert launched == [[x.device], [x.device]]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["cuda", pytest.param("triton", marks=pytest.mark.triton)])
+def test_kernels_run_on_the_device_of_x(name):
+    """x on the last GPU while cuda:0 is current: the result is computed there, and equals the reference."""
+    impl = _impl(name)
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    x, eps, z, ids = _inputs((3, 2, 9, 7), torch.float32, device)
+    guide = _guide(x)
+    with torch.cuda.device(0):
+        out_z = impl.sde_step_z(x, eps, z, *COEFFS, guide)
+        out_p = impl.sde_step_philox(x, eps, *COEFFS, SEED, ids, 3, 1, guide)
+    assert out_z.device == device and out_p.device == device
+    torch.cuda.synchronize(device)
+    assert torch.equal(out_z, reference.sde_step_z(x, eps, z, *COEFFS, guide))
+    torch.testing.assert_close(out_p, reference.sde_step_philox(x, eps, *COEFFS, SEED, ids, 3, 1, guide), rtol=0,
+                               atol=1e-6)
+
+
+LOW_DTYPES = [torch.float16, torch.bfloat16]
+_MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
+
+
+def _interpreted_bf16(name, dtype):
+    """Triton's CPU interpreter truncates float32 -> bfloat16 casts (numpy has no bfloat16) instead of rounding."""
+    return name == "triton" and dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _ulp(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` at |t| (float64), from the binade of t; the smallest normal spacing near 0."""
+    mantissa, exponent = torch.frexp(t.double().abs())  # |t| = mantissa * 2^exponent, mantissa in [0.5, 1)
+    ulp = torch.ldexp(torch.ones_like(mantissa), exponent - 1 - _MANTISSA_BITS[dtype])
+    return torch.clamp(ulp, min=torch.finfo(dtype).tiny * torch.finfo(dtype).eps)
+
+
+def _assert_within_ulps(actual, expected, ulps):
+    """|actual - expected| <= ulps spacings of the dtype at the larger magnitude of the two, elementwise."""
+    bound = ulps * _ulp(torch.maximum(actual.double().abs(), expected.double().abs()), actual.dtype)
+    diff = (actual.double() - expected.double()).abs()
+    assert (diff <= bound).all(), f"{int((diff > bound).sum())} elements beyond {ulps} ulp, max |diff| {diff.max()}"
+
+
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
+@pytest.mark.parametrize("name", IMPLS)
+def test_noise_low_precision(name, dtype):
+    """float16/bfloat16 noise is the implementation's float64 noise rounded once through float32 (torch's float64
+    -> float16/bfloat16 copy): bit-equal to it, one ulp under the interpreter's truncating bfloat16 cast. Against
+    the specification: bit-equal for reference and cpp, one more ulp for triton and cuda, whose float64 noise is
+    within 1e-6 and may fall on the other side of a rounding boundary."""
+    impl = _impl(name)
+    x, eps, _, ids = _inputs((3, 2, 19, 7), dtype, _device(name))
+    z = impl.sde_step_philox(x, eps, 0.0, 0.0, 1.0, SEED, ids, 17, noise.STREAM_REVERSE)
+    assert z.dtype == dtype and z.shape == x.shape and torch.isfinite(z).all()
+    own = impl.sde_step_philox(x.double(), eps.double(), 0.0, 0.0, 1.0, SEED, ids, 17, noise.STREAM_REVERSE)
+    truncated = _interpreted_bf16(name, dtype)
+    if truncated:
+        _assert_within_ulps(z, own.to(dtype), 1)
+    else:
+        assert torch.equal(z, own.to(dtype))
+    spec = noise.sample_noise(SEED, ids, 17, noise.STREAM_REVERSE, x)
+    if name in ("reference", "cpp"):
+        assert torch.equal(z, spec)
+    else:
+        _assert_within_ulps(z, spec, 2 if truncated else 1)
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
+@pytest.mark.parametrize("name", IMPLS)
+def test_sde_step_philox_low_precision(name, dtype, guided):
+    """The float16/bfloat16 philox step is the z-given step on the implementation's own noise, bit for bit
+    (products and sums in float32, each rounded to the dtype). Under the interpreter's truncating bfloat16 casts
+    each of the 5-6 roundings may be off by one ulp of its result: the bound is twice their sum."""
+    impl = _impl(name)
+    x, eps, _, ids = _inputs((3, 2, 19, 7), dtype, _device(name))
+    guide = _guide(x, guided)
+    z = impl.sde_step_philox(x, eps, 0.0, 0.0, 1.0, SEED, ids, 3, noise.STREAM_FORWARD)
+    out = impl.sde_step_philox(x, eps, *COEFFS, SEED, ids, 3, noise.STREAM_FORWARD, guide)
+    expected = reference.sde_step_z(x, eps, z, *COEFFS, guide)
+    if not _interpreted_bf16(name, dtype):
+        assert torch.equal(out, expected)
+        return
+    a, b, c = COEFFS
+    ax, be, cz = (t.double() * k for t, k in ((x, a), (eps, b), (z, c)))
+    terms = [ax, be, ax + be, cz, ax + be + cz]
+    if guide is not None:
+        terms.append(ax + be + cz + guide.double())
+    bound = 2 * torch.finfo(dtype).eps * sum(t.abs() for t in terms)
+    diff = (out.double() - expected.double()).abs()
+    assert (diff <= bound).all(), f"max |diff| {diff.max()}, bound there {bound.flatten()[diff.argmax()]}"
 
 
 @pytest.mark.parametrize("noise_from", ["z", "philox"])

@@ -15,6 +15,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "philox.h"
 #include "sde_step.h"
@@ -22,10 +25,8 @@
 namespace diffpure_fast {
 namespace {
 
-// 256 threads = 8 warps: enough independent warps per block to hide load latency, and 8 such blocks fill the
-// 2048 thread slots of an sm_80 / sm_90 SM, so the grid below is sized in units of 8 blocks per SM.
+// 256 threads = 8 warps: enough independent warps per block to hide load latency.
 constexpr int kThreads = 256;
-constexpr int kBlocksPerSm = 8;
 
 // Four elements moved as one aligned vector (16 bytes for float32, 32 for float64, 8 for half/bfloat16).
 template <typename T>
@@ -38,14 +39,40 @@ bool is_vec4_aligned(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % sizeof(Vec4<T>) == 0;
 }
 
-// Grid-stride launch: one resident wave (SMs x 8 blocks) loops over the work instead of launching one block per
-// 1024 elements; this caps the block count for 10^8-element tensors and keeps every SM streaming to the end.
-int64_t grid_size(int64_t work_items) {
-  int device = 0, sms = 0;
+// Blocks of `kernel` that can be resident at once on the current device: SMs x blocks per SM, from the occupancy
+// API rather than from thread slots. ptxas -v (printed by scripts/check_cuda_compile.sh) gives the philox kernels
+// 36-44 registers per thread and a 40-byte stack frame, the z-given ones 18-34: with registers allocated per warp in
+// units of 256, 5-6 blocks of 256 threads of a philox kernel fit on an sm_80/sm_90 SM (65536 registers), not the 8
+// its 2048 thread slots alone would allow; a grid sized for 8 runs 1.3-1.6 waves, the last one partly idle. The two
+// driver queries are cached per (device, kernel instantiation): a mutex and a map lookup cost ~0.1 us against a
+// ~3 us launch.
+int64_t resident_blocks(const void* kernel) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, int64_t> cache;
+  int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(device, kernel);
+  const auto it = cache.find(key);
+  if (it != cache.end()) {
+    return it->second;
+  }
+  int sms = 0, per_sm = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t blocks = (work_items + kThreads - 1) / kThreads;
-  return std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t{sms} * kBlocksPerSm));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  const int64_t blocks = int64_t{sms} * std::max(1, per_sm);
+  cache.emplace(key, blocks);
+  return blocks;
+}
+
+// Grid-stride launch: one resident wave loops over the work instead of launching one block per 1024 elements; this
+// caps the block count for 10^8-element tensors and keeps every SM streaming to the end. Launches on the current
+// device and stream (the callers hold a CUDAGuard for x's device).
+template <typename... KernelArgs, typename... Args>
+void launch_grid_stride(void (*kernel)(KernelArgs...), int64_t work_items, cudaStream_t stream, Args... args) {
+  const int64_t resident = resident_blocks(reinterpret_cast<const void*>(kernel));
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((work_items + kThreads - 1) / kThreads, resident));
+  kernel<<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(args...);
 }
 
 template <typename scalar_t, typename opmath_t, bool kVec, bool kGuide>
@@ -130,17 +157,17 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Launches kernel<..., kVec, kGuide> for the runtime (vec, guided) pair: four instantiations per dtype.
-#define DIFFPURE_LAUNCH_VEC_GUIDE(vec, guided, KERNEL, ...)                                        \
-  do {                                                                                             \
-    if (vec && guided) {                                                                           \
-      KERNEL<scalar_t, opmath_t, true, true><<<blocks, kThreads, 0, cuda_stream>>>(__VA_ARGS__);   \
-    } else if (vec) {                                                                              \
-      KERNEL<scalar_t, opmath_t, true, false><<<blocks, kThreads, 0, cuda_stream>>>(__VA_ARGS__);  \
-    } else if (guided) {                                                                           \
-      KERNEL<scalar_t, opmath_t, false, true><<<blocks, kThreads, 0, cuda_stream>>>(__VA_ARGS__);  \
-    } else {                                                                                       \
-      KERNEL<scalar_t, opmath_t, false, false><<<blocks, kThreads, 0, cuda_stream>>>(__VA_ARGS__); \
-    }                                                                                              \
+#define DIFFPURE_LAUNCH_VEC_GUIDE(vec, guided, work, KERNEL, ...)                                           \
+  do {                                                                                                      \
+    if (vec && guided) {                                                                                    \
+      launch_grid_stride(KERNEL<scalar_t, opmath_t, true, true>, work, cuda_stream, __VA_ARGS__);   \
+    } else if (vec) {                                                                                       \
+      launch_grid_stride(KERNEL<scalar_t, opmath_t, true, false>, work, cuda_stream, __VA_ARGS__);  \
+    } else if (guided) {                                                                                    \
+      launch_grid_stride(KERNEL<scalar_t, opmath_t, false, true>, work, cuda_stream, __VA_ARGS__);  \
+    } else {                                                                                                \
+      launch_grid_stride(KERNEL<scalar_t, opmath_t, false, false>, work, cuda_stream, __VA_ARGS__); \
+    }                                                                                                       \
   } while (0)
 
 at::Tensor sde_step_z_cuda(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& z, double a, double b,
@@ -161,7 +188,6 @@ at::Tensor sde_step_z_cuda(const at::Tensor& x, const at::Tensor& eps, const at:
     return out;
   }
   const cudaStream_t cuda_stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t blocks = grid_size((n + 3) / 4);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sde_step_z_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const opmath_t a_ = static_cast<opmath_t>(a), b_ = static_cast<opmath_t>(b), c_ = static_cast<opmath_t>(c);
@@ -173,7 +199,7 @@ at::Tensor sde_step_z_cuda(const at::Tensor& x, const at::Tensor& eps, const at:
     const bool vec = is_vec4_aligned<scalar_t>(xp) && is_vec4_aligned<scalar_t>(ep) &&
                      is_vec4_aligned<scalar_t>(zp) && is_vec4_aligned<scalar_t>(op) &&
                      (!guided || is_vec4_aligned<scalar_t>(gp));
-    DIFFPURE_LAUNCH_VEC_GUIDE(vec, guided, sde_step_z_kernel, xp, ep, zp, gp, op, n, a_, b_, c_);
+    DIFFPURE_LAUNCH_VEC_GUIDE(vec, guided, (n + 3) / 4, sde_step_z_kernel, xp, ep, zp, gp, op, n, a_, b_, c_);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -187,7 +213,8 @@ at::Tensor sde_step_philox_cuda(const at::Tensor& x, const at::Tensor& eps, doub
   const bool guided = check_guide(x, guide);
   const int64_t n = check_philox_args(x, seed, sample_ids);
   TORCH_INTERNAL_ASSERT(x.device().is_cuda());
-  // sample_ids are not range-checked here (that would cost a device-to-host sync); values >= 2^32 wrap.
+  // sample_ids are range-checked once, in the Python op (diffpure_fast/ops/_library.py), not here: a direct call of
+  // diffpure_fast_C::sde_step_philox with values >= 2^32 wraps them.
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const at::Tensor ec = eps.contiguous();
@@ -201,7 +228,6 @@ at::Tensor sde_step_philox_cuda(const at::Tensor& x, const at::Tensor& eps, doub
   const int64_t n_quads = (n + 3) / 4;
   const int64_t total_quads = batch * n_quads;
   const cudaStream_t cuda_stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t blocks = grid_size(total_quads);
   const uint64_t seed64 = static_cast<uint64_t>(seed);
   const uint32_t step32 = static_cast<uint32_t>(step), stream32 = static_cast<uint32_t>(stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sde_step_philox_cuda", [&] {
@@ -214,8 +240,8 @@ at::Tensor sde_step_philox_cuda(const at::Tensor& x, const at::Tensor& eps, doub
     const int64_t* idp = ids.const_data_ptr<int64_t>();
     const bool vec = n % 4 == 0 && is_vec4_aligned<scalar_t>(xp) && is_vec4_aligned<scalar_t>(ep) &&
                      is_vec4_aligned<scalar_t>(op) && (!guided || is_vec4_aligned<scalar_t>(gp));
-    DIFFPURE_LAUNCH_VEC_GUIDE(vec, guided, sde_step_philox_kernel, xp, ep, gp, op, idp, n, n_quads, total_quads, a_,
-                              b_, c_, seed64, step32, stream32);
+    DIFFPURE_LAUNCH_VEC_GUIDE(vec, guided, total_quads, sde_step_philox_kernel, xp, ep, gp, op, idp, n, n_quads,
+                              total_quads, a_, b_, c_, seed64, step32, stream32);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -8,6 +8,14 @@ the same launch; None is the unguided step, bit for bit.
 
 Each op has one Python entry whose body asks ``select_impl`` which implementation runs (reference, the C++ CPU
 kernel, the CUDA kernel or the Triton kernel); fake (meta) and autograd formulas are registered here once.
+
+Layout contract, for every implementation and the fake kernels alike: the output is a new contiguous tensor
+(row-major in x's shape) whatever the strides of the inputs (channels_last, transposed, sliced). The kernels
+read contiguous copies and write a contiguous output; the reference makes its result contiguous. torch.compile
+trusts the fake kernel's strides, so an implementation that returned x's layout instead would break it.
+
+sde_step_philox checks ``sample_ids`` once here, for every implementation: int64 values in [0, 2^32) (the
+counter word they fill is 32 bits; the kernels would wrap larger ones, the reference return non-finite noise).
 """
 
 from __future__ import annotations
@@ -30,6 +38,31 @@ def _check_like(x: torch.Tensor, **others: torch.Tensor | None) -> None:
         if t is not None and (t.shape != x.shape or t.dtype != x.dtype or t.device != x.device):
             raise ValueError(f"sde_step: {name} must have the shape, dtype and device of x {tuple(x.shape)}, "
                              f"{x.dtype}, {x.device}; got {tuple(t.shape)}, {t.dtype}, {t.device}")
+
+
+_MAX_SAMPLE_ID = 0xFFFFFFFF
+
+
+def _check_sample_ids(x: torch.Tensor, sample_ids: torch.Tensor, *, values: bool) -> None:
+    """sample_ids (B,) int64 on x's device; with ``values`` (not in the fake kernel: a fake tensor has none) every
+    id in [0, 2^32).
+
+    The value check is one reduction and one device-to-host copy: on a GPU a synchronisation per step, which costs
+    the tens of microseconds the host then needs to queue the next kernels, against milliseconds per evaluation of
+    a score network. It is skipped while a CUDA graph is captured, where a synchronisation is not allowed."""
+    if x.dim() < 1:
+        raise ValueError("sde_step: x must be (B, ...), got a 0-dim tensor")
+    if sample_ids.shape != (x.shape[0],) or sample_ids.dtype != torch.int64 or sample_ids.device != x.device:
+        raise ValueError(f"sde_step: sample_ids must be ({x.shape[0]},) int64 on x's device {x.device}; got "
+                         f"{tuple(sample_ids.shape)} {sample_ids.dtype} on {sample_ids.device}")
+    if not values or sample_ids.numel() == 0:
+        return
+    if sample_ids.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    lo, hi = torch.stack(torch.aminmax(sample_ids)).tolist()
+    if lo < 0 or hi > _MAX_SAMPLE_ID:
+        raise ValueError(f"sde_step: sample_ids must be in [0, 2^32) (they fill a 32-bit word of the noise counter); "
+                         f"got values in [{lo}, {hi}]")
 
 
 @torch.library.custom_op("diffpure_fast::sde_step_z", mutates_args=())
@@ -64,12 +97,14 @@ def sde_step_philox(x: torch.Tensor, eps: torch.Tensor, a: float, b: float, c: f
                     seed: int, sample_ids: torch.Tensor, step: int, stream: int,
                     guide: torch.Tensor | None = None) -> torch.Tensor:
     _check_like(x, eps=eps, guide=guide)
+    _check_sample_ids(x, sample_ids, values=True)
     return select_impl(x).sde_step_philox(x, eps, a, b, c, seed, sample_ids, step, stream, guide)
 
 
 @sde_step_philox.register_fake
 def _(x, eps, a, b, c, seed, sample_ids, step, stream, guide=None):
     _check_like(x, eps=eps, guide=guide)
+    _check_sample_ids(x, sample_ids, values=False)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 

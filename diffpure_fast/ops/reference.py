@@ -16,9 +16,14 @@ def sde_step_z(x: torch.Tensor, eps: torch.Tensor, z: torch.Tensor, a: float, b:
     Arithmetic contract shared with the kernels: a, b, c are rounded to the tensors' dtype, each product is
     rounded, then ``(a*x + b*eps) + c*z`` is summed left to right (no fused multiply-add). With a guide (the
     guidance term of guided purification) the result is ``((a*x + b*eps) + c*z) + guide``: the guide is added
-    last, that sum rounded to the dtype too. Without one the result is exactly the unguided step."""
+    last, that sum rounded to the dtype too. Without one the result is exactly the unguided step.
+
+    Layout contract shared with the kernels (see ``_library``): the result is contiguous, whatever the inputs'
+    strides -- torch's elementwise ops would keep a channels_last or permuted x's layout."""
     out = x * a + eps * b + z * c
-    return out if guide is None else out + guide
+    if guide is not None:
+        out = out + guide
+    return out.contiguous()
 
 
 def sde_step_philox(x: torch.Tensor, eps: torch.Tensor, a: float, b: float, c: float,

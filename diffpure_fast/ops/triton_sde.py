@@ -11,6 +11,8 @@ module is imported (that is how the tests exercise them without a GPU). ``impl()
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..noise import check_seed
@@ -155,6 +157,15 @@ if HAS_TRITON:
         tl.store(out_ptr + offs, out, mask=mask)
 
 
+def _device_guard(device: torch.device):
+    """The context every launch runs in: x's device made current for CUDA tensors, nothing for CPU ones.
+
+    A Triton launch goes to the *current* CUDA device and its current stream, not to the device of its pointer
+    arguments: without this guard x on cuda:1 while cuda:0 is current launches on cuda:0 (an illegal address, or
+    a race with cuda:1's stream). Under TRITON_INTERPRET=1 the CPU tensors need no guard."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _compute_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -180,11 +191,12 @@ def sde_step_z(x: torch.Tensor, eps: torch.Tensor, z: torch.Tensor, a: float, b:
     out = torch.empty_like(xc)
     n = xc.numel()
     if n:
-        _sde_step_z_kernel[(triton.cdiv(n, BLOCK),)](
-            xc, ec, zc, gc, out, n, float(a), float(b), float(c), COMPUTE=_compute_dtype(x.dtype),
-            HAS_GUIDE=guide is not None, BLOCK=BLOCK,
-            enable_fp_fusion=False,  # no FMA: the products round as in the torch reference
-        )
+        with _device_guard(x.device):
+            _sde_step_z_kernel[(triton.cdiv(n, BLOCK),)](
+                xc, ec, zc, gc, out, n, float(a), float(b), float(c), COMPUTE=_compute_dtype(x.dtype),
+                HAS_GUIDE=guide is not None, BLOCK=BLOCK,
+                enable_fp_fusion=False,  # no FMA: the products round as in the torch reference
+            )
     return out
 
 
@@ -199,6 +211,7 @@ def sde_step_philox(x: torch.Tensor, eps: torch.Tensor, a: float, b: float, c: f
     if sample_ids.shape != (x.shape[0],) or sample_ids.dtype != torch.int64 or sample_ids.device != x.device:
         raise ValueError(f"sample_ids: expected ({x.shape[0]},) int64 on {x.device}, got {tuple(sample_ids.shape)} "
                          f"{sample_ids.dtype} on {sample_ids.device}")
+    # The ids' values are range-checked once, by the public op (_library); here ids >= 2^32 would wrap.
     xc, ec, ids = x.contiguous(), eps.contiguous(), sample_ids.contiguous()
     gc = xc if guide is None else guide.contiguous()
     out = torch.empty_like(xc)
@@ -206,11 +219,13 @@ def sde_step_philox(x: torch.Tensor, eps: torch.Tensor, a: float, b: float, c: f
     n = xc[0].numel() if batch else 0
     if batch and n:
         blocks_per_sample = triton.cdiv(n, 4 * BLOCK_Q)
-        _sde_step_philox_kernel[(batch * blocks_per_sample,)](
-            xc, ec, gc, out, ids, n, blocks_per_sample, float(a), float(b), float(c),
-            seed & _MASK32, seed >> 32, step & _MASK32, stream & _MASK32,
-            COMPUTE=_compute_dtype(x.dtype), HAS_GUIDE=guide is not None, BLOCK_Q=BLOCK_Q, enable_fp_fusion=False,
-        )
+        with _device_guard(x.device):
+            _sde_step_philox_kernel[(batch * blocks_per_sample,)](
+                xc, ec, gc, out, ids, n, blocks_per_sample, float(a), float(b), float(c),
+                seed & _MASK32, seed >> 32, step & _MASK32, stream & _MASK32,
+                COMPUTE=_compute_dtype(x.dtype), HAS_GUIDE=guide is not None, BLOCK_Q=BLOCK_Q,
+                enable_fp_fusion=False,
+            )
     return out
 
 
