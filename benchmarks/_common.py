@@ -119,3 +119,16 @@ def worker_parser(doc: str, modes) -> argparse.ArgumentParser:
     p.add_argument("--modes", default=",".join(modes), help="comma-separated subset of " + ",".join(modes))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
+
+
+def measure(fn, repeats: int) -> tuple[dict, object]:
+    """Time and peak memory of fn(): the first call gives the peak RSS above the RSS before it (and the time when
+    repeats <= 1); otherwise the time is the median of ``repeats`` further calls. Returns ({seconds, peak_bytes},
+    the first call's result)."""
+    base = reset_peak_rss()
+    t0 = time.perf_counter()
+    result = fn()
+    first = time.perf_counter() - t0
+    peak = peak_rss_since_reset() - base
+    sec = first if repeats <= 1 else median_time(fn, repeats, warmup=0)
+    return {"seconds": sec, "peak_bytes": peak}, result

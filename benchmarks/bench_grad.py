@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,15 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import diffpure_fast as dpf
-from benchmarks._common import (
-    header,
-    median_time,
-    peak_rss_since_reset,
-    reset_peak_rss,
-    run_workers,
-    worker_parser,
-    write_results,
-)
+from benchmarks._common import header, measure, median_time, run_workers, worker_parser, write_results
 from benchmarks.bench_purify import bench_model
 from diffpure_fast.engine import Noise, PurifyConfig, forward_diffuse
 from diffpure_fast.grad import differentiable_reverse_solve
@@ -112,13 +103,8 @@ def run_mode(mode: str, batch: int, t_star: float, repeats: int) -> dict:
         "torchsde_adjoint_frozen": lambda: reference(True, adjoint_params=()),
         "torchsde_autograd": lambda: reference(False),
     }[mode]
-    base = reset_peak_rss()
-    t0 = time.perf_counter()
-    grad = fn()
-    first = time.perf_counter() - t0
-    peak = peak_rss_since_reset() - base
-    sec = first if repeats <= 1 else median_time(fn, repeats, warmup=0)
-    return {"seconds": sec, "peak_bytes": peak, "grad": None if grad is None else grad.tolist()}
+    res, grad = measure(fn, repeats)
+    return {**res, "grad": None if grad is None else grad.tolist()}
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,15 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import diffpure_fast as dpf
-from benchmarks._common import (
-    header,
-    median_time,
-    peak_rss_since_reset,
-    reset_peak_rss,
-    run_workers,
-    worker_parser,
-    write_results,
-)
+from benchmarks._common import header, measure, median_time, run_workers, worker_parser, write_results
 from benchmarks.bench_purify import bench_model
 
 # (method, grad_mode, guidance_grad) per measured mode.
@@ -66,13 +57,8 @@ def run_mode(mode: str, batch: int, repeats: int) -> dict:
         if grad_mode != "none":
             torch.autograd.grad((out * w).sum(), xg)
 
-    base = reset_peak_rss()
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    peak = peak_rss_since_reset() - base
-    sec = first if repeats <= 1 else median_time(fn, repeats, warmup=0)
-    return {"seconds": sec, "peak_bytes": peak, "steps": len(dpf.PurifyConfig.build(method).chain())}
+    res, _ = measure(fn, repeats)
+    return {**res, "steps": len(dpf.PurifyConfig.build(method).chain())}
 
 
 def digits_gradients(n: int = 16) -> list[str]:
