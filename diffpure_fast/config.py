@@ -73,6 +73,9 @@ class PurifyConfig:
                 m.has_continuous_adjoint and self.options.solver == "euler" and self.options.steps is None):
             raise ValueError("grad_mode: 'adjoint' is torchsde's adjoint of DiffPure's Euler–Maruyama solve; it needs "
                              "method='diffpure', solver='euler' with dt (not steps)")
+        # Chains per state dtype, built once (purify runs every attack step with the same config): not a field,
+        # so equality and the repr are those of the options.
+        object.__setattr__(self, "_chains", {})
         self.chain(torch.float32)  # builds (and so validates) the step plan once
 
     @property
@@ -80,8 +83,10 @@ class PurifyConfig:
         return get_method(self.method)
 
     def chain(self, dtype: torch.dtype = torch.float32) -> Chain:
-        """The method's chain for states of ``dtype``."""
-        return self.method_impl.chain(self.options, self.schedule, dtype, self.guidance_grad)
+        """The method's chain for states of ``dtype`` (immutable; built once per dtype)."""
+        if dtype not in self._chains:
+            self._chains[dtype] = self.method_impl.chain(self.options, self.schedule, dtype, self.guidance_grad)
+        return self._chains[dtype]
 
     def plan(self, dtype: torch.dtype = torch.float32) -> Plan:
         """DiffPure's step plan (single-round unguided methods): the steps of the chain's one round."""

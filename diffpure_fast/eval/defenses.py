@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, fields, is_dataclass
 
 from ..engine import METHODS, Purifier
 
@@ -27,8 +27,9 @@ def describe_defense(defense) -> dict:
         return {"method": "none (undefended classifier)"}
     out = {"class": type(defense).__name__, "score_model": type(getattr(defense, "model", None)).__name__}
     config = getattr(defense, "config", None)
-    if config is not None:
-        for k, v in vars(config).items():
+    if is_dataclass(config):  # its fields only: private caches are not part of what decides the output
+        for k in (f.name for f in fields(config)):
+            v = getattr(config, k)
             if k == "options":
                 v = asdict(v)
             out[k] = v if isinstance(v, (int, float, str, bool, type(None), dict)) else (

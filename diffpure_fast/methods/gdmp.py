@@ -31,6 +31,7 @@ What matters for evaluation:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -84,8 +85,10 @@ class _Level:
     logvar: float     # "fixedlarge"
 
 
-def gdmp_coefficients(schedule: VPSchedule) -> list[_Level]:
-    """The constants of ``Diffusion.init_diffusion_parameters`` with model_var_type="fixedlarge", per level."""
+@functools.cache
+def gdmp_coefficients(schedule: VPSchedule) -> tuple[_Level, ...]:
+    """The constants of ``Diffusion.init_diffusion_parameters`` with model_var_type="fixedlarge", per level
+    (cached per schedule: the plan and the guidance both read them)."""
     betas = schedule.discrete_betas().numpy()
     alphas = 1.0 - betas
     abar = np.cumprod(alphas)
@@ -94,8 +97,8 @@ def gdmp_coefficients(schedule: VPSchedule) -> list[_Level]:
     coef1 = betas * np.sqrt(abar_prev) / (1.0 - abar)
     coef2 = (1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar)
     logvar = np.log(np.append(post_var[1], betas[1:]))
-    return [_Level(float(abar[i]), float(coef1[i]), float(coef2[i]), float(np.sqrt(1.0 / abar[i])),
-                   float(np.sqrt(1.0 / abar[i] - 1.0)), float(logvar[i])) for i in range(len(betas))]
+    return tuple(_Level(float(abar[i]), float(coef1[i]), float(coef2[i]), float(np.sqrt(1.0 / abar[i])),
+                        float(np.sqrt(1.0 / abar[i] - 1.0)), float(logvar[i])) for i in range(len(betas)))
 
 
 def _gaussian_window(size: int, sigma: float, channels: int, like: torch.Tensor) -> torch.Tensor:
@@ -123,7 +126,7 @@ class GDMPGuidance(Guidance):
     """G_k = coef1 (clip(x0) - x0) + exp(logvar) scale grad_x[-MSE(x, ref_k)] (or + grad_x SSIM): the x0 clipping
     (part of the released step, always differentiated) and the guidance toward the noised input."""
 
-    def __init__(self, opts: GDMPOptions, levels: list[_Level], mode: str):
+    def __init__(self, opts: GDMPOptions, levels: tuple[_Level, ...], mode: str):
         self.opts, self.levels, self.mode = opts, levels, mode
         self.needs_autograd = opts.guide_mode == "ssim"
 
