@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from diffpure_fast.info import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -23,13 +25,6 @@ def _sh(cmd: list[str]) -> str:
         return subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def cpu_model() -> str:
-    for line in _sh(["lscpu"]).splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def header(command: str) -> str:

@@ -34,6 +34,16 @@ def _add_solver_args(p: argparse.ArgumentParser, *, steps_default, t_star_defaul
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
+def _add_agdm_args(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument_group("AGDM (--method/--defense agdm)")
+    a.add_argument("--auxiliary", default=None, help="the auxiliary network: digits (the shipped one, default), a "
+                   "TorchScript file or module:function returning an nn.Module that maps images in [0, 1] to "
+                   "(features, logits)")
+    a.add_argument("--guidance-scale", type=float, default=None, help="the guidance scale s (default: AGDM's)")
+    a.add_argument("--distance", default=None, choices=("feature_mse", "logit_mse", "kl"),
+                   help="the latent distance D (default feature_mse)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="diffpure-fast", description="DiffPure adversarial purification: fused "
                                  "kernels, exact gradients, official checkpoints.")
@@ -86,10 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "to a temporary file and renamed into place, so an interrupted run leaves no partial file)")
     p.add_argument("--method", default="diffpure", choices=tuple(METHODS),
                    help="purification method, at its released defaults (default diffpure); --t-star, --steps, "
-                        "--dt and --solver are DiffPure's options")
+                        "--dt and --solver are DiffPure's options (--t-star and --steps also AGDM's)")
     p.add_argument("--solver", default=None, choices=("euler", "ddpm"), help="reverse solver (default euler)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_solver_args(p, steps_default=None, t_star_default=None)
+    _add_agdm_args(p)
 
     i = sub.add_parser("info", help="versions, device, and the active kernel implementations",
                        description="Print versions, devices and which fused-step implementation each device uses.")
@@ -113,17 +124,33 @@ def _cmd_info(args) -> int:
 
 
 def _method_options(args, method: str) -> dict:
-    """DiffPure's solver options from --t-star/--steps/--dt/--solver; other methods run at their released
-    defaults, so those flags are an error with them."""
-    given = {"--t-star": args.t_star, "--steps": args.steps, "--dt": args.dt, "--solver": args.solver}
+    """DiffPure's solver options from --t-star/--steps/--dt/--solver; AGDM's from --auxiliary, --t-star, --steps,
+    --guidance-scale and --distance; GDMP and MimicDiffusion run at their released defaults, so those flags are an
+    error with them."""
+    given = {"--t-star": args.t_star, "--steps": args.steps, "--dt": args.dt, "--solver": args.solver,
+             "--auxiliary": args.auxiliary, "--guidance-scale": args.guidance_scale, "--distance": args.distance}
     if method == "diffpure":
-        return dict(t_star=0.1 if args.t_star is None else args.t_star, steps=args.steps,
-                    dt=args.dt if args.dt is not None else (1e-3 if args.steps is None else None),
-                    solver=args.solver or "euler")
-    named = [k for k, v in given.items() if v is not None]
+        options = dict(t_star=0.1 if args.t_star is None else args.t_star, steps=args.steps,
+                       dt=args.dt if args.dt is not None else (1e-3 if args.steps is None else None),
+                       solver=args.solver or "euler")
+        own = ("--t-star", "--steps", "--dt", "--solver")
+    elif method == "agdm":
+        from .eval.classifiers import load_auxiliary_spec
+
+        options = {"auxiliary": load_auxiliary_spec(args.auxiliary or "digits", args.device)}
+        for flag, key in (("--t-star", "t_star"), ("--steps", "steps"), ("--guidance-scale", "scale"),
+                          ("--distance", "distance")):
+            if given[flag] is not None:
+                options[key] = given[flag]
+        own = ("--auxiliary", "--t-star", "--steps", "--guidance-scale", "--distance")
+    else:
+        options, own = {}, ()
+    named = [k for k, v in given.items() if v is not None and k not in own]
     if named:
-        raise ValueError(f"{named[0]}: an option of DiffPure; {method} runs at its released defaults")
-    return {}
+        owner = "AGDM" if named[0] in ("--auxiliary", "--guidance-scale", "--distance") else "DiffPure"
+        raise ValueError(f"{named[0]}: an option of {owner}; {method} "
+                         f"{'does not take it' if method in ('diffpure', 'agdm') else 'runs at its released defaults'}")
+    return options
 
 
 def _cmd_purify(args) -> int:
@@ -267,6 +294,7 @@ def _add_eval_parsers(sub) -> None:
     e.add_argument("--overwrite", action="store_true", help="discard records of another configuration there")
     e.add_argument("--quiet", action="store_true", help="no progress bar, no report on stdout")
     _add_solver_args(e, steps_default=None, t_star_default=None)
+    _add_agdm_args(e)
     e.set_defaults(batch_size=16)
 
     r = sub.add_parser("report", help="rebuild report.md/json and the plots of an eval folder from its records",

@@ -11,11 +11,12 @@ On a fixed subset of the digits test split it measures, each with a 95% Wilson i
    evaluation harness (``diffpure_fast.eval``); each adversarial image is judged ``n_eval`` times with fresh noise
    the attack never saw (single-shot, worst-of-N and majority-vote accuracies);
 
-5. the same for the guided methods (GDMP, MimicDiffusion) on the first ``guided_images`` images, with the
+5. the same for the guided methods (GDMP, MimicDiffusion, AGDM) on the first ``guided_images`` images, with the
    settings of ``GUIDED_SETTINGS`` (fewer steps than released, to fit the demo's time): clean defended accuracy,
    transfer, and adaptive PGD-EOT under each gradient the method admits (exact through the guidance; detached, as
    the released evaluations; for MimicDiffusion, whose exact gradient is zero, the declared straight-through
-   surrogate and the released attack's unguided 5-step DDPM surrogate).
+   surrogate and the released attack's unguided 5-step DDPM surrogate; for AGDM, a reconstruction, exact and
+   detached guidance gradients).
 
 It writes ``report.md``, ``report.json`` (settings, seeds, timings, versions) and ``grid.png`` (rows: clean,
 PGD-adversarial, purified adversarial by each method; each with its predicted label) into the output folder.
@@ -30,15 +31,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
 from .attacks import DefendedClassifier, pgd_linf
 from .engine import purify
 from .eval import Accuracy, protocol_metrics
-from .eval.defenses import build_defense
+from .eval.defenses import build_defense, module_fingerprint
 from .eval.harness import EvalConfig, evaluate_batch
 from .info import info
+from .models.auxiliary import load_auxiliary
 
 __all__ = ["DemoConfig", "run_demo", "REPORT_FILES"]
 
@@ -74,9 +77,12 @@ class DemoConfig:
 # 16 images one over 64 digits), with fewer steps than released (GDMP one round of 36 levels, not 4; MimicDiffusion
 # 20 steps at stride 50 with guidance on steps 4..17, not 100 with 21..89). Clean defended accuracy with these
 # settings: 99% on the first 100 test digits for both (ptb, GDMP's budget in /255 units, follows the demo's eps).
+# AGDM: its t* = 0.07 with 10 respaced DDPM steps (not one per level), the shipped auxiliary network, the default
+# scale (ours; no value is published).
 GUIDED_SETTINGS = {
     "gdmp": dict(purify_step=36, max_iter=1, norm_batch=1200),
     "mimic": dict(steps=20, guidance_window=(4, 18), norm_batch=64),
+    "agdm": dict(steps=10),
 }
 # Adaptive attacks per guided method: (row key, purify keyword arguments of the gradient).
 GUIDED_ATTACKS = {
@@ -85,12 +91,15 @@ GUIDED_ATTACKS = {
     "mimic": (("exact", dict(grad_mode="full", guidance_grad="exact")),
               ("straight_through", dict(grad_mode="full", guidance_grad="straight_through")),
               ("released_surrogate", dict(grad_mode="surrogate", surrogate_steps=5))),
+    "agdm": (("exact", dict(grad_mode="full", guidance_grad="exact")),
+             ("detached_agdm", dict(grad_mode="full", guidance_grad="detached"))),
 }
 GUIDED_LABELS = {
     "exact": "exact gradients through the guidance",
     "detached": "guidance detached (the released evaluation's gradient)",
     "straight_through": "straight-through sign surrogate (declared)",
     "released_surrogate": "the released attack's unguided 5-step DDPM from t = 0.2",
+    "detached_agdm": "guidance detached (an attacker ignoring the guidance)",
 }
 
 
@@ -98,7 +107,13 @@ def _guided_kwargs(method: str, cfg: DemoConfig) -> dict:
     kw = dict(GUIDED_SETTINGS[method])
     if method == "gdmp":
         kw["ptb"] = cfg.eps * 255.0   # GDMP's scale formula takes the attack budget in /255 units
+    if method == "agdm":
+        kw["auxiliary"] = load_auxiliary("digits", cfg.device)
     return kw
+
+
+def _jsonable_settings(kw: dict) -> dict:
+    return {k: module_fingerprint(v) if isinstance(v, nn.Module) else v for k, v in kw.items()}
 
 
 def _predict(classifier, x: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -196,6 +211,12 @@ def _markdown(report: dict) -> str:
         lines += ["", "MimicDiffusion's exact input gradient is zero (its input enters only through a sign), and so "
                   "is the detached one: the exact-gradient attack sees no signal. That is gradient masking, not "
                   "robustness; the straight-through and surrogate rows are the informative ones."]
+    if r.get("guided", {}).get("agdm"):
+        lines += ["", "AGDM is a reconstruction (no code was published; diffpure_fast.methods.agdm says which parts "
+                  "are the paper's and which are our reading), guided by the shipped adversarially trained auxiliary "
+                  "network. The exact rows differentiate through the guidance (second order through the auxiliary "
+                  "network, and through its view of the attacked input); the detached rows treat the guidance as a "
+                  "constant."]
     steps = s["steps"] if s["steps"] is not None else "dt=1e-3"
     lines += ["", "Settings: " + ", ".join(f"{k}={v}" for k, v in s.items()), "",
               f"Purification: forward diffusion to t*={s['t_star']}, reverse VP-SDE by Euler–Maruyama ({steps} "
@@ -269,7 +290,7 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, overwrite: b
     for method in GUIDED_SETTINGS if ng else ():
         t0 = time.perf_counter()
         kw = dict(_guided_kwargs(method, cfg), method=method)
-        res = {"settings": kw,
+        res = {"settings": _jsonable_settings(kw),
                "clean_defended": acc(_predict(clf, _purify_all(x[:ng], model, cfg, seeds["purify_clean"],
                                                                f"{method} clean", progress, kw), cfg.batch_size),
                                      y[:ng]).as_dict()}

@@ -1,5 +1,5 @@
 """The public surface: ``purify`` and ``Purifier`` run any purification method (``diffpure_fast.methods``: DiffPure,
-GDMP, MimicDiffusion) on a batch, with the gradient mode the caller asks for.
+GDMP, MimicDiffusion, AGDM) on a batch, with the gradient mode the caller asks for.
 
 ``purify`` is side-effect free: it prints nothing, writes nothing, leaves torch's global RNG alone (all noise comes
 from the counter-based generator of ``diffpure_fast.noise`` or from the caller), and gives no gradient to the score
@@ -73,6 +73,7 @@ def _check_inputs(x, model, cfg: PurifyConfig, chain: Chain, forward_noise, incr
     dev = _model_device(model)
     if dev is not None and dev != x.device:
         raise ValueError(f"x: is on {x.device} but the model's parameters are on {dev}; move one of them")
+    cfg.method_impl.check_inputs(cfg.options, x)
     for name, t, shape in (("forward_noise", forward_noise, tuple(x.shape)),
                            ("increments", increments, (len(chain), *x.shape))):
         if t is None:
@@ -142,7 +143,9 @@ def purify(x: torch.Tensor, model: ScoreModel, *, method: str = "diffpure", seed
         model: a ``ScoreModel`` (``dpf.load_score_model(...)``, or ``dpf.EpsModel(net, time_input=...)``).
         method: ``"diffpure"`` (Nie et al. 2022: diffuse to t*, solve the reverse SDE), ``"gdmp"`` (Wang et al. 2022:
             guided DDPM rounds pulled toward the noised input), ``"mimic"`` (MimicDiffusion, Song et al. 2024: a
-            DDPM chain from pure noise with L1 guidance toward the input). See ``diffpure_fast.methods``.
+            DDPM chain from pure noise with L1 guidance toward the input), ``"agdm"`` (Lin et al. 2024: DDPM
+            steps guided by an adversarially trained auxiliary network; a reconstruction, no code was published).
+            See ``diffpure_fast.methods``.
         **options: the method's options (anything else is an error naming it):
             diffpure: ``t_star`` (0.1), ``dt`` (1e-3, Euler–Maruyama on torchsde's float32 grid), ``steps``
             (instead of dt: Euler steps over [1e-5, t*], or DDPM steps, default one per level), ``solver``
@@ -150,7 +153,12 @@ def purify(x: torch.Tensor, model: ScoreModel, *, method: str = "diffpure", seed
             gdmp: ``purify_step`` (36), ``max_iter`` (4), ``guide_mode`` ("mse" | "ssim"), ``guide_scale`` (60000),
             ``ptb`` (8), ``norm_batch`` (100), ``clip_x0`` (True);
             mimic: ``steps`` (100), ``guidance_window`` ((21, 90)), ``rho`` (3000), ``upsample`` (4),
-            ``norm_batch`` (16), ``eps_in_guidance`` (False), ``eta`` (1.0), ``st_beta`` (1.0).
+            ``norm_batch`` (16), ``eps_in_guidance`` (False), ``eta`` (1.0), ``st_beta`` (1.0);
+            agdm: ``auxiliary`` (required: the auxiliary network, e.g. ``dpf.load_auxiliary("digits")``),
+            ``t_star`` (0.07), ``steps`` (None: one DDPM step per level), ``scale`` (3000), ``scale_schedule``
+            ("constant" | "noise"), ``distance`` ("feature_mse" | "logit_mse" | "kl"), ``feature_layer`` (None),
+            ``aux_input`` ("x_t" | "x0_hat"), ``label`` ("adversarial" | "current" | "none"),
+            ``aux_value_range`` ((0, 1)). Defaults beyond t* are our reading (``diffpure_fast.methods.agdm``).
         seed, noise_ids: the engine's noise is a function of (seed, noise_ids[i], step, element): the same pair
             gives the same noise for a sample whatever batch it sits in. ``seed=None`` draws a fresh seed from the
             OS (not from torch's RNG); ``noise_ids`` (a 1-D integer list, tuple, NumPy array or tensor of B ids in

@@ -6,7 +6,19 @@ import platform
 
 import torch
 
-__all__ = ["info"]
+__all__ = ["cpu_model", "info"]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else ``platform.processor()``, else "unknown"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def info() -> dict:
@@ -22,6 +34,7 @@ def info() -> dict:
     return {
         "diffpure_fast": __version__,
         "python": platform.python_version(),
+        "cpu": cpu_model(),
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda_available": torch.cuda.is_available(),

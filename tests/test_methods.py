@@ -14,11 +14,11 @@ import torch.nn.functional as F
 
 import diffpure_fast as dpf
 from diffpure_fast import conformance
-from diffpure_fast.chain import Noise, start_state, step_terms
 from diffpure_fast.config import PurifyConfig
 from diffpure_fast.methods.gdmp import STREAM_GUIDANCE
 from diffpure_fast.noise import STREAM_FORWARD, STREAM_REVERSE, sample_noise
 from diffpure_fast.schedule import DIFFPURE_SCHEDULE
+from diffpure_fast.testing.chain_reference import autograd_chain
 from diffpure_fast.testing.nets import GaussianEps, tiny_score_model
 
 REL = {torch.float64: 1e-6, torch.float32: 1e-4}
@@ -152,24 +152,6 @@ def test_mimic_default_window_is_released_freedom_strategy():
     assert [k for k in range(100) if guidance.active(k)] == list(range(21, 90))
 
 
-def _autograd_chain(x, model, cfg: PurifyConfig, seed):
-    """Plain autograd (create_graph=True inside the guidance) through the same guided chain: the reference."""
-    chain = cfg.chain(x.dtype)
-    x_in = x * 2 - 1
-    noise = Noise(seed=seed, sample_ids=torch.arange(x.shape[0]))
-    y = x_in
-    for r, rnd in enumerate(chain.rounds):
-        xk = start_state(y, rnd, r, noise, x_in)
-        if not xk.requires_grad:  # a round that starts from noise
-            xk = xk.requires_grad_(True)
-        for j, step in enumerate(rnd.plan.steps):
-            k = rnd.first_step + j
-            eps, g = step_terms(model, chain.guidance, k, step, xk, x_in, noise, create_graph=True)
-            xk = noise.step(xk, eps, k, step, g)
-        y = xk
-    return (y + 1) / 2
-
-
 CASES = [("gdmp", "exact"), ("gdmp", "detached"), ("gdmp_ssim", "exact"), ("mimic", "straight_through"),
          ("mimic_eps", "straight_through")]
 
@@ -191,7 +173,7 @@ def test_full_matches_plain_autograd_through_guidance(key, guidance_grad, dtype)
     out = dpf.purify(xg, model, method=_method(key), seed=3, grad_mode="full", guidance_grad=guidance_grad, **opts)
     (g_full,) = torch.autograd.grad((out * w).sum(), xg)
     xa = x.clone().requires_grad_(True)
-    ref = _autograd_chain(xa, model, cfg, seed=3)
+    ref = autograd_chain(xa, model, cfg, seed=3)
     (g_auto,) = torch.autograd.grad((ref * w).sum(), xa)
     assert torch.allclose(out.detach(), ref.detach(), atol=1e-12 if dtype == torch.float64 else 1e-5)
     assert g_auto.abs().max() > 0
@@ -216,7 +198,7 @@ def test_grad_cache_steps_and_param_grads_through_guidance():
     # Parameter gradients against plain autograd through the same chain.
     model.zero_grad()
     cfg = PurifyConfig.build("gdmp", **SMALL["gdmp"])
-    (_autograd_chain(x, model, cfg, seed=1) * w).sum().backward()
+    (autograd_chain(x, model, cfg, seed=1) * w).sum().backward()
     assert all(rel_err(a, p.grad) <= 1e-6 for a, p in zip(grads[0][1], model.parameters()))
 
 

@@ -2,7 +2,8 @@
 
 Specs (``load_classifier_spec``): ``digits`` (the embedded CNN); a TorchScript file (``.pt``/``.ts``/``.pth``
 saved by ``torch.jit.save``); ``package.module:function`` (called with no arguments, returning an ``nn.Module``).
-An ``nn.Module`` is used as it is.
+An ``nn.Module`` is used as it is. AGDM's auxiliary networks (``load_auxiliary_spec``) come from the same specs,
+``digits`` being the shipped adversarially trained auxiliary network.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["load_classifier_spec"]
+__all__ = ["load_auxiliary_spec", "load_classifier_spec"]
 
 
 def _freeze(m: nn.Module) -> nn.Module:
@@ -23,22 +24,22 @@ def _freeze(m: nn.Module) -> nn.Module:
     return m
 
 
-def load_classifier_spec(spec, device="cpu") -> nn.Module:
+def _load_module_spec(spec, device, what: str, load_digits) -> nn.Module:
+    """An nn.Module from ``spec``: a module, ``"digits"`` (``load_digits(device)``), a TorchScript file or
+    ``module:function``; frozen, in eval mode. Errors name ``what`` (the argument)."""
     if isinstance(spec, nn.Module):
         return _freeze(spec.to(device))
     if not isinstance(spec, (str, Path)):
-        raise TypeError(f"classifier: expected an nn.Module or a spec string, got {type(spec).__name__}")
+        raise TypeError(f"{what}: expected an nn.Module or a spec string, got {type(spec).__name__}")
     spec = str(spec)
     if spec == "digits":
-        from ..models.digits import load_digits_classifier
-
-        return _freeze(load_digits_classifier(torch.device(device)))
+        return _freeze(load_digits(torch.device(device)))
     path = Path(spec)
     if path.is_file():
         try:
             m = torch.jit.load(str(path), map_location=device)
         except RuntimeError as e:
-            raise ValueError(f"classifier: {spec} is not a TorchScript file ({str(e).splitlines()[0]}); save one "
+            raise ValueError(f"{what}: {spec} is not a TorchScript file ({str(e).splitlines()[0]}); save one "
                              f"with torch.jit.save, or pass module:function") from None
         return _freeze(m)
     if ":" in spec and not path.exists():
@@ -46,12 +47,26 @@ def load_classifier_spec(spec, device="cpu") -> nn.Module:
         try:
             mod = importlib.import_module(mod_name)
         except ImportError as e:
-            raise ValueError(f"classifier: cannot import module {mod_name!r} ({e})") from None
+            raise ValueError(f"{what}: cannot import module {mod_name!r} ({e})") from None
         fn = getattr(mod, fn_name, None)
         if not callable(fn):
-            raise ValueError(f"classifier: {mod_name!r} has no callable {fn_name!r}")
+            raise ValueError(f"{what}: {mod_name!r} has no callable {fn_name!r}")
         m = fn()
         if not isinstance(m, nn.Module):
-            raise TypeError(f"classifier: {spec}() returned a {type(m).__name__}, expected an nn.Module")
+            raise TypeError(f"{what}: {spec}() returned a {type(m).__name__}, expected an nn.Module")
         return _freeze(m.to(device))
-    raise FileNotFoundError(f"classifier: {spec!r} is neither 'digits', a TorchScript file nor module:function")
+    raise FileNotFoundError(f"{what}: {spec!r} is neither 'digits', a TorchScript file nor module:function")
+
+
+def load_classifier_spec(spec, device="cpu") -> nn.Module:
+    """The classifier an evaluation attacks (inputs in [0, 1], logits out)."""
+    from ..models.digits import load_digits_classifier
+
+    return _load_module_spec(spec, device, "classifier", load_digits_classifier)
+
+
+def load_auxiliary_spec(spec, device="cpu") -> nn.Module:
+    """AGDM's auxiliary network (``dpf.load_auxiliary`` for ``"digits"``): returns (features, logits)."""
+    from ..models.auxiliary import load_auxiliary
+
+    return _load_module_spec(spec, device, "auxiliary", lambda dev: load_auxiliary("digits", dev))

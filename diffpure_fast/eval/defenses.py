@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields, is_dataclass
+import hashlib
+from dataclasses import fields, is_dataclass
+
+from torch import nn
 
 from ..engine import METHODS, Purifier
 
@@ -21,6 +24,25 @@ def build_defense(model, *, method: str = "diffpure", grad_mode: str = "full", *
     return Purifier(model, method=method, grad_mode=grad_mode, **options)
 
 
+def module_fingerprint(module: nn.Module) -> str:
+    """``ClassName@sha256[:12]`` of a module's state (names, shapes, values): a record made with other weights
+    is told apart when an evaluation resumes."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return f"{type(module).__name__}@{h.hexdigest()[:12]}"
+
+
+def _jsonable(v):
+    if isinstance(v, nn.Module):
+        return module_fingerprint(v)
+    if isinstance(v, (int, float, str, bool, type(None))):
+        return v
+    return list(v) if isinstance(v, tuple) else repr(v)
+
+
 def describe_defense(defense) -> dict:
     """JSON-able description of a defense (every option that decides its output)."""
     if defense is None:
@@ -30,9 +52,7 @@ def describe_defense(defense) -> dict:
     if is_dataclass(config):  # its fields only: private caches are not part of what decides the output
         for k in (f.name for f in fields(config)):
             v = getattr(config, k)
-            if k == "options":
-                v = asdict(v)
-            out[k] = v if isinstance(v, (int, float, str, bool, type(None), dict)) else (
-                list(v) if isinstance(v, tuple) else repr(v))
+            out[k] = ({f.name: _jsonable(getattr(v, f.name)) for f in fields(v)} if k == "options"
+                      else _jsonable(v))
     out.setdefault("method", "diffpure")
     return out

@@ -21,7 +21,8 @@ _GRAD_MODES = {"full": "exact gradient of the discrete solve (discrete adjoint, 
                "surrogate": "exact gradient of a shorter DDPM surrogate chain (grad_mode='surrogate')",
                "classifier only": "the undefended classifier's own gradient (no purifier)"}
 _GUIDANCE_GRADS = {"exact": "exact through the guidance (second order where the guidance is a gradient)",
-                   "detached": "guidance detached, treated as a constant (the released evaluations' gradient)",
+                   "detached": "guidance detached, treated as a constant (the gradient of GDMP's and MimicDiffusion's "
+                               "released evaluations)",
                    "straight_through": "guidance's sign given a smooth-L1 derivative in the backward pass only "
                                        "(a declared surrogate)"}
 

@@ -1,11 +1,12 @@
 """Purification methods, registered by name: each states its start, plan, guidance and defaults."""
 
+from .agdm import AGDM, AGDMOptions
 from .base import GUIDANCE_GRADS, Method, MethodOptions
 from .diffpure import DiffPure, DiffPureOptions
 from .gdmp import GDMP, GDMPOptions
 from .mimic import Mimic, MimicOptions
 
-METHODS: dict[str, Method] = {m.name: m for m in (DiffPure(), GDMP(), Mimic())}
+METHODS: dict[str, Method] = {m.name: m for m in (DiffPure(), GDMP(), Mimic(), AGDM())}
 
 
 def get_method(name) -> Method:
@@ -14,5 +15,5 @@ def get_method(name) -> Method:
     return METHODS[name]
 
 
-__all__ = ["GDMP", "GUIDANCE_GRADS", "METHODS", "DiffPure", "DiffPureOptions", "GDMPOptions", "Method",
-           "MethodOptions", "Mimic", "MimicOptions", "get_method"]
+__all__ = ["AGDM", "AGDMOptions", "GDMP", "GUIDANCE_GRADS", "METHODS", "DiffPure", "DiffPureOptions", "GDMPOptions",
+           "Method", "MethodOptions", "Mimic", "MimicOptions", "get_method"]

@@ -83,6 +83,10 @@ class Method:
         """The diffusion time the surrogate gradient chain (grad_mode="surrogate") starts from."""
         raise NotImplementedError
 
+    def check_inputs(self, opts, x: torch.Tensor) -> None:
+        """Method-specific checks of an input batch x (B, C, H, W) against the options (e.g. an auxiliary network's
+        device and input shape); errors name the option. Nothing by default."""
+
     def describe(self, opts) -> str:
         return ", ".join(f"{k}={getattr(opts, k)!r}" for k in opts.names())
 

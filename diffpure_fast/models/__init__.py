@@ -1,9 +1,11 @@
 """Score networks and the one interface the engine calls (``ScoreModel.eps``)."""
 
 from .adm import UNetModel, create_adm_model
+from .auxiliary import AuxiliaryCNN, auxiliary_outputs, load_auxiliary
 from .base import TIME_INPUTS, EpsModel, ScoreModel, as_score_model
 from .loading import build_network, load_classifier, load_score_model
 from .ncsnpp import NCSNpp
 
-__all__ = ["TIME_INPUTS", "EpsModel", "NCSNpp", "ScoreModel", "UNetModel", "as_score_model", "build_network",
-           "create_adm_model", "load_classifier", "load_score_model"]
+__all__ = ["TIME_INPUTS", "AuxiliaryCNN", "EpsModel", "NCSNpp", "ScoreModel", "UNetModel", "as_score_model",
+           "auxiliary_outputs", "build_network", "create_adm_model", "load_auxiliary", "load_classifier",
+           "load_score_model"]

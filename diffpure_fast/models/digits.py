@@ -91,13 +91,15 @@ def save_weights(module: nn.Module, path: str | Path, config: dict[str, Any], *,
     return path
 
 
-def read_weights(path: str | Path, *, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
-    """(state dict in float32, architecture config, raw metadata) of a shipped weight file."""
+def read_weights(path: str | Path, *, kind: str, hint: str = _TRAIN_HINT
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
+    """(state dict in float32, architecture config, raw metadata) of a shipped weight file; ``hint`` says how to
+    make a missing one."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"digits {kind} weights not found at {path}; {_TRAIN_HINT}")
+        raise FileNotFoundError(f"digits {kind} weights not found at {path}; {hint}")
     tensors = {}
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -109,7 +111,7 @@ def read_weights(path: str | Path, *, kind: str) -> tuple[dict[str, torch.Tensor
                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     if metadata.get("kind") != kind or "config" not in metadata:
         raise ValueError(f"{path}: not a digits {kind} weight file (metadata kind={metadata.get('kind')!r}); "
-                         f"{_TRAIN_HINT}")
+                         f"{hint}")
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}
     return state, json.loads(metadata["config"]), metadata
 

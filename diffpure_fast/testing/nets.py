@@ -9,7 +9,7 @@ from torch import nn
 
 from ..models.base import EpsModel
 
-__all__ = ["GaussianEps", "TinyEpsNet", "tiny_score_model"]
+__all__ = ["GaussianEps", "TinyAuxNet", "TinyEpsNet", "tiny_score_model"]
 
 
 class TinyEpsNet(nn.Module):
@@ -35,6 +35,26 @@ class TinyEpsNet(nn.Module):
 
 def tiny_score_model(channels: int = 3, hidden: int = 16, seed: int = 0, dtype=torch.float32) -> EpsModel:
     return EpsModel(TinyEpsNet(channels, hidden, seed).to(dtype).eval(), time_input="continuous")
+
+
+class TinyAuxNet(nn.Module):
+    """A smooth auxiliary network for AGDM tests: conv-tanh, linear-tanh (the features), linear (the logits).
+
+    Input (B, channels, H, W) with H * W = ``pixels``; output (features (B, features), logits (B, classes))."""
+
+    def __init__(self, channels: int = 3, pixels: int = 20, features: int = 6, classes: int = 5, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv = nn.Conv2d(channels, 4, 3, padding=1)
+        self.feat = nn.Linear(4 * pixels, features)
+        self.head = nn.Linear(features, classes)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * (1.5 / math.sqrt(max(1, p[0].numel()))))
+
+    def forward(self, x):
+        f = torch.tanh(self.feat(torch.tanh(self.conv(x)).flatten(1)))
+        return f, self.head(f)
 
 
 class GaussianEps(nn.Module):
