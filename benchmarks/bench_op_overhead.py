@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -146,13 +147,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    command = "python " + " ".join([os.path.relpath(__file__, ROOT), *(argv if argv is not None else sys.argv[1:])])
+    command = "python " + shlex.join([os.path.relpath(__file__, ROOT), *(argv if argv is not None else sys.argv[1:])])
     lines = ["# Fused-step op overhead, cpu", "", header(command)]
     if args.note:
         lines += [f"**{args.note}**", ""]
 
     lines += [f"## (1) First call of a fresh process (sde_step philox, {'x'.join(map(str, FIRST_CALL_SHAPE))} "
-              f"float32; median of {args.processes} processes)", "",
+              f"float32; median of {args.processes} processes, torch's default threads)", "",
               "| implementation | import torch (ms) | import diffpure_fast (ms) | first call (ms) | first call, worst "
               "(ms) | second call (ms) | first - second (ms) | torch._dynamo imported | target < 50 ms |",
               "|---|---:|---:|---:|---:|---:|---:|---|---|"]
