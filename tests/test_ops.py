@@ -481,6 +481,25 @@ def test_public_sde_step_gradients(noise_from):
     assert torch.equal(gx, grad_out * a) and torch.equal(ge, grad_out * b)
 
 
+def test_public_op_under_torch_compile():
+    """torch.compile traces ops.sde_step in one graph (the ops' fake kernels, registered from Python for the C++
+    schemas) and its output and gradient are eager's, with a channels_last input."""
+    x, eps, _, ids = _inputs((2, 3, 6, 5), torch.float32, "cpu")
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+
+    def two_steps(x):
+        y = sde_step(x, eps, *COEFFS, seed=SEED, sample_ids=ids, step=1)
+        return sde_step(y, eps, *COEFFS, z=y, guide=x)
+
+    expected = two_steps(x)
+    out = torch.compile(two_steps, backend="aot_eager", fullgraph=True)(x)
+    assert torch.equal(out, expected) and out.is_contiguous()
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    (expected_grad,) = torch.autograd.grad(expected, x, grad_out)
+    assert torch.equal(grad, expected_grad)
+
+
 def test_default_dispatch(forced):
     forced(None)
     expected = "cpp" if _dispatch.available("cpp") else "reference"
