@@ -1,12 +1,15 @@
-// diffpure_fast_C: the op schemas and their CPU kernels.
+// diffpure_fast: the op schemas and their CPU kernels (the extension-cpp pattern).
 //
 // sde_step_z       x_next = a*x + b*eps + c*z [+ guide]            (z given)
 // sde_step_philox  x_next = a*x + b*eps + c*z(counter) [+ guide]   (z generated from diffpure_fast.noise's counter)
 //
 // guide: an optional additive term (guided purification), summed last; see step_value_g in sde_step.h.
 //
-// The CUDA kernels register against the same schemas in cuda/sde_step.cu. Python reaches both through
-// torch.ops.diffpure_fast_C (diffpure_fast/ops/_ext.py); the public ops live in diffpure_fast/ops/_library.py.
+// Registered here: the schemas (TORCH_LIBRARY) and the CPU kernels (TORCH_LIBRARY_IMPL). cuda/sde_step.cu adds the
+// CUDA kernels against the same schemas. The fake (meta) and autograd formulas, and the Python kernels that stand
+// in for missing C++ ones (the torch reference, Triton), are registered from Python in diffpure_fast/ops/_library.py,
+// which also holds the same schema strings for a process without this extension (a test checks that they agree).
+// Python calls torch.ops.diffpure_fast.<op>: the dispatcher picks the kernel, no Python wrapper in between.
 #include <Python.h>
 
 #include <ATen/Dispatch.h>
@@ -139,9 +142,9 @@ at::Tensor sde_step_philox_cpu(const at::Tensor& x, const at::Tensor& eps, doubl
   at::Tensor out = at::empty_like(xc, xc.options(), at::MemoryFormat::Contiguous);
   const int64_t batch = x.size(0);
   const int64_t* idp = ids.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < batch; ++i) {
-    TORCH_CHECK(idp[i] >= 0 && idp[i] <= int64_t{0xFFFFFFFF}, "sde_step: sample_ids must be in [0, 2^32), got ",
-                idp[i]);
+  if (batch > 0) {
+    const auto [lo, hi] = std::minmax_element(idp, idp + batch);
+    check_sample_id_range(*lo, *hi);
   }
   const int64_t n_quads = (n + 3) / 4;
   if (batch == 0 || n == 0) {
@@ -179,44 +182,21 @@ at::Tensor sde_step_philox_cpu(const at::Tensor& x, const at::Tensor& eps, doubl
   return out;
 }
 
-// Meta kernels: the input checks and the output's shape only. They also make a device mismatch (one meta tensor
-// among CPU ones dispatches here) raise the checks' error naming the argument.
-at::Tensor sde_step_z_meta(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& z, double, double, double,
-                           const std::optional<at::Tensor>& guide) {
-  check_x(x);
-  check_like(x, eps, "eps");
-  check_like(x, z, "z");
-  check_guide(x, guide);
-  return at::empty_like(x, x.options(), at::MemoryFormat::Contiguous);
-}
-
-at::Tensor sde_step_philox_meta(const at::Tensor& x, const at::Tensor& eps, double, double, double, int64_t seed,
-                                const at::Tensor& sample_ids, int64_t, int64_t,
-                                const std::optional<at::Tensor>& guide) {
-  check_x(x);
-  check_like(x, eps, "eps");
-  check_guide(x, guide);
-  check_philox_args(x, seed, sample_ids);
-  return at::empty_like(x, x.options(), at::MemoryFormat::Contiguous);
-}
-
 }  // namespace
 
-TORCH_LIBRARY(diffpure_fast_C, m) {
+TORCH_LIBRARY(diffpure_fast, m) {
+  // The fake kernels are registered from this Python module: torch imports it when a fake tensor meets the op
+  // before the package was imported (and checks that register_fake is called from there).
+  m.set_python_module("diffpure_fast.ops._library");
   m.def("sde_step_z(Tensor x, Tensor eps, Tensor z, float a, float b, float c, Tensor? guide=None) -> Tensor");
   m.def(
       "sde_step_philox(Tensor x, Tensor eps, float a, float b, float c, int seed, Tensor sample_ids, int step, "
       "int stream, Tensor? guide=None) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(diffpure_fast_C, CPU, m) {
+TORCH_LIBRARY_IMPL(diffpure_fast, CPU, m) {
   m.impl("sde_step_z", &sde_step_z_cpu);
   m.impl("sde_step_philox", &sde_step_philox_cpu);
-}
-
-TORCH_LIBRARY_IMPL(diffpure_fast_C, Meta, m) {
-  m.impl("sde_step_z", &sde_step_z_meta);
-  m.impl("sde_step_philox", &sde_step_philox_meta);
 }
 
 }  // namespace diffpure_fast

@@ -1,12 +1,15 @@
 // Input checks and the per-element arithmetic shared by the CPU (diffpure_fast.cpp) and CUDA (cuda/sde_step.cu)
-// kernels of diffpure_fast_C::sde_step_z and diffpure_fast_C::sde_step_philox.
+// kernels of diffpure_fast::sde_step_z and diffpure_fast::sde_step_philox.
 #pragma once
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <sstream>
+#include <string>
 
 #include "philox.h"
 
@@ -49,13 +52,33 @@ DIFFPURE_HD scalar_t step_value_g(scalar_t x, scalar_t eps, scalar_t z, scalar_t
   }
 }
 
+// The Python spelling of a tensor's shape, dtype and device -- "(2, 3, 4, 4), torch.float32, cpu" -- so that an
+// error reads the same whichever implementation raised it (the Python kernels' checks in diffpure_fast/ops/_library.py
+// print these with tuple(t.shape), t.dtype, t.device).
+inline std::string py_shape(at::IntArrayRef sizes) {
+  std::ostringstream s;
+  s << "(";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    s << (i ? ", " : "") << sizes[i];
+  }
+  s << (sizes.size() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+inline std::string py_dtype(at::ScalarType dtype) {
+  return "torch." + std::string(c10::getDtypeNames(dtype).first);
+}
+
+inline std::string py_describe(const at::Tensor& t) {
+  return py_shape(t.sizes()) + ", " + py_dtype(t.scalar_type()) + ", " + t.device().str();
+}
+
+// The checks raise ValueError (TORCH_CHECK_VALUE) with the messages of the Python kernels' checks, in the same order:
+// one error, naming the argument, for every implementation.
 inline void check_like(const at::Tensor& x, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.sizes() == x.sizes(), "sde_step: ", name, " must have the shape of x, got ", t.sizes(), " and ",
-              x.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "sde_step: ", name, " must have the dtype of x, got ",
-              t.scalar_type(), " and ", x.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), "sde_step: ", name, " must be on the device of x, got ", t.device(),
-              " and ", x.device());
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type() && t.device() == x.device(),
+                    "sde_step: ", name, " must have the shape, dtype and device of x ", py_describe(x), "; got ",
+                    py_describe(t));
 }
 
 // An optional guide, when given, must be like x; returns whether it was given.
@@ -68,24 +91,31 @@ inline bool check_guide(const at::Tensor& x, const std::optional<at::Tensor>& gu
 }
 
 inline void check_x(const at::Tensor& x) {
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "sde_step: x must be a floating tensor, got ",
-              x.scalar_type());
-  TORCH_CHECK(x.dim() >= 1, "sde_step: x must be (B, ...), got a 0-dim tensor");
+  TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()), "sde_step: x must be a floating tensor, got ",
+                    py_dtype(x.scalar_type()));
+  TORCH_CHECK_VALUE(x.dim() >= 1, "sde_step: x must be (B, ...), got a 0-dim tensor");
 }
 
-// Checks the philox-only arguments; returns the number of elements per sample.
+// Checks the philox-only arguments but the ids' values (check_sample_id_range); returns the elements per sample.
 inline int64_t check_philox_args(const at::Tensor& x, int64_t seed, const at::Tensor& sample_ids) {
-  TORCH_CHECK(seed >= 0, "sde_step: seed must be in [0, 2^63), got ", seed);
-  TORCH_CHECK(sample_ids.scalar_type() == at::kLong, "sde_step: sample_ids must be int64, got ",
-              sample_ids.scalar_type());
-  TORCH_CHECK(sample_ids.dim() == 1 && sample_ids.size(0) == x.size(0),
-              "sde_step: sample_ids must be (B,) with B = x.size(0) = ", x.size(0), ", got ", sample_ids.sizes());
-  TORCH_CHECK(sample_ids.device() == x.device(), "sde_step: sample_ids must be on the device of x, got ",
-              sample_ids.device(), " and ", x.device());
+  TORCH_CHECK_VALUE(seed >= 0, "sde_step: seed must be in [0, 2^63), got ", seed);
+  TORCH_CHECK_VALUE(sample_ids.dim() == 1 && sample_ids.size(0) == x.size(0) &&
+                        sample_ids.scalar_type() == at::kLong && sample_ids.device() == x.device(),
+                    "sde_step: sample_ids must be (", x.size(0), ",) int64 on x's device ", x.device().str(),
+                    "; got ", py_shape(sample_ids.sizes()), " ", py_dtype(sample_ids.scalar_type()), " on ",
+                    sample_ids.device().str());
   const int64_t per_sample = x.size(0) ? x.numel() / x.size(0) : 0;
-  TORCH_CHECK(per_sample <= kMaxElementsPerSample, "sde_step: at most 2^34 elements per sample, got ",
-              per_sample);
+  TORCH_CHECK_VALUE(per_sample <= kMaxElementsPerSample, "sde_step: at most 2^34 elements per sample, got ",
+                    per_sample);
   return per_sample;
+}
+
+// The ids fill a 32-bit word of the noise counter: a larger or negative id would wrap (the kernels) or give
+// non-finite noise (the reference), so every implementation rejects it. lo, hi: the smallest and largest id.
+inline void check_sample_id_range(int64_t lo, int64_t hi) {
+  TORCH_CHECK_VALUE(lo >= 0 && hi <= int64_t{0xFFFFFFFF},
+                    "sde_step: sample_ids must be in [0, 2^32) (they fill a 32-bit word of the noise counter); "
+                    "got values in [", lo, ", ", hi, "]");
 }
 
 }  // namespace diffpure_fast

@@ -1,4 +1,4 @@
-// CUDA kernels of diffpure_fast_C::sde_step_z and diffpure_fast_C::sde_step_philox (schemas in diffpure_fast.cpp).
+// CUDA kernels of diffpure_fast::sde_step_z and diffpure_fast::sde_step_philox (schemas in diffpure_fast.cpp).
 //
 // Both are streaming elementwise kernels: 3 (z given: 4; a guide adds one) tensors touched once, so the target is
 // DRAM bandwidth. kGuide instantiates the guided step (+ guide, summed last, see sde_step.h); without it the guide
@@ -7,8 +7,11 @@
 // them with one 16-byte load/store per tensor for float32 (two for float64) when the data is 16-byte aligned.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/stack.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
@@ -213,15 +216,22 @@ at::Tensor sde_step_philox_cuda(const at::Tensor& x, const at::Tensor& eps, doub
   const bool guided = check_guide(x, guide);
   const int64_t n = check_philox_args(x, seed, sample_ids);
   TORCH_INTERNAL_ASSERT(x.device().is_cuda());
-  // sample_ids are range-checked once, in the Python op (diffpure_fast/ops/_library.py), not here: a direct call of
-  // diffpure_fast_C::sde_step_philox with values >= 2^32 wraps them.
   const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t batch = x.size(0);
+  // The ids' range: one reduction and one device-to-host copy, i.e. a synchronisation per step -- the tens of
+  // microseconds the host then needs to queue the next kernels, against milliseconds per evaluation of a score
+  // network. Skipped while a CUDA graph is captured, where a synchronisation is not allowed (the Python kernels in
+  // diffpure_fast/ops/_library.py follow the same rule).
+  if (batch > 0 && c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
+    const auto [lo, hi] = at::aminmax(sample_ids);
+    const at::Tensor bounds = at::stack({lo, hi}).cpu();
+    check_sample_id_range(bounds[0].item<int64_t>(), bounds[1].item<int64_t>());
+  }
   const at::Tensor xc = x.contiguous();
   const at::Tensor ec = eps.contiguous();
   const at::Tensor ids = sample_ids.contiguous();
   const at::Tensor gc = guided ? guide->contiguous() : at::Tensor();
   at::Tensor out = at::empty_like(xc, xc.options(), at::MemoryFormat::Contiguous);
-  const int64_t batch = x.size(0);
   if (batch == 0 || n == 0) {
     return out;
   }
@@ -251,7 +261,7 @@ at::Tensor sde_step_philox_cuda(const at::Tensor& x, const at::Tensor& eps, doub
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(diffpure_fast_C, CUDA, m) {
+TORCH_LIBRARY_IMPL(diffpure_fast, CUDA, m) {
   m.impl("sde_step_z", &sde_step_z_cuda);
   m.impl("sde_step_philox", &sde_step_philox_cuda);
 }

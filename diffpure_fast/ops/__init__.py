@@ -1,15 +1,15 @@
-"""Fused kernels behind one public function; see ``_library`` for the op declarations and ``_dispatch`` for the
-predicate that picks an implementation."""
+"""Fused kernels behind one public function, ``sde_step``, which calls the ops ``torch.ops.diffpure_fast.*``
+directly: the dispatcher picks the kernel (see ``_library`` for what is registered where, ``_dispatch`` for
+``force_impl`` and the ``DIFFPURE_FAST_IMPL`` override)."""
 
 from __future__ import annotations
 
 import torch
 
 from ..noise import STREAM_REVERSE, check_seed
-from . import _library
-from ._dispatch import IMPL_ENV, IMPLS, available, default_impl_name
+from ._dispatch import IMPL_ENV, IMPLS, available, default_impl_name, force_impl, forced_impl
 
-__all__ = ["IMPLS", "IMPL_ENV", "available", "default_impl_name", "sde_step"]
+__all__ = ["IMPLS", "IMPL_ENV", "available", "default_impl_name", "force_impl", "forced_impl", "sde_step"]
 
 
 def sde_step(x: torch.Tensor, eps: torch.Tensor, a: float, b: float, c: float, *, z: torch.Tensor | None = None,
@@ -24,9 +24,9 @@ def sde_step(x: torch.Tensor, eps: torch.Tensor, a: float, b: float, c: float, *
     incoming one.
     """
     if z is not None:
-        return _library.sde_step_z(x, eps, z, float(a), float(b), float(c), guide)
+        return torch.ops.diffpure_fast.sde_step_z.default(x, eps, z, float(a), float(b), float(c), guide)
     if seed is None or sample_ids is None:
         raise ValueError("sde_step: give either z, or both seed and sample_ids")
     check_seed(seed)
-    return _library.sde_step_philox(x, eps, float(a), float(b), float(c), seed, sample_ids.to(torch.int64), step,
-                                    stream, guide)
+    return torch.ops.diffpure_fast.sde_step_philox.default(x, eps, float(a), float(b), float(c), seed,
+                                                           sample_ids.to(torch.int64), step, stream, guide)

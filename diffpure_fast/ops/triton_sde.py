@@ -211,7 +211,7 @@ def sde_step_philox(x: torch.Tensor, eps: torch.Tensor, a: float, b: float, c: f
     if sample_ids.shape != (x.shape[0],) or sample_ids.dtype != torch.int64 or sample_ids.device != x.device:
         raise ValueError(f"sample_ids: expected ({x.shape[0]},) int64 on {x.device}, got {tuple(sample_ids.shape)} "
                          f"{sample_ids.dtype} on {sample_ids.device}")
-    # The ids' values are range-checked once, by the public op (_library); here ids >= 2^32 would wrap.
+    # The ids' values are range-checked by the kernel _library registers around this one; here ids >= 2^32 would wrap.
     xc, ec, ids = x.contiguous(), eps.contiguous(), sample_ids.contiguous()
     gc = xc if guide is None else guide.contiguous()
     out = torch.empty_like(xc)
