@@ -168,7 +168,8 @@ def main(argv=None) -> None:
     loads = [float(r["load_1min"]) for r in rows]
     command = "python benchmarks/bench_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [f"# Purification scaling ({dev.type})", "", header(command),
-             f"Network: {args.net}; t* = {T_STAR}, dt = t* / steps (Euler–Maruyama), float32; load average (1 min) "
+             f"Network: {args.net}; t* = {T_STAR}, dt = t* / steps (Euler–Maruyama), float32; measuring processes' "
+             f"torch threads: {args.threads or 'torch default'}; load average (1 min) "
              f"during the runs {min(loads):.2f}-{max(loads):.2f} (timings on a loaded machine are noisy). Plots: "
              "`python benchmarks/plot_results.py`.", "",
              "| sweep | grad_mode | batch | steps | s / purification | s / image | peak extra (MiB) |",

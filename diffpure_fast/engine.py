@@ -195,8 +195,9 @@ def purify(x: torch.Tensor, model: ScoreModel, *, method: str = "diffpure", seed
             grad (off by default: attacks need d/dx only, and parameter VJPs cost time).
         cuda_graph: replay the chain from CUDA graphs captured once per (chain, shape, dtype, device, seed, model),
             see ``diffpure_fast.cuda_graphs``: CUDA tensors, an int ``seed`` (captured), unguided chains (method
-            "diffpure"), ``grad_mode`` "none", "bpda", "full" or "surrogate", no caller-given noise. The output
-            equals the eager one bit for bit on the same device and fused-step implementation.
+            "diffpure"), ``grad_mode`` "none", "bpda", "full" or "surrogate", no caller-given noise. The replay
+            runs the eager path's kernels with the same arguments, so outputs equal the eager ones on the same
+            device and fused-step implementation (the cuda-marked tests check it bit for bit).
         autocast: ``"bf16"`` or ``"fp16"`` runs the score network under ``torch.autocast`` in that precision, its
             eps cast back to x's dtype before the fused step (the state, noise and gradients' accumulation stay in
             x's dtype); ``None`` (default) runs it in the model's own precision.

@@ -4,7 +4,6 @@ on CPU), one scaling point, the plots, and that plain pytest never collects the 
 import csv
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,8 @@ from benchmarks import bench_gpu, bench_scaling, plot_results  # noqa: E402
 
 
 def test_plain_pytest_does_not_collect_the_benchmark_suite():
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
-    assert config["testpaths"] == ["tests"]
+    # (tomllib is Python 3.11+; the package supports 3.9)
+    assert 'testpaths = ["tests"]' in (ROOT / "pyproject.toml").read_text()
     assert (ROOT / "benchmarks" / "test_bench_suite.py").exists()
 
 

@@ -272,7 +272,9 @@ def test_cuda_graph_gradients_match_eager(exact_cuda, grad_mode):
                          cuda_graph=cuda_graph)
         results.append((out.detach(), torch.autograd.grad((out * w).sum(), xg)[0]))
     for out, grad in results[1:]:
-        assert torch.equal(out, results[0][0]) and torch.equal(grad, results[0][1])
+        assert torch.equal(out, results[0][0])
+        # Not bitwise: cuDNN/cuBLAS backward kernels may accumulate in a different order from one call to the next.
+        torch.testing.assert_close(grad, results[0][1], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.cuda
