@@ -15,7 +15,7 @@ SOURCES := setup.py pyproject.toml requirements-dev.txt diffpure_fast/_build.py 
 GPUS   := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
 CUDA_BUILD := $(if $(filter-out 0,$(GPUS)),FORCE_CUDA=1,)
 
-.PHONY: install build demo test lint cpp-test cuda-check pytest bench clean
+.PHONY: install build demo test lint cpp-test cuda-check pytest bench bench-suite bench-scaling bench-gpu plots clean
 
 install: $(STAMP)
 
@@ -49,6 +49,25 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_purify.py
 	$(PY) benchmarks/bench_grad.py
 	$(PY) benchmarks/bench_networks.py
+	$(PY) benchmarks/bench_scaling.py
+	$(PY) benchmarks/plot_results.py
+
+# The micro-benchmarks under pytest-benchmark (plain `pytest` never collects benchmarks/: testpaths is tests).
+BENCH_DEV := $(if $(filter-out 0,$(GPUS)),cuda,cpu)
+bench-suite: $(STAMP)
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/micro_$(BENCH_DEV).json
+
+bench-scaling: $(STAMP)
+	$(PY) benchmarks/bench_scaling.py
+	$(PY) benchmarks/plot_results.py
+
+# Needs a CUDA GPU (exits with a message without one).
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/bench_gpu.py
+	$(PY) benchmarks/plot_results.py
+
+plots: $(STAMP)
+	$(PY) benchmarks/plot_results.py
 
 clean:
 	rm -rf build $(VENV) *.egg-info diffpure_fast/_C*.so out

@@ -18,9 +18,16 @@ from .methods.base import check_int, ddpm_surrogate_chain
 from .schedule import DIFFPURE_SCHEDULE, VPSchedule
 from .solvers import Plan
 
-__all__ = ["GRAD_MODES", "GUIDANCE_GRADS", "PurifyConfig"]
+__all__ = ["AUTOCAST_MODES", "CUDA_GRAPH_GRAD_MODES", "GRAD_MODES", "GUIDANCE_GRADS", "PurifyConfig"]
 
 GRAD_MODES = ("none", "full", "adjoint", "bpda", "surrogate")
+# Reduced-precision autocast of the score network (the solver state stays in the input's dtype): see
+# diffpure_fast.models.base.AutocastModel.
+AUTOCAST_MODES = (None, "bf16", "fp16")
+# The gradient modes a CUDA graph serves (diffpure_fast.cuda_graphs): "none"/"bpda" replay the captured chain,
+# "full"/"surrogate" replay a captured forward and one captured per-step VJP. "adjoint" re-solves the state backward
+# with Brownian bridges drawn on the host side, step by step: not captured.
+CUDA_GRAPH_GRAD_MODES = ("none", "bpda", "full", "surrogate")
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,8 @@ class PurifyConfig:
     grad_cache_steps: int = 0
     param_grads: bool = False
     schedule: VPSchedule = DIFFPURE_SCHEDULE
+    cuda_graph: bool = False
+    autocast: str | None = None
 
     @classmethod
     def build(cls, method: str = "diffpure", **kwargs) -> PurifyConfig:
@@ -73,10 +82,34 @@ class PurifyConfig:
                 m.has_continuous_adjoint and self.options.solver == "euler" and self.options.steps is None):
             raise ValueError("grad_mode: 'adjoint' is torchsde's adjoint of DiffPure's Euler–Maruyama solve; it needs "
                              "method='diffpure', solver='euler' with dt (not steps)")
+        if self.autocast not in AUTOCAST_MODES:
+            raise ValueError(f"autocast: expected one of {AUTOCAST_MODES} (the score network's reduced precision; "
+                             f"the solver state keeps the input's dtype), got {self.autocast!r}")
+        if not isinstance(self.cuda_graph, bool):
+            raise TypeError(f"cuda_graph: expected a bool, got {type(self.cuda_graph).__name__}")
         # Chains per state dtype, built once (purify runs every attack step with the same config): not a field,
         # so equality and the repr are those of the options.
         object.__setattr__(self, "_chains", {})
         self.chain(torch.float32)  # builds (and so validates) the step plan once
+        if self.cuda_graph:
+            self._check_cuda_graph()
+
+    def _check_cuda_graph(self) -> None:
+        """What a captured chain can serve (diffpure_fast.cuda_graphs); the tensors' device is checked per call."""
+        if self.grad_mode not in CUDA_GRAPH_GRAD_MODES:
+            raise ValueError(f"cuda_graph: serves grad_mode in {CUDA_GRAPH_GRAD_MODES}, got {self.grad_mode!r} (the "
+                             "continuous adjoint draws Brownian bridges step by step on the host; use 'full', the "
+                             "exact gradient, or cuda_graph=False)")
+        if self.chain(torch.float32).guidance is not None:
+            raise ValueError(f"cuda_graph: captures unguided chains only (method='diffpure'), got "
+                             f"method={self.method!r}, whose guidance runs autograd and host-side set-up inside each "
+                             "step; use cuda_graph=False")
+        if self.param_grads:
+            raise ValueError("cuda_graph: the captured per-step VJP is with respect to the state only; "
+                             "param_grads=True needs cuda_graph=False")
+        if self.grad_cache_steps:
+            raise ValueError(f"cuda_graph: every backward step replays one captured VJP, so there are no eager step "
+                             f"graphs to cache; got grad_cache_steps={self.grad_cache_steps}, expected 0")
 
     @property
     def method_impl(self) -> Method:

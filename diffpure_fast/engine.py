@@ -15,15 +15,16 @@ import torch
 from torch import nn
 
 from .chain import Chain, Noise, forward_diffuse, model_eps, reverse_solve, run_chain
-from .config import GRAD_MODES, GUIDANCE_GRADS, PurifyConfig
+from .config import AUTOCAST_MODES, GRAD_MODES, GUIDANCE_GRADS, PurifyConfig
+from .cuda_graphs import ChainGraphs
 from .grad import differentiable_chain
 from .methods import METHODS
-from .models.base import ScoreModel, as_score_model
+from .models.base import ScoreModel, as_score_model, with_autocast
 from .noise import check_seed
 from .schedule import DIFFPURE_SCHEDULE, VPSchedule
 
-__all__ = ["GRAD_MODES", "GUIDANCE_GRADS", "METHODS", "Noise", "Purifier", "PurifyConfig", "forward_diffuse",
-           "model_eps", "purify", "reverse_solve"]
+__all__ = ["AUTOCAST_MODES", "GRAD_MODES", "GUIDANCE_GRADS", "METHODS", "Noise", "Purifier", "PurifyConfig",
+           "forward_diffuse", "model_eps", "purify", "reverse_solve"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -93,6 +94,26 @@ def _check_inputs(x, model, cfg: PurifyConfig, chain: Chain, forward_noise, incr
             raise ValueError(f"{name}: is on {t.device} but x is on {x.device}")
         _check_finite(name, t)
     _as_noise_ids(noise_ids, x)
+    if cfg.cuda_graph:
+        _check_cuda_graph_call(x, forward_noise, increments)
+
+
+def _check_cuda_graph_call(x: torch.Tensor, forward_noise, increments) -> None:
+    """What a captured chain needs from a call (the config's part is checked by PurifyConfig)."""
+    if x.device.type != "cuda":
+        raise ValueError(f"cuda_graph: needs CUDA tensors (x and the model on a GPU), got x on {x.device}; pass "
+                         "cuda_graph=False on this device")
+    if forward_noise is not None or increments is not None:
+        raise ValueError("cuda_graph: draws its noise in the captured kernels from (seed, noise_ids); caller-given "
+                         "forward_noise/increments need cuda_graph=False")
+
+
+def _check_graph_seed(seed) -> None:
+    if seed is None:
+        raise ValueError("cuda_graph: needs an int seed: the fused step's seed is a kernel argument recorded in the "
+                         "captured graph, so a fresh seed per call would capture a new graph per call; pass seed=..., "
+                         "and new noise_ids per call for fresh noise without recapturing (see "
+                         "diffpure_fast.cuda_graphs)")
 
 
 def _as_noise_ids(noise_ids, x: torch.Tensor) -> torch.Tensor:
@@ -135,7 +156,8 @@ def purify(x: torch.Tensor, model: ScoreModel, *, method: str = "diffpure", seed
            noise_ids=None, forward_noise: torch.Tensor | None = None, increments: torch.Tensor | None = None,
            value_range: tuple[float, float] = (0.0, 1.0), grad_mode: str = "none", guidance_grad: str = "exact",
            surrogate_steps: int = 10, grad_cache_steps: int = 0, param_grads: bool = False,
-           schedule: VPSchedule = DIFFPURE_SCHEDULE, **options) -> torch.Tensor:
+           schedule: VPSchedule = DIFFPURE_SCHEDULE, cuda_graph: bool = False, autocast: str | None = None,
+           **options) -> torch.Tensor:
     """Purify a batch with a purification method.
 
     Args:
@@ -179,6 +201,14 @@ def purify(x: torch.Tensor, model: ScoreModel, *, method: str = "diffpure", seed
             (memory: one step's activations each) instead of recomputing them in the backward pass.
         param_grads: ``grad_mode="full"`` also back-propagates into the score network's parameters that require
             grad (off by default: attacks need d/dx only, and parameter VJPs cost time).
+        cuda_graph: replay the chain from CUDA graphs captured once per (chain, shape, dtype, device, seed, model),
+            see ``diffpure_fast.cuda_graphs``: CUDA tensors, an int ``seed`` (captured), unguided chains (method
+            "diffpure"), ``grad_mode`` "none", "bpda", "full" or "surrogate", no caller-given noise. The replay
+            runs the eager path's kernels with the same arguments, so outputs equal the eager ones on the same
+            device and fused-step implementation (the cuda-marked tests check it bit for bit).
+        autocast: ``"bf16"`` or ``"fp16"`` runs the score network under ``torch.autocast`` in that precision, its
+            eps cast back to x's dtype before the fused step (the state, noise and gradients' accumulation stay in
+            x's dtype); ``None`` (default) runs it in the model's own precision.
 
     Returns:
         (B, C, H, W) purified images in ``value_range`` (not clipped: the reverse process can overshoot slightly,
@@ -186,7 +216,8 @@ def purify(x: torch.Tensor, model: ScoreModel, *, method: str = "diffpure", seed
     """
     cfg = PurifyConfig.build(method, value_range=value_range, grad_mode=grad_mode, guidance_grad=guidance_grad,
                              surrogate_steps=surrogate_steps, grad_cache_steps=grad_cache_steps,
-                             param_grads=param_grads, schedule=schedule, **options)
+                             param_grads=param_grads, schedule=schedule, cuda_graph=cuda_graph, autocast=autocast,
+                             **options)
     return _purify(x, model, cfg, seed=seed, noise_ids=noise_ids, forward_noise=forward_noise, increments=increments)
 
 
@@ -194,6 +225,8 @@ def _purify(x, model, cfg: PurifyConfig, *, seed, noise_ids, forward_noise=None,
     model = as_score_model(model)
     chain = cfg.chain(x.dtype if isinstance(x, torch.Tensor) else torch.float32)
     _check_inputs(x, model, cfg, chain, forward_noise, increments, noise_ids)
+    if cfg.cuda_graph:
+        _check_graph_seed(seed)
     seed = secrets.randbits(63) if seed is None else check_seed(seed)
     ids = _as_noise_ids(noise_ids, x)
 
@@ -204,14 +237,19 @@ def _purify(x, model, cfg: PurifyConfig, *, seed, noise_ids, forward_noise=None,
 
     wants_params = cfg.param_grads and any(p.requires_grad for p in model.parameters())
     wants_graph = cfg.grad_mode != "none" and torch.is_grad_enabled() and (x.requires_grad or wants_params)
+    # Captured graphs apply cfg.autocast inside the capture; the eager path wraps the network here.
+    graphs = ChainGraphs(model, cfg) if cfg.cuda_graph else None
+    net = with_autocast(model, cfg.autocast)
     if not wants_graph or cfg.grad_mode == "bpda":
         with torch.no_grad():
-            out = run_chain(x_unit, model, chain, noise)
+            out = run_chain(x_unit, net, chain, noise) if graphs is None else graphs.run(x_unit, chain, noise)
         if wants_graph:
             # BPDA (DiffPure's BPDA+EOT): the purification's value, the identity's gradient d out / d x = I.
             out = x_unit + (out - x_unit.detach())
+    elif graphs is not None:
+        out = graphs.differentiable(x_unit, chain, noise, x_user=x)
     else:
-        out = differentiable_chain(x_unit, model, chain, noise, cfg, x_user=x)
+        out = differentiable_chain(x_unit, net, chain, noise, cfg, x_user=x)
     return out if (lo, hi) == (-1.0, 1.0) else (out + 1.0) * scale + lo
 
 
@@ -222,18 +260,25 @@ class Purifier(nn.Module):
     AutoAttack / torchattacks style evaluation: no prints, no files, no global RNG; the score network is a
     submodule (``.to(device)`` moves it) in eval mode. ``seed=None`` draws fresh noise on every call (a randomized
     defense); an int makes every call reuse the same noise. Options are validated once, here.
+
+    ``cuda_graph=True`` needs an int seed (it is recorded in the captured graph); pass new ``noise_ids`` to
+    ``forward`` for fresh noise per call without recapturing. The captured graphs are cached per model (see
+    ``diffpure_fast.cuda_graphs``), so ``.to(device)`` recaptures on the next call.
     """
 
     def __init__(self, model: ScoreModel, *, method: str = "diffpure", seed: int | None = None,
                  value_range: tuple[float, float] = (0.0, 1.0), grad_mode: str = "none", guidance_grad: str = "exact",
                  surrogate_steps: int = 10, grad_cache_steps: int = 0, param_grads: bool = False,
-                 schedule: VPSchedule = DIFFPURE_SCHEDULE, **options):
+                 schedule: VPSchedule = DIFFPURE_SCHEDULE, cuda_graph: bool = False, autocast: str | None = None,
+                 **options):
         super().__init__()
         self.config = PurifyConfig.build(method, value_range=value_range, grad_mode=grad_mode,
                                          guidance_grad=guidance_grad, surrogate_steps=surrogate_steps,
                                          grad_cache_steps=grad_cache_steps, param_grads=param_grads,
-                                         schedule=schedule, **options)
+                                         schedule=schedule, cuda_graph=cuda_graph, autocast=autocast, **options)
         self.model = as_score_model(model).eval()
+        if cuda_graph:
+            _check_graph_seed(seed)
         self.seed = None if seed is None else check_seed(seed)
 
     def train(self, mode: bool = True):
@@ -247,5 +292,6 @@ class Purifier(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
+        extra = (", cuda_graph=True" if c.cuda_graph else "") + (f", autocast={c.autocast!r}" if c.autocast else "")
         return (f"{c.describe()}, grad_mode={c.grad_mode!r}, guidance_grad={c.guidance_grad!r}, "
-                f"value_range={c.value_range}, seed={self.seed}")
+                f"value_range={c.value_range}, seed={self.seed}{extra}")

@@ -100,8 +100,10 @@ def gaussian(seed: int, sample_ids: torch.Tensor, step: int, stream: int, numel:
     # Counter words broadcast to (B, n_quads).
     c0 = q.reshape(1, -1)
     c1 = ids
-    c2 = torch.tensor(step & _MASK32, dtype=torch.int64, device=device)
-    c3 = torch.tensor(stream & _MASK32, dtype=torch.int64, device=device)
+    # Python ints, not device tensors: a host-to-device copy per call would block CUDA graph capture
+    # (diffpure_fast.cuda_graphs); the Philox rounds mix them with the tensor words exactly (products < 2^49).
+    c2 = step & _MASK32
+    c3 = stream & _MASK32
     w0, w1, w2, w3 = philox4x32(c0, c1, c2, c3, seed & _MASK32, (seed >> 32) & _MASK32)
     w0, w1, w2, w3 = (torch.broadcast_to(w, (ids.shape[0], n_quads)) for w in (w0, w1, w2, w3))
     two_pi = 2.0 * math.pi

@@ -20,7 +20,8 @@ from torch import nn
 
 from ..schedule import DIFFPURE_SCHEDULE, VPSchedule
 
-__all__ = ["TIME_INPUTS", "EpsModel", "ScoreModel", "as_score_model"]
+__all__ = ["AUTOCAST_DTYPES", "TIME_INPUTS", "AutocastModel", "EpsModel", "ScoreModel", "as_score_model",
+           "with_autocast"]
 
 # How a network expects its time argument:
 #   "continuous": score_sde continuous VP models, float labels 999 t;
@@ -100,3 +101,40 @@ def as_score_model(model) -> ScoreModel:
     raise TypeError(
         "model: expected a diffpure_fast ScoreModel (from dpf.load_score_model, or dpf.EpsModel(net, "
         f"time_input='continuous'|'discrete'|'unit') around an (x, t) -> eps network), got {type(model).__name__}")
+
+
+# The reduced precisions a score network may run in under autocast (PurifyConfig.autocast).
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class AutocastModel(ScoreModel):
+    """A score model whose network runs under ``torch.autocast`` while the solver state keeps its dtype.
+
+    ``eps(x, t, levels)`` takes x (B, C, H, W) in the state's dtype (float32 normally), runs the wrapped model with
+    autocast to ``mode`` ("bf16" or "fp16") on x's device type, and returns eps cast back to x's dtype, so the fused
+    step, the noise and the stored states of the adjoints stay in full precision; only the network's matmuls and
+    convolutions run in the reduced precision (autocast keeps its float32 list, e.g. group norms and softmax, in
+    float32). Gradients flow through it as through any autocast region.
+
+    The autocast weight cache is off: the network is called once per region (one step), so the cache would save
+    nothing, and a CUDA graph capture requires it off (torch.cuda.graphs: cached casts would be freed during
+    capture). ``inner``: the wrapped ScoreModel (its parameters are this module's).
+    """
+
+    def __init__(self, inner: ScoreModel, mode: str):
+        super().__init__()
+        if mode not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast: expected one of {tuple(AUTOCAST_DTYPES)}, got {mode!r}")
+        self.inner, self.mode = inner, mode
+        self.schedule = inner.schedule
+        self.in_channels, self.image_size = inner.in_channels, inner.image_size
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=AUTOCAST_DTYPES[self.mode], cache_enabled=False):
+            out = self.inner.eps(x, t, levels)
+        return out.to(x.dtype)
+
+
+def with_autocast(model: ScoreModel, mode: str | None) -> ScoreModel:
+    """``model`` itself for mode None, else an ``AutocastModel`` around it."""
+    return model if mode is None else AutocastModel(model, mode)

@@ -1,0 +1,88 @@
+"""The benchmark scripts' machinery on tiny problems: the GPU benchmark's no-GPU exit and its rows (CUDA calls stubbed
+on CPU), one scaling point, the plots, and that plain pytest never collects the benchmark suite."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffpure_fast as dpf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import bench_gpu, bench_scaling, plot_results  # noqa: E402
+
+
+def test_plain_pytest_does_not_collect_the_benchmark_suite():
+    # (tomllib is Python 3.11+; the package supports 3.9)
+    assert 'testpaths = ["tests"]' in (ROOT / "pyproject.toml").read_text()
+    assert (ROOT / "benchmarks" / "test_bench_suite.py").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without a GPU")
+def test_bench_gpu_exits_with_a_message_without_a_gpu():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py")], capture_output=True, text=True)
+    assert out.returncode != 0 and "no CUDA GPU is visible" in out.stderr and "nothing was measured" in out.stderr
+
+
+def test_bench_gpu_rows_and_table_with_cuda_calls_stubbed(monkeypatch, tmp_path, one_thread):
+    """The row loop and the report, on CPU with a tiny network: what runs before the first GPU exists."""
+    from diffpure_fast.models import NCSNpp
+
+    for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 2 ** 20)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stub GPU")
+    monkeypatch.setattr(bench_gpu, "device_peak_gbps", lambda device: None)
+
+    def tiny(name, device, compiled):
+        torch.manual_seed(0)
+        net = NCSNpp(image_size=32, nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=()).eval()
+        return dpf.EpsModel(net, time_input="continuous")
+
+    monkeypatch.setattr(bench_gpu, "score_model", tiny)
+    args = bench_gpu.argparse.Namespace(nets="ncsnpp", batches="1", variants="eager,bf16,official", steps=2,
+                                        repeats=1, step_elements=0, output=str(tmp_path / "gpu.md"))
+    rows = bench_gpu.purify_rows(args, torch.device("cpu"))
+    assert [r["variant"] for r in rows] == ["eager", "bf16", "official"]
+    assert all(r["steps"] == 2 and r["images_per_s"] > 0 and r["peak_mib"] == 1.0 for r in rows)
+    bench_gpu.write(args, rows, [], torch.device("cpu"))
+    table = (tmp_path / "gpu.md").read_text()
+    assert "stub GPU" in table and "| ncsnpp | bf16 | 1 | 2 |" in table
+    with (tmp_path / "gpu.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 3
+
+
+@pytest.mark.parametrize("mode", ["none", "full_cache", "adjoint"])
+def test_bench_scaling_point(mode, one_thread):
+    res = bench_scaling.run_point("digits", "cpu", mode, batch=1, steps=3, repeats=1, threads=None)
+    assert res["steps"] == 3 and res["seconds"] > 0 and res["peak_bytes"] >= 0
+
+
+def test_plot_results_renders_every_plot(tmp_path):
+    rows = [dict(sweep="batch", grad_mode="none", batch=b, steps=100, seconds=0.5 * b, seconds_per_image=0.5)
+            for b in (1, 2, 4)]
+    rows += [dict(sweep="steps", grad_mode=m, batch=4, steps=s, seconds=0.01 * s, seconds_per_image=0.0025 * s)
+             for m in bench_scaling.MODES for s in (10, 20)]
+    with (tmp_path / "scaling_cpu.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=bench_scaling.COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "net": "digits", "device": "cpu", "peak_mib": 10.0, "machine": "test",
+                        "load_1min": 1.0})
+    (tmp_path / "sde_step_cpu.csv").write_text((ROOT / "benchmarks" / "results" / "sde_step_cpu.csv").read_text())
+    with (tmp_path / "gpu.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["net", "variant", "batch", "steps", "ms_per_purification", "images_per_s"])
+        w.writeheader()
+        w.writerows(dict(net="ncsnpp", variant=v, batch=b, steps=100, ms_per_purification=1, images_per_s=b)
+                    for v in ("eager", "cuda_graph") for b in (1, 8))
+    written = plot_results.main(["--results", str(tmp_path)])
+    names = sorted(p.name for p in written)
+    assert names == ["gpu_throughput.png", "memory_vs_steps_cpu.png", "purify_vs_batch_cpu.png",
+                     "purify_vs_steps_cpu.png", "sde_step_cpu.png"]
+    assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in written)
