@@ -16,7 +16,7 @@ What is captured, per (chain, shape, dtype, device, seed, autocast, fused-step i
   shape. The step's own linear part ``g a + vjp b`` runs eagerly (two elementwise kernels).
 * "surrogate": the whole-chain graph for the output and the "full" machinery on the surrogate DDPM chain.
 * not captured (a ValueError from PurifyConfig): "adjoint" (Brownian bridges drawn on the host, step by step),
-  guided chains (GDMP, MimicDiffusion: their guidance runs autograd and host-side set-up inside each step),
+  guided chains (GDMP, MimicDiffusion, AGDM: their guidance runs autograd and host-side set-up inside each step),
   ``param_grads``, ``grad_cache_steps``, and caller-given noise (``forward_noise``/``increments``).
 
 The seed is captured, not an input. The fused op takes ``seed`` and ``step`` as Python ints, which a capture bakes
