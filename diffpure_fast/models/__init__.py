@@ -2,8 +2,10 @@
 
 from .adm import UNetModel, create_adm_model
 from .base import TIME_INPUTS, EpsModel, ScoreModel, as_score_model
+from .fast import FastScoreModel, fast_score_model, inductor_cache_dir
 from .loading import build_network, load_classifier, load_score_model
 from .ncsnpp import NCSNpp
 
-__all__ = ["TIME_INPUTS", "EpsModel", "NCSNpp", "ScoreModel", "UNetModel", "as_score_model", "build_network",
-           "create_adm_model", "load_classifier", "load_score_model"]
+__all__ = ["TIME_INPUTS", "EpsModel", "FastScoreModel", "NCSNpp", "ScoreModel", "UNetModel", "as_score_model",
+           "build_network", "create_adm_model", "fast_score_model", "inductor_cache_dir", "load_classifier",
+           "load_score_model"]
