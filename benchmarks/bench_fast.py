@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import statistics
 import sys
@@ -160,7 +161,7 @@ def main() -> None:
     what = ("NCSN++ nf=32, num_res_blocks=2, 2.47M parameters, random weights" if net == "ncsnpp"
             else "the tiny test network (--quick)")
     lines = ["# CPU fast path: compiled, channels-last score network", "",
-             header("python benchmarks/bench_fast.py " + " ".join(sys.argv[1:])),
+             header("python benchmarks/bench_fast.py " + shlex.join(sys.argv[1:])),
              *([args.note, ""] if args.note else []),
              f"Network: {what}; batch {tuple(x.shape)} float32; t*={args.t_star}: {steps} Euler–Maruyama steps. "
              f"{args.repeats} interleaved runs per engine after a warm-up, medians. Peak memory: RSS high-water "

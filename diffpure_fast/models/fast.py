@@ -3,18 +3,30 @@
     model = dpf.load_score_model("score_sde", "checkpoint_8.pth", compile=True, channels_last=True)
     fast = dpf.fast_score_model(dpf.EpsModel(my_net, time_input="discrete"))     # any ScoreModel
 
-What it changes, and why (2.47M-parameter NCSN++, batch 4, float32, 2-core CPU; benchmarks/results/fast_cpu.md):
+What it changes, and why (2.47M-parameter NCSN++, batch 4, float32, 2-core CPU; benchmarks/results/fast_cpu.md,
+provisional: measured while other jobs shared the machine):
 
-* channels-last: oneDNN's convolutions run on NHWC without the reorders NCHW costs; inductor then fuses the
-  GroupNorm / SiLU / residual arithmetic between them. Together they take a network call to about 0.6x eager.
+* channels-last: oneDNN's convolutions run on NHWC without the reorders NCHW costs, and inductor fuses the
+  GroupNorm / SiLU / residual arithmetic between them: a no-grad purification takes 0.66x the eager time, so
+  DiffPure's official pipeline takes 1.53x as long as this one (1.00x against the eager network).
 * weights are constants to the compiled network (unless ``param_grads=True``): an aot_autograd backward graph
-  computes the gradient of every input that required grad when it was traced, whatever ``autograd.grad`` asks for,
-  so traced with weights requiring grad it spends about as long on the weight gradients as on the input gradient
-  that purification attacks need. The eager network gets this pruning from autograd for free.
+  computes the gradient of every input that required grad when it was traced, whatever ``autograd.grad`` asks
+  for; traced with the weights requiring grad, one forward plus input-VJP took 1.46x as long (2.69 against 1.84
+  eager no-grad calls, measured at 1 thread). The eager network gets this pruning from autograd for free.
 * no compilation at import or construction: ``torch.compile`` is lazy. The first call of each kind (no-grad, with
-  grad; per dtype, and a dynamic-shape graph after a second batch size) traces and compiles, about a minute per
-  graph for this network on 2 cores. Inductor's FX-graph and AOTAutograd caches then keep the compiled code in
-  :func:`inductor_cache_dir`, so a second process only traces (seconds) and loads it.
+  grad; per dtype, and a dynamic-shape graph after a second batch size) traces and compiles: 156 s and 167 s for
+  this network's two graphs on the loaded 2-core VM. Inductor's FX-graph and AOTAutograd caches keep the code in
+  :func:`inductor_cache_dir`, so a second process only traces and loads it (8 s and 10 s).
+
+Gradients cost more than the forward speed-up suggests: ``grad_mode="full"`` recomputes each step's network call
+with a graph, then takes its input-VJP, whose convolution and GroupNorm backward kernels gain less from compiling
+than the forward does; it took 3.04x the fast no-grad time (eager: 2.67x the eager one). ``grad_cache_steps``
+skips the recompute for the steps it keeps: with all 100 kept, 2.49x, for 3.5 GB at batch 4.
+
+Measured and left out: inductor's ``freezing`` (weights folded and prepacked for oneDNN) ran no faster (0.738x
+against 0.740x eager) and its prepacked weights bypass the FX-graph cache, so every process would recompile; one
+graph for forward plus input-VJP (``torch.func.vjp`` under ``torch.compile``) ran as fast as the two-graph split
+(311 against 308 ms at 1 thread) and took 2.5x as long to compile.
 
 A guidance term that differentiates through the network (``method="mimic"`` with ``eps_in_guidance=True``) retains
 the network's graph for a second backward, and ``grad_mode="full"`` differentiates it twice; compiled graphs support
@@ -146,7 +158,8 @@ def fast_score_model(model: ScoreModel, *, compile: bool = True, channels_last: 
             torch.channels_last)`` does (the parameters stay the same objects), and feed the network channels-last
             inputs.
         param_grads: keep the weights differentiable through the compiled network, for ``purify(...,
-            param_grads=True)``; off, gradients flow to the input only and each backward is about half as long.
+            param_grads=True)``; off, gradients flow to the input only, and a forward plus input-VJP with grad is
+            1.46x faster.
         cache_dir: the folder for inductor's compiled code; default: ``TORCHINDUCTOR_CACHE_DIR`` when set, else
             :func:`inductor_cache_dir`. Sets ``TORCHINDUCTOR_CACHE_DIR`` for the process.
 
