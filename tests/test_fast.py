@@ -47,7 +47,7 @@ def _x(seed: int = 0) -> torch.Tensor:
     return torch.rand(SHAPE, generator=torch.Generator().manual_seed(seed))
 
 
-def test_import_and_construction_compile_nothing():
+def test_import_and_construction_compile_nothing(tmp_path):
     code = textwrap.dedent("""
         import os, sys
         import diffpure_fast as dpf
@@ -61,8 +61,8 @@ def test_import_and_construction_compile_nothing():
         print("ok")
     """)
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
-    proc = subprocess.run([sys.executable, "-c", code, "/tmp/dpf-unused-cache"], capture_output=True, text=True,
-                          env=env, timeout=120, check=False)
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("ok")
 
