@@ -14,9 +14,17 @@ from .engine import GRAD_MODES, Purifier, PurifyConfig, purify
 from .eval.defenses import build_defense
 from .eval.harness import EvalConfig, evaluate
 from .info import info
-from .models import EpsModel, ScoreModel, load_auxiliary, load_classifier, load_score_model
+from .models import (
+    EpsModel,
+    FastScoreModel,
+    ScoreModel,
+    fast_score_model,
+    load_auxiliary,
+    load_classifier,
+    load_score_model,
+)
 from .schedule import DIFFPURE_SCHEDULE, VPSchedule
 
-__all__ = ["DIFFPURE_SCHEDULE", "GRAD_MODES", "EpsModel", "EvalConfig", "Purifier", "PurifyConfig", "ScoreModel",
-           "VPSchedule", "__version__", "build_defense", "evaluate", "info", "load_auxiliary", "load_classifier",
-           "load_score_model", "purify"]
+__all__ = ["DIFFPURE_SCHEDULE", "GRAD_MODES", "EpsModel", "EvalConfig", "FastScoreModel", "Purifier", "PurifyConfig",
+           "ScoreModel", "VPSchedule", "__version__", "build_defense", "evaluate", "fast_score_model", "info",
+           "load_auxiliary", "load_classifier", "load_score_model", "purify"]

@@ -158,6 +158,10 @@ def step_terms(model: ScoreModel, guidance: Guidance | None, k: int, step: Step,
     differentiates with respect to x_k. create_graph=True (the adjoint's recompute, grad enabled, x a leaf that
     requires grad): eps and G_k keep their graphs, second-order terms included."""
     active = guidance is not None and guidance.active(k)
+    if active and guidance.needs_eps_graph:
+        # G_k differentiates through the network (retaining its graph for the adjoint's own VJP), and the exact
+        # adjoint differentiates G_k again: a compiled network supports neither, so these calls run eagerly.
+        model = model.eager_model()
     if create_graph:
         eps = model_eps(model, x, step)
         return eps, (guidance.term(k, step, x, eps, ref, noise, create_graph=True) if active else None)

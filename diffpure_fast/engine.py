@@ -235,6 +235,9 @@ def _purify(x, model, cfg: PurifyConfig, *, seed, noise_ids, forward_noise=None,
     x_unit = x if (lo, hi) == (-1.0, 1.0) else (x - lo) / scale - 1.0
     noise = Noise(seed=seed, sample_ids=ids, increments=increments, forward=forward_noise)
 
+    if cfg.param_grads and getattr(model, "weights_constant", False):
+        raise ValueError("param_grads: the model is a compiled fast_score_model whose weights are constants to its "
+                         "network; build it with fast_score_model(..., param_grads=True) for weight gradients")
     wants_params = cfg.param_grads and any(p.requires_grad for p in model.parameters())
     wants_graph = cfg.grad_mode != "none" and torch.is_grad_enabled() and (x.requires_grad or wants_params)
     # Captured graphs apply cfg.autocast inside the capture; the eager path wraps the network here.

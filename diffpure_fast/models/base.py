@@ -50,6 +50,12 @@ class ScoreModel(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
         return self.eps(x, t, levels)
 
+    def eager_model(self) -> ScoreModel:
+        """The model the engine calls where a guidance term differentiates through ``eps`` (its graph is then
+        retained for a second backward, and the exact adjoint differentiates it twice): this one; a compiled
+        model returns its eager network, since compiled graphs support neither."""
+        return self
+
 
 class EpsModel(ScoreModel):
     """Adapter: any ``net(x, label) -> epsilon`` module, with its time convention named explicitly.
