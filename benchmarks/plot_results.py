@@ -52,11 +52,15 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _rows_and_device(csv_path: Path, prefix: str):
+    """The CSV's rows and the device its name ends with (``<prefix><device>.csv``)."""
+    return read_csv(csv_path), csv_path.stem.removeprefix(prefix)
+
+
 def plot_scaling(csv_path: Path) -> list[Path]:
-    rows = read_csv(csv_path)
+    rows, dev = _rows_and_device(csv_path, "scaling_")
     if not rows:
         return []
-    dev = csv_path.stem.removeprefix("scaling_")
     out = []
     batch = sorted((r for r in rows if r["sweep"] == "batch"), key=lambda r: int(r["batch"]))
     if batch:
@@ -96,10 +100,9 @@ def plot_scaling(csv_path: Path) -> list[Path]:
 
 
 def plot_sde_step(csv_path: Path) -> list[Path]:
-    rows = read_csv(csv_path)
+    rows, dev = _rows_and_device(csv_path, "sde_step_")
     if not rows:
         return []
-    dev = csv_path.stem.removeprefix("sde_step_")
     sizes = sorted({int(r["elements"]) for r in rows})
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     fig, ax = plt.subplots(figsize=(7, 3.8))
