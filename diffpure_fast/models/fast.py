@@ -7,21 +7,22 @@ What it changes, and why (2.47M-parameter NCSN++, batch 4, float32, 2-core CPU; 
 provisional: measured while other jobs shared the machine):
 
 * channels-last: oneDNN's convolutions run on NHWC without the reorders NCHW costs, and inductor fuses the
-  GroupNorm / SiLU / residual arithmetic between them: a no-grad purification takes 0.66x the eager time, so
-  DiffPure's official pipeline takes 1.53x as long as this one (1.00x against the eager network).
+  GroupNorm / SiLU / residual arithmetic between them: a no-grad purification takes 0.80x the eager time, so
+  DiffPure's official pipeline takes 1.32x as long as this one (1.06x against the eager network; quiet 2-core
+  VM, ``benchmarks/results/fast_cpu.md``).
 * weights are constants to the compiled network (unless ``param_grads=True``): an aot_autograd backward graph
   computes the gradient of every input that required grad when it was traced, whatever ``autograd.grad`` asks
   for; traced with the weights requiring grad, one forward plus input-VJP took 1.46x as long (2.69 against 1.84
   eager no-grad calls, measured at 1 thread). The eager network gets this pruning from autograd for free.
 * no compilation at import or construction: ``torch.compile`` is lazy. The first call of each kind (no-grad, with
-  grad; per dtype, and a dynamic-shape graph after a second batch size) traces and compiles: 156 s and 167 s for
-  this network's two graphs on the loaded 2-core VM. Inductor's FX-graph and AOTAutograd caches keep the code in
-  :func:`inductor_cache_dir`, so a second process only traces and loads it (8 s and 10 s).
+  grad; per dtype, and a dynamic-shape graph after a second batch size) traces and compiles: 109 s and 128 s for
+  this network's two graphs on the 2-core VM. Inductor's FX-graph and AOTAutograd caches keep the code in
+  :func:`inductor_cache_dir`, so a second process only traces and loads it (7.6 s and 4.4 s).
 
 Gradients cost more than the forward speed-up suggests: ``grad_mode="full"`` recomputes each step's network call
 with a graph, then takes its input-VJP, whose convolution and GroupNorm backward kernels gain less from compiling
-than the forward does; it took 3.04x the fast no-grad time (eager: 2.67x the eager one). ``grad_cache_steps``
-skips the recompute for the steps it keeps: with all 100 kept, 2.49x, for 3.5 GB at batch 4.
+than the forward does; it took 3.12x the fast no-grad time (eager: 3.52x the eager one). ``grad_cache_steps``
+skips the recompute for the steps it keeps: with all 100 kept, 2.32x, for 3.5 GB at batch 4.
 
 Measured and left out: inductor's ``freezing`` (weights folded and prepacked for oneDNN) ran no faster (0.738x
 against 0.740x eager) and its prepacked weights bypass the FX-graph cache, so every process would recompile; one
