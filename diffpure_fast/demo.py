@@ -31,14 +31,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
 from .attacks import DefendedClassifier, pgd_linf
 from .engine import purify
 from .eval import Accuracy, protocol_metrics
-from .eval.defenses import build_defense, module_fingerprint
+from .eval.defenses import build_defense, jsonable_option
 from .eval.harness import EvalConfig, evaluate_batch
 from .info import info
 from .models.auxiliary import load_auxiliary
@@ -111,9 +110,6 @@ def _guided_kwargs(method: str, cfg: DemoConfig) -> dict:
         kw["auxiliary"] = load_auxiliary("digits", cfg.device)
     return kw
 
-
-def _jsonable_settings(kw: dict) -> dict:
-    return {k: module_fingerprint(v) if isinstance(v, nn.Module) else v for k, v in kw.items()}
 
 
 def _predict(classifier, x: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -290,7 +286,7 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, overwrite: b
     for method in GUIDED_SETTINGS if ng else ():
         t0 = time.perf_counter()
         kw = dict(_guided_kwargs(method, cfg), method=method)
-        res = {"settings": _jsonable_settings(kw),
+        res = {"settings": {k: jsonable_option(v) for k, v in kw.items()},
                "clean_defended": acc(_predict(clf, _purify_all(x[:ng], model, cfg, seeds["purify_clean"],
                                                                f"{method} clean", progress, kw), cfg.batch_size),
                                      y[:ng]).as_dict()}

@@ -235,7 +235,7 @@ class _LogitsNet(nn.Module):
 
 
 @pytest.mark.parametrize("aux,kwargs,match", [
-    (TinyAuxNet(channels=1), dict(), r"auxiliary: the network failed on an input of shape \(1, 3, 5, 4\)"),
+    (TinyAuxNet(channels=1), dict(), r"auxiliary: the network failed on an input of shape \(2, 3, 5, 4\)"),
     (TinyAuxNet(pixels=9), dict(), r"auxiliary: the network failed on an input of shape"),
     (_LogitsNet(), dict(), r"expected a network returning \(features, logits\), got Tensor \(logits only\?\)"),
     (TinyAuxNet(), dict(feature_layer="nope"), "feature_layer: the auxiliary network has no submodule 'nope'"),

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..engine import METHODS, Purifier
 
-__all__ = ["DEFENSES", "build_defense", "describe_defense"]
+__all__ = ["DEFENSES", "build_defense", "describe_defense", "jsonable_option", "module_fingerprint"]
 
 # The purification methods ``--defense`` accepts (one list for the CLI and the API).
 DEFENSES = tuple(METHODS)
@@ -35,7 +35,8 @@ def module_fingerprint(module: nn.Module) -> str:
     return f"{type(module).__name__}@{h.hexdigest()[:12]}"
 
 
-def _jsonable(v):
+def jsonable_option(v):
+    """An option value as JSON: modules by their fingerprint, tuples as lists, anything else by its repr."""
     if isinstance(v, nn.Module):
         return module_fingerprint(v)
     if isinstance(v, (int, float, str, bool, type(None))):
@@ -52,7 +53,7 @@ def describe_defense(defense) -> dict:
     if is_dataclass(config):  # its fields only: private caches are not part of what decides the output
         for k in (f.name for f in fields(config)):
             v = getattr(config, k)
-            out[k] = ({f.name: _jsonable(getattr(v, f.name)) for f in fields(v)} if k == "options"
-                      else _jsonable(v))
+            out[k] = ({f.name: jsonable_option(getattr(v, f.name)) for f in fields(v)} if k == "options"
+                      else jsonable_option(v))
     out.setdefault("method", "diffpure")
     return out

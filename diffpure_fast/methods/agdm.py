@@ -185,7 +185,9 @@ class AGDM(Method):
         return opts.t_star
 
     def check_inputs(self, opts: AGDMOptions, x: torch.Tensor) -> None:
-        """The auxiliary network sits on x's device and maps one image of x's shape and dtype to valid outputs."""
+        """The auxiliary network sits on x's device and is in eval mode. (A network that cannot take x's shape or
+        dtype, or returns no features, fails at the first guided step with an error naming ``auxiliary``: no probe
+        call here, since purify runs at every attack step.)"""
         net = opts.auxiliary
         for p in net.parameters():
             if p.device != x.device:
@@ -194,9 +196,6 @@ class AGDM(Method):
             break
         if net.training:
             raise ValueError("auxiliary: is in training mode; call .eval() on it first")
-        probe = AGDMGuidance(opts, {}, {}, "exact")
-        with torch.no_grad():
-            probe.aux(torch.zeros_like(x[:1]))
 
     def describe(self, opts: AGDMOptions) -> str:
         return ", ".join(f"{k}={type(v).__name__ if k == 'auxiliary' else repr(v)}"
