@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import diffpure_fast as dpf
-from benchmarks._common import header, measure, median_time, run_workers, worker_parser, write_results
+from benchmarks._common import header, measure, network_call_seconds, run_workers, worker_parser, write_results
 from benchmarks.bench_purify import bench_model
 
 # (method, grad_mode, guidance_grad) per measured mode.
@@ -58,12 +58,13 @@ def run_mode(mode: str, batch: int, repeats: int) -> dict:
             torch.autograd.grad((out * w).sum(), xg)
 
     res, _ = measure(fn, repeats)
+    res["call_seconds"] = network_call_seconds(model, x)
     return {**res, "steps": len(dpf.PurifyConfig.build(method).chain())}
 
 
 def digits_gradients(n: int = 16) -> list[str]:
     from diffpure_fast.data import load_digits_dataset
-    from diffpure_fast.demo import GUIDED_SETTINGS
+    from diffpure_fast.demo import GUIDED_SETTINGS, guided_kwargs
 
     model, clf = dpf.load_score_model("digits"), dpf.load_classifier("digits")
     x, y = load_digits_dataset("test")
@@ -78,8 +79,8 @@ def digits_gradients(n: int = 16) -> list[str]:
              "", "| method | gradient | vs exact: rel. error | cosine | norm | exact norm |",
              "|---|---|---:|---:|---:|---:|"]
     # GDMP also at norm_batch=1: the released code run one image at a time, its strongest guidance.
-    cases = [(m, m, dict(s, ptb=25.5) if m == "gdmp" else dict(s)) for m, s in GUIDED_SETTINGS.items()]
-    cases.insert(1, ("gdmp", "gdmp (norm_batch=1)", dict(GUIDED_SETTINGS["gdmp"], ptb=25.5, norm_batch=1)))
+    cases = [(m, m, guided_kwargs(m)) for m in GUIDED_SETTINGS]
+    cases.insert(1, ("gdmp", "gdmp (norm_batch=1)", dict(guided_kwargs("gdmp"), norm_batch=1)))
     for method, name, kw in cases:
         exact = grad(method, guidance_grad="exact", **kw)
         others = ["detached"] + (["straight_through"] if method == "mimic" else [])
@@ -101,21 +102,20 @@ def main() -> None:
         print(json.dumps(run_mode(args.worker, args.batch, args.repeats)))
         return
 
-    model = bench_model(torch.device("cpu"))
-    x = torch.rand(args.batch, 3, 32, 32)
-    with torch.no_grad():
-        t_net = median_time(lambda: model.eps(x, torch.full((args.batch,), 0.05)), repeats=20, warmup=3)
     results = run_workers(Path(__file__), args.modes.split(","), ["--batch", str(args.batch), "--repeats",
                                                                    str(args.repeats)], str)
+    calls = [r["call_seconds"] for r in results.values()]
     lines = ["# Guided methods: cost of purification and of its gradients (cpu)", "",
              header("python benchmarks/bench_guided.py " + " ".join(sys.argv[1:])),
              f"NCSN++ 2.47M parameters (random weights), batch {args.batch}x3x32x32 float32, released CIFAR-10 "
-             f"defaults per method, loss <w, purify(x)>. One network call (no grad): {t_net * 1e3:.1f} ms.", "",
+             f"defaults per method, loss <w, purify(x)>. Network calls: the mode's time over one no-grad network call "
+             "timed in the same process right after it (median of 10; "
+             f"{min(calls) * 1e3:.1f}-{max(calls) * 1e3:.1f} ms across the modes' processes).", "",
              "| method / gradient | steps | time (s) | network calls | per step | peak extra memory (MiB) |",
              "|---|---:|---:|---:|---:|---:|"]
     for mode, r in results.items():
-        calls = r["seconds"] / t_net
-        lines.append(f"| {mode} | {r['steps']} | {r['seconds']:.2f} | {calls:.0f} | {calls / r['steps']:.2f} | "
+        n = r["seconds"] / r["call_seconds"]
+        lines.append(f"| {mode} | {r['steps']} | {r['seconds']:.2f} | {n:.0f} | {n / r['steps']:.2f} | "
                      f"{r['peak_bytes'] / 2**20:.0f} |")
     lines += ["", *digits_gradients(), ""]
     write_results("guided_cpu.md", lines)

@@ -1,5 +1,6 @@
 """The benchmark scripts' machinery on tiny problems: the GPU benchmark's no-GPU exit and its rows (CUDA calls stubbed
-on CPU), one scaling point, the plots, and that plain pytest never collects the benchmark suite."""
+on CPU), one scaling point, the plots, the network profile's categories, and that plain pytest never collects the
+benchmark suite."""
 
 import csv
 import subprocess
@@ -14,7 +15,7 @@ import diffpure_fast as dpf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_gpu, bench_scaling, plot_results  # noqa: E402
+from benchmarks import bench_gpu, bench_scaling, plot_results, profile_network  # noqa: E402
 
 
 def test_plain_pytest_does_not_collect_the_benchmark_suite():
@@ -86,3 +87,19 @@ def test_plot_results_renders_every_plot(tmp_path):
     assert names == ["gpu_throughput.png", "memory_vs_steps_cpu.png", "purify_vs_batch_cpu.png",
                      "purify_vs_steps_cpu.png", "sde_step_cpu.png"]
     assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
+def test_profile_network_sorts_operators_into_categories(one_thread):
+    """Convolution and matrix-product time land in their own rows, attention gets none here, and the rest (relu,
+    views) lands in the last row."""
+    conv, lin, x = torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(16, 16), torch.randn(2, 3, 20, 20)
+
+    def fn():
+        with torch.no_grad():
+            lin(conv(x).relu().flatten(2)[..., :16])
+
+    ms = profile_network.breakdown(fn, calls=3)
+    assert [name for name, _ in profile_network.CATEGORIES] == list(ms)
+    rest = profile_network.CATEGORIES[-1][0]
+    assert ms["convolutions"] > 0 and ms["matrix products"] > 0 and ms[rest] > 0
+    assert ms["attention"] == 0 and ms["dynamo guard check"] == 0

@@ -3,31 +3,37 @@
     model = dpf.load_score_model("score_sde", "checkpoint_8.pth", compile=True, channels_last=True)
     fast = dpf.fast_score_model(dpf.EpsModel(my_net, time_input="discrete"))     # any ScoreModel
 
-What it changes, and why (2.47M-parameter NCSN++, batch 4, float32, 2-core CPU; benchmarks/results/fast_cpu.md,
-provisional: measured while other jobs shared the machine):
+What it changes, and why (2.47M-parameter NCSN++, batch 4, float32, 2-core CPU; benchmarks/results/fast_cpu.md and
+network_profile_cpu.md, measured on the quiet VM):
 
-* channels-last: oneDNN's convolutions run on NHWC without the reorders NCHW costs, and inductor fuses the
-  GroupNorm / SiLU / residual arithmetic between them: a no-grad purification takes 0.80x the eager time, so
-  DiffPure's official pipeline takes 1.32x as long as this one (1.06x against the eager network; quiet 2-core
-  VM, ``benchmarks/results/fast_cpu.md``).
+* compiled, channels-last: inductor fuses the GroupNorm / SiLU / residual arithmetic between oneDNN's
+  convolutions, which run on NHWC inputs: a no-grad purification takes 0.76x the eager time, so
+  DiffPure's official pipeline takes 1.40x as long as this one (1.02x against the eager network; quiet 2-core
+  VM, ``benchmarks/results/fast_cpu.md``; single runs here move by up to 20%).
 * weights are constants to the compiled network (unless ``param_grads=True``): an aot_autograd backward graph
   computes the gradient of every input that required grad when it was traced, whatever ``autograd.grad`` asks
   for; traced with the weights requiring grad, one forward plus input-VJP took 1.46x as long (2.69 against 1.84
   eager no-grad calls, measured at 1 thread). The eager network gets this pruning from autograd for free.
 * no compilation at import or construction: ``torch.compile`` is lazy. The first call of each kind (no-grad, with
-  grad; per dtype, and a dynamic-shape graph after a second batch size) traces and compiles: 109 s and 128 s for
+  grad; per dtype, and a dynamic-shape graph after a second batch size) traces and compiles: 90 s and 124 s for
   this network's two graphs on the 2-core VM. Inductor's FX-graph and AOTAutograd caches keep the code in
-  :func:`inductor_cache_dir`, so a second process only traces and loads it (7.6 s and 4.4 s).
+  :func:`inductor_cache_dir`, so a second process only traces and loads it (7.4 s and 4.5 s).
 
 Gradients cost more than the forward speed-up suggests: ``grad_mode="full"`` recomputes each step's network call
 with a graph, then takes its input-VJP, whose convolution and GroupNorm backward kernels gain less from compiling
-than the forward does; it took 3.12x the fast no-grad time (eager: 3.52x the eager one). ``grad_cache_steps``
-skips the recompute for the steps it keeps: with all 100 kept, 2.32x, for 3.5 GB at batch 4.
+than the forward does; it took 3.38x the fast no-grad time (eager: 2.94x the eager one). ``grad_cache_steps``
+skips the recompute for the steps it keeps: with all 100 kept, 2.46x, for 3.5 GB at batch 4.
 
 Measured and left out: inductor's ``freezing`` (weights folded and prepacked for oneDNN) ran no faster (0.738x
 against 0.740x eager) and its prepacked weights bypass the FX-graph cache, so every process would recompile; one
 graph for forward plus input-VJP (``torch.func.vjp`` under ``torch.compile``) ran as fast as the two-graph split
-(311 against 308 ms at 1 thread) and took 2.5x as long to compile.
+(311 against 308 ms at 1 thread) and took 2.5x as long to compile; compiled without channels-last, a call took as
+long as with it (41.4 against 40.9 ms, medians of 40 interleaved calls), so the default layout is a wash here.
+
+What bounds it (``benchmarks/profile_network.py``, 39.4 ms per compiled call): its convolutions take 22.3 ms
+(151 GFLOP/s), attention and matrix products 3.0 ms, inductor's fused GroupNorm/SiLU/residual kernels 7.9 ms, the
+guard check 0.8 ms; a call with grad plus its input-VJP takes 2.52 no-grad calls, so ``grad_mode="full"`` without a
+cache costs at least 3.5 no-grad calls per step.
 
 A guidance term that differentiates through the network (``method="mimic"`` with ``eps_in_guidance=True``) retains
 the network's graph for a second backward, and ``grad_mode="full"`` differentiates it twice; compiled graphs support
