@@ -1,6 +1,6 @@
 """The benchmark scripts' machinery on tiny problems: the GPU benchmark's no-GPU exit and its rows (CUDA calls stubbed
-on CPU), one scaling point, the plots, the network profile's categories, and that plain pytest never collects the
-benchmark suite."""
+on CPU), one scaling point, the plots, the network profile's categories, the guided benchmark's digits rows, and that
+plain pytest never collects the benchmark suite."""
 
 import csv
 import subprocess
@@ -15,7 +15,7 @@ import diffpure_fast as dpf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_gpu, bench_scaling, plot_results, profile_network  # noqa: E402
+from benchmarks import bench_gpu, bench_guided, bench_scaling, plot_results, profile_network  # noqa: E402
 
 
 def test_plain_pytest_does_not_collect_the_benchmark_suite():
@@ -103,3 +103,14 @@ def test_profile_network_sorts_operators_into_categories(one_thread):
     rest = profile_network.CATEGORIES[-1][0]
     assert ms["convolutions"] > 0 and ms["matrix products"] > 0 and ms[rest] > 0
     assert ms["attention"] == 0 and ms["dynamo guard check"] == 0
+
+
+def test_bench_guided_digits_rows_cover_every_demo_method(one_thread):
+    """One row per (guided method, non-exact gradient) the demo runs, AGDM included (its auxiliary network comes from
+    the demo's own keyword arguments: without it the script crashed once the demo gained AGDM)."""
+    from diffpure_fast.demo import GUIDED_SETTINGS
+
+    rows = [line for line in bench_guided.digits_gradients(n=2) if line.startswith("| ") and "---" not in line][1:]
+    methods = [row.split(" | ")[0].lstrip("| ") for row in rows]
+    assert set(GUIDED_SETTINGS) <= set(methods)
+    assert methods.count("mimic") == 2 and "gdmp (norm_batch=1)" in methods and "agdm" in methods
