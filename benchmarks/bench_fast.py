@@ -39,7 +39,7 @@ import diffpure_fast as dpf
 from benchmarks._common import header, peak_rss_since_reset, reset_peak_rss, run_isolated, write_results
 from diffpure_fast.models.ncsnpp import NCSNpp
 from diffpure_fast.testing.nets import TinyEpsNet
-from diffpure_fast.testing.torchsde_reference import RevVPSDE, torchsde_ts
+from diffpure_fast.testing.torchsde_reference import torchsde_purify
 
 
 def build(net: str) -> dpf.EpsModel:
@@ -99,8 +99,6 @@ def main() -> None:
     if args.worker:
         print(json.dumps(compile_worker(net, args.batch, args.worker)))
         return
-    import torchsde
-
     cache = tempfile.mkdtemp(prefix="dpf-bench-fast-")
     worker_args = ["--batch", str(args.batch), "--worker", cache] + (["--quick"] if args.quick else []) + (
         ["--threads", str(args.threads)] if args.threads else [])
@@ -112,9 +110,6 @@ def main() -> None:
     eager, fast = build(net), dpf.fast_score_model(build(net), cache_dir=cache)
     x, w = problem(args.batch, net)
     steps = len(dpf.PurifyConfig.build(t_star=args.t_star).plan())
-    sde = RevVPSDE(eager, x.shape[1:])
-    ts = torchsde_ts(args.t_star)
-    y0 = (x * 2 - 1).flatten(1)
 
     def no_grad(model):
         def run():
@@ -131,7 +126,7 @@ def main() -> None:
 
     def official():
         with torch.no_grad():
-            torchsde.sdeint_adjoint(sde, y0, ts, method="euler", dt=1e-3)
+            torchsde_purify(x * 2 - 1, eager, args.t_star, adjoint=True)
 
     engines = {"official": ("DiffPure official: torchsde.sdeint_adjoint forward, eager net", official),
                "eager_none": ("dpf.purify, eager net, no grad", no_grad(eager)),
