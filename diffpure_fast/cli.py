@@ -236,7 +236,7 @@ def _radius(text: str) -> float:
 
 
 def _add_eval_parsers(sub) -> None:
-    from .attacks.autoattack import AA_PACKAGES, AA_VERSIONS
+    from .attacks.autoattack import AA_MODES, AA_PACKAGES, AA_VERSIONS
     from .attacks.pgd import EOT_REDUCTIONS, LOSSES, NORMS
     from .eval.defenses import DEFENSES
     from .eval.harness import ATTACKS
@@ -257,7 +257,8 @@ def _add_eval_parsers(sub) -> None:
                    "folder (class sub-folders or labels.txt), .npz (x, y) or .npy with --labels")
     e.add_argument("--labels", default=None, help="labels .npy for an .npy --data")
     e.add_argument("--attack", default="pgd-eot", choices=ATTACKS, help="pgd-eot, bpda-eot (DiffPure's: "
-                   "identity backward, 50 x 2/255, 15 EOT) or autoattack (default pgd-eot)")
+                   "identity backward, 50 x 2/255, 15 EOT), apgd-eot (Croce & Hein's APGD with EOT) or autoattack "
+                   "(default pgd-eot)")
     e.add_argument("--grad-mode", default=None, choices=("full", "adjoint", "bpda", "surrogate"),
                    help="the attack's gradient through the purifier: full (exact discrete adjoint), adjoint "
                    "(continuous adjoint), bpda (identity), surrogate (shorter DDPM chain); default full, bpda for "
@@ -271,19 +272,31 @@ def _add_eval_parsers(sub) -> None:
                    "(default euler)")
     e.add_argument("--norm", default="linf", choices=NORMS, help="threat model (default linf)")
     e.add_argument("--eps", type=_radius, default=8 / 255, help="radius in [0, 1] units, e.g. 8/255 (default)")
-    e.add_argument("--attack-steps", type=int, default=None, help="PGD steps (default 20; bpda-eot 50)")
+    e.add_argument("--attack-steps", type=int, default=None, help="attack iterations (default pgd-eot 20, bpda-eot 50, "
+                   "apgd-eot and autoattack 100)")
     e.add_argument("--step-size", type=_radius, default=None, help="PGD step (default 2.5 eps / steps; bpda-eot "
                    "2/255)")
-    e.add_argument("--eot", type=int, default=None, help="EOT draws per step (default 20; bpda-eot 15)")
+    e.add_argument("--eot", type=int, default=None, help="EOT draws per step (default 20; bpda-eot 15; autoattack "
+                   "standard 1)")
     e.add_argument("--eot-reduce", default=None, choices=EOT_REDUCTIONS, help="average the loss (default) or the "
                    "logits (bpda-eot) over the EOT draws")
-    e.add_argument("--loss", default="ce", choices=LOSSES, help="attack loss (default ce)")
-    e.add_argument("--restarts", type=int, default=1, help="PGD restarts (default 1)")
+    e.add_argument("--loss", default=None, choices=LOSSES, help="attack loss of pgd-eot, bpda-eot, apgd-eot "
+                   "(default ce)")
+    e.add_argument("--restarts", type=int, default=None, help="restarts (default 1)")
     e.add_argument("--no-random-start", action="store_true", help="start PGD at x instead of a random point")
-    e.add_argument("--aa-version", default="rand", choices=AA_VERSIONS, help="AutoAttack version (default rand: "
+    e.add_argument("--n-select", type=int, default=None, help="fresh-noise evaluations that choose among a sample's "
+                   "candidates when the attack leaves several (restarts, AutoAttack's runs); default --n-eval")
+    e.add_argument("--aa-mode", default=None, choices=AA_MODES, help="AutoAttack: native (default: every sample "
+                   "attacked, each run's best iterate a candidate, chosen by --n-select fresh-noise evaluations) or "
+                   "as-released (the unpatched package, which falls back to the clean input on a randomized "
+                   "defense; labelled so in the report)")
+    e.add_argument("--aa-version", default=None, choices=AA_VERSIONS, help="AutoAttack version (default rand: "
                    "APGD-CE + APGD-DLR with 20 EOT)")
-    e.add_argument("--aa-package", default="auto", choices=("auto", *AA_PACKAGES),
-                   help="AutoAttack package (default: autoattack if installed, else pyautoattack)")
+    e.add_argument("--aa-package", default=None, choices=("auto", *AA_PACKAGES),
+                   help="AutoAttack package (default auto: autoattack if installed, else pyautoattack); the native "
+                   "rand version runs no package code")
+    e.add_argument("--aa-queries", type=int, default=None, help="Square's queries in the native standard version "
+                   "(default 5000)")
     e.add_argument("--n-eval", type=int, default=10, help="fresh-noise evaluations per sample (default 10)")
     e.add_argument("--n-images", type=int, default=None, help="samples to evaluate (default: all)")
     e.add_argument("--start", type=int, default=0, help="index of the first sample (default 0)")
@@ -310,10 +323,12 @@ def _cmd_eval(args) -> int:
 
     grad_mode = args.grad_mode or ("bpda" if args.attack == "bpda-eot" else "full")
     cfg = EvalConfig(attack=args.attack, norm=args.norm, eps=args.eps, steps=args.attack_steps,
-                     step_size=args.step_size, random_start=not args.no_random_start, restarts=args.restarts,
-                     loss=args.loss, eot=args.eot, eot_reduce=args.eot_reduce, aa_version=args.aa_version,
-                     aa_package=args.aa_package, n_eval=args.n_eval, n_images=args.n_images, start=args.start,
-                     seed=args.seed, batch_size=args.batch_size, chunk_size=args.chunk_size)
+                     step_size=args.step_size, random_start=False if args.no_random_start else None,
+                     restarts=args.restarts, loss=args.loss, eot=args.eot, eot_reduce=args.eot_reduce,
+                     aa_version=args.aa_version, aa_package=args.aa_package, aa_mode=args.aa_mode,
+                     aa_queries=args.aa_queries, n_select=args.n_select, n_eval=args.n_eval,
+                     n_images=args.n_images, start=args.start, seed=args.seed, batch_size=args.batch_size,
+                     chunk_size=args.chunk_size)
     defense = None
     if args.defense != "none":
         if args.model != "digits" and args.checkpoint is None:

@@ -129,25 +129,68 @@ def test_torchrun_two_processes_equal_one(reference_run, tmp_path):
     assert json.loads((out / "environment.json").read_text())["world_size"] == 2
 
 
-def test_autoattack_pypi_package_runs_unmodified_through_the_harness(tmp_path):
+def test_autoattack_pypi_package_as_released_through_the_harness(tmp_path):
     pytest.importorskip("pyautoattack")
     clf = dpf.load_classifier("digits")
     # The defended model (BPDA gradients, one solver step) under AutoAttack 'standard' as the package ships it. At
-    # eps = 1 APGD-CE fools both images and AutoAttack skips its other attacks; 'rand' (20 EOT x 100 iterations x 2
-    # attacks) is minutes on the CPU, so CI checks its plumbing through the git-API test below.
+    # eps = 1 APGD-CE fools both images and AutoAttack skips its other attacks.
     pur = build_defense(dpf.load_score_model("digits"), grad_mode="bpda", t_star=0.1, steps=1, dt=None)
     rep = evaluate(pur, clf, "digits:test", tmp_path / "aa_def", attack="autoattack", aa_version="standard",
-                   aa_package="pyautoattack", eps=1.0, n_images=2, n_eval=2, batch_size=2, progress=False)
+                   aa_mode="as-released", aa_package="pyautoattack", eps=1.0, n_images=2, n_eval=2, batch_size=2,
+                   progress=False)
     assert rep["n_samples"] == 2 and rep["attack_curve"] is None
     assert rep["perturbation"]["max_linf"] <= 1.0 + 1e-6
-    assert rep["robust"]["single_shot"]["correct"] <= rep["clean"]["single_shot"]["correct"]
     assert rep["environment"]["packages"]["pyautoattack"] == "0.2.0"
     assert rep["configuration"]["eval"]["aa_version"] == "standard"
-    assert "bpda" in rep["gradient"]
+    assert "bpda" in rep["gradient"] and "AS RELEASED" in rep["attack"]
+    assert any("AS RELEASED" in w for w in rep["warnings"])
 
 
-def test_autoattack_git_package_api(tmp_path, monkeypatch):
-    """The git package's API (positional model, bs=, returns x_adv) through a stand-in module."""
+def test_autoattack_native_rand_attacks_every_sample_issue_reproduction(tmp_path, monkeypatch):
+    # The reported instance (AutoAttack's "random escape"): digits, BPDA, t* = 0.1, one solver step, AutoAttack rand
+    # through the harness, eps 0.1, 3 images, n_eval 3. As released, every judged x_adv was the clean image (L-inf 0)
+    # and robust single-shot accuracy (3/3) was above clean (2/3). Natively: every sample attacked, APGD-CE and
+    # APGD-DLR (100 iterations x 20 EOT) each leave their best iterate, fresh-noise evaluations choose between them.
+    # The native rand version runs no package code: it works with neither package installed.
+    monkeypatch.setitem(sys.modules, "autoattack", None)
+    monkeypatch.setitem(sys.modules, "pyautoattack", None)
+    pur = build_defense(dpf.load_score_model("digits"), grad_mode="bpda", t_star=0.1, steps=1, dt=None)
+    rep = evaluate(pur, "digits", "digits:test", tmp_path / "aa", attack="autoattack", aa_version="rand",
+                   aa_package="pyautoattack", eps=0.1, n_images=3, n_eval=3, batch_size=3, progress=False)
+    recs = read_records(tmp_path / "aa")
+    assert all(0.1 - 1e-6 <= r["linf"] <= 0.1 + 1e-6 for r in recs.values())  # at the budget, never 0
+    assert rep["not_attacked"]["count"] == 0 and rep["warnings"] == []
+    for m in ("single_shot", "mean", "worst_of_n", "majority_vote"):
+        assert rep["robust"][m]["correct"] <= rep["clean"][m]["correct"], m
+    assert all(set(r["selection"]) == {"apgd-ce", "apgd-dlr"} and r["candidate"] in r["selection"]
+               for r in recs.values())
+    assert sum(rep["chosen_candidates"].values()) == 3
+    assert len(rep["attack_curve"]) == 101  # the APGD runs' iterates 0..100
+    assert "native protocol" in rep["attack"] and "20 EOT" in rep["attack"]
+    assert "aa_package" not in rep["configuration"]["eval"]  # recorded as what it is: unused
+
+
+def test_autoattack_native_standard_runs_every_member(tmp_path):
+    # standard: APGD-CE, APGD-T (9 targets), FAB-T (9 targets, the package's class) and Square (the package's
+    # class), a few iterations each; every run is a candidate of every sample, FAB-T only where it found one.
+    pytest.importorskip("pyautoattack")
+    pur = build_defense(dpf.load_score_model("digits"), grad_mode="full", t_star=0.1, steps=1, dt=None)
+    rep = evaluate(pur, "digits", "digits:test", tmp_path / "std", attack="autoattack", aa_version="standard",
+                   aa_package="pyautoattack", eps=0.1, steps=2, aa_queries=5, n_eval=2, n_images=2, batch_size=2,
+                   progress=False)
+    recs = list(read_records(tmp_path / "std").values())
+    names = {"apgd-ce", "square", *(f"apgd-t:{j}" for j in range(1, 10)), *(f"fab-t:{j}" for j in range(1, 10))}
+    assert all(set(r["selection"]) == names for r in recs)
+    assert all(0 < r["linf"] <= 0.1 + 1e-6 for r in recs)
+    ev = rep["configuration"]["eval"]
+    assert (ev["steps"], ev["eot"], ev["aa_queries"], ev["batch_size"]) == (2, 1, 5, 2)
+    # not found: FAB-T's -1 entries, never chosen
+    assert all(r["selection"][r["candidate"]][0] >= 0 for r in recs)
+
+
+def test_autoattack_as_released_zero_norm_samples_flagged(tmp_path, monkeypatch):
+    """The git package's API (positional model, bs=, returns x_adv) through a stand-in module that, as AutoAttack
+    does on a randomized defense, returns the clean input for one sample: the report flags it as not attacked."""
     import types
 
     calls = {}
@@ -160,28 +203,65 @@ def test_autoattack_git_package_api(tmp_path, monkeypatch):
 
         def run_standard_evaluation(self, x, y, bs=250, return_labels=False):
             calls["bs"] = bs
-            return (x + 0.05).clamp(0, 1)
+            out = (x + 0.05).clamp(0, 1)
+            out[1] = x[1]
+            return out
 
     monkeypatch.setitem(sys.modules, "autoattack", types.SimpleNamespace(AutoAttack=AutoAttack))
     rep = evaluate(None, dpf.load_classifier("digits"), "digits:test", tmp_path / "git", attack="autoattack",
-                   aa_package="autoattack", aa_version="rand", eps=0.05, n_images=3, n_eval=1, batch_size=3,
-                   progress=False)
+                   aa_mode="as-released", aa_package="autoattack", aa_version="rand", eps=0.05, n_images=3,
+                   n_eval=1, batch_size=3, progress=False)
     assert calls == dict(norm="Linf", eps=0.05, version="rand", verbose=False, device="cpu", bs=3)
     assert rep["configuration"]["eval"]["aa_package"] == "autoattack"
+    assert rep["not_attacked"] == {"count": 1, "indices": [1]}
+    assert rep["robust_attacked_only"]["single_shot"]["total"] == 2
+    md = (tmp_path / "git" / "report.md").read_text()
+    assert "1 of 3 samples were judged at distance 0" in md and "AS RELEASED" in md
 
 
 def test_missing_autoattack_package_names_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "autoattack", None)   # import fails
-    with pytest.raises(ImportError, match="fra31/auto-attack"):
-        evaluate(None, "digits", "digits:test", tmp_path, attack="autoattack", aa_package="autoattack",
-                 n_images=1)
+    for kw in (dict(aa_mode="as-released"), dict(aa_version="standard")):
+        with pytest.raises(ImportError, match="fra31/auto-attack"):
+            evaluate(None, "digits", "digits:test", tmp_path, attack="autoattack", aa_package="autoattack",
+                     n_images=1, **kw)
+
+
+def test_apgd_eot_through_the_harness(tmp_path):
+    pur = build_defense(dpf.load_score_model("digits"), grad_mode="full", t_star=0.1, steps=2, dt=None)
+    rep = evaluate(pur, "digits", "digits:test", tmp_path / "apgd", attack="apgd-eot", eps=0.1, steps=3, eot=2,
+                   restarts=2, n_eval=2, n_images=3, batch_size=3, progress=False)
+    recs = list(read_records(tmp_path / "apgd").values())
+    assert all(set(r["selection"]) == {"apgd-eot:r0", "apgd-eot:r1"} and 0 < r["linf"] <= 0.1 + 1e-6
+               for r in recs)
+    assert len(rep["attack_curve"]) == 4 and all(len(r["attack_pred_trace"]) == 2 for r in recs)
+    assert rep["configuration"]["eval"]["n_select"] == 2 and "step_size" not in rep["configuration"]["eval"]
+
+
+def test_attack_options_an_attack_does_not_take_are_refused():
+    for kw, name in ((dict(attack="autoattack", loss="dlr"), "loss"),
+                     (dict(attack="autoattack", step_size=0.01), "step_size"),
+                     (dict(attack="autoattack", aa_mode="as-released", steps=10), "steps"),
+                     (dict(attack="autoattack", aa_mode="as-released", eot=5), "eot"),
+                     (dict(attack="autoattack", aa_queries=100), "aa_queries"),
+                     (dict(attack="apgd-eot", step_size=0.01), "step_size"),
+                     (dict(attack="apgd-eot", random_start=False), "random_start"),
+                     (dict(attack="pgd-eot", aa_mode="native"), "aa_mode"),
+                     (dict(attack="pgd-eot", aa_version="rand"), "aa_version"),
+                     (dict(attack="autoattack", aa_mode="patched"), "aa_mode")):
+        with pytest.raises(ValueError, match=name):
+            EvalConfig(**kw)
+    cfg = EvalConfig(attack="autoattack", aa_version="standard")
+    assert (cfg.steps, cfg.eot, cfg.restarts, cfg.aa_queries, cfg.n_select) == (100, 1, 1, 5000, 10)
+    assert EvalConfig(attack="pgd-eot", n_eval=4).deciding()["n_select"] == 4
 
 
 def test_bad_arguments_are_named(tmp_path):
     clf = dpf.load_classifier("digits")
     for kw, name in ((dict(attack="fgsm"), "attack"), (dict(norm="l1"), "norm"), (dict(eps=8), "eps"),
                      (dict(n_eval=0), "n_eval"), (dict(eot=0), "eot"), (dict(batch_size=0), "batch_size"),
-                     (dict(loss="mse"), "loss"), (dict(aa_version="plus", attack="autoattack"), "aa_version")):
+                     (dict(loss="mse"), "loss"), (dict(aa_version="plus", attack="autoattack"), "aa_version"),
+                     (dict(n_select=0), "n_select")):
         with pytest.raises(ValueError, match=name):
             EvalConfig(**kw)
     with pytest.raises(ValueError, match="n_images"):

@@ -1,9 +1,14 @@
 """Attacks through the purifier: PGD-EOT (L-inf, L2; CE / DLR / CW losses; batched EOT), BPDA+EOT (PGD-EOT through
-``grad_mode="bpda"``), and adapters for both AutoAttack packages (``attacks.autoattack``, imported lazily)."""
+``grad_mode="bpda"``), APGD-EOT (``apgd``: AutoAttack's APGD with EOT), AutoAttack natively or as released
+(``autoattack``; the packages imported lazily), and the fresh-noise selection among an attack's candidates
+(``selection``)."""
 
+from .apgd import APGDResult, apgd_eot
 from .defended import CallCountedModel, DefendedClassifier
-from .pgd import EOT_REDUCTIONS, LOSSES, NORMS, PGDResult, attack_loss, eot_gradient, pgd_eot, pgd_linf
+from .pgd import EOT_REDUCTIONS, LOSSES, NORMS, TARGETED_LOSSES, PGDResult, attack_loss, eot_gradient, pgd_eot, pgd_linf
 from .randomness import derive_seed, eot_noise_ids
+from .selection import Candidate, Selection, select_candidates
 
-__all__ = ["EOT_REDUCTIONS", "LOSSES", "NORMS", "CallCountedModel", "DefendedClassifier", "PGDResult",
-           "attack_loss", "derive_seed", "eot_gradient", "eot_noise_ids", "pgd_eot", "pgd_linf"]
+__all__ = ["APGDResult", "EOT_REDUCTIONS", "LOSSES", "NORMS", "TARGETED_LOSSES", "CallCountedModel", "Candidate",
+           "DefendedClassifier", "PGDResult", "Selection", "apgd_eot", "attack_loss", "derive_seed", "eot_gradient",
+           "eot_noise_ids", "pgd_eot", "pgd_linf", "select_candidates"]

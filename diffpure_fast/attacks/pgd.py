@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["EOT_REDUCTIONS", "LOSSES", "NORMS", "PGDResult", "attack_loss", "eot_gradient", "pgd_eot", "pgd_linf"]
+__all__ = ["EOT_REDUCTIONS", "LOSSES", "NORMS", "TARGETED_LOSSES", "PGDResult", "attack_loss", "eot_gradient",
+           "pgd_eot", "pgd_linf"]
 
 
 def pgd_linf(forward: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tensor, y: torch.Tensor, *,
@@ -56,20 +57,30 @@ def pgd_linf(forward: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tens
 # PGD-EOT against a randomized defense, with batched EOT (the harness's attack).
 
 LOSSES = ("ce", "dlr", "cw")
+TARGETED_LOSSES = ("dlr-targeted",)
 NORMS = ("linf", "l2")
 EOT_REDUCTIONS = ("loss", "logits")
 
 
-def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str, target: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample loss (B,) that the attack *maximises* (higher = closer to misclassification).
 
     ``ce``: cross-entropy; ``cw``: the CW margin ``max_{k != y} z_k - z_y``; ``dlr``: Croce & Hein's difference of
-    logits ratio ``-(z_y - max_{k != y} z_k) / (z_pi1 - z_pi3 + 1e-12)`` (needs at least 3 classes).
-    logits: (B, K); y: (B,) int64.
+    logits ratio ``-(z_y - max_{k != y} z_k) / (z_pi1 - z_pi3 + 1e-12)`` (needs at least 3 classes);
+    ``dlr-targeted``: their targeted DLR ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)`` towards ``target``
+    (needs at least 4 classes; Croce & Hein, ICML 2020, eq. 7; ``autopgd_base.dlr_loss_targeted``).
+    logits: (B, K); y, target: (B,) int64.
     """
     if loss == "ce":
         return F.cross_entropy(logits, y, reduction="none")
     z_y = logits.gather(1, y[:, None])[:, 0]
+    if loss == "dlr-targeted":
+        if target is None:
+            raise ValueError("target: loss 'dlr-targeted' needs the target classes, got None")
+        if logits.shape[1] < 4:
+            raise ValueError(f"loss: 'dlr-targeted' needs at least 4 classes, got {logits.shape[1]}")
+        s = logits.sort(1, descending=True).values
+        return (logits.gather(1, target[:, None])[:, 0] - z_y) / (s[:, 0] - 0.5 * (s[:, 2] + s[:, 3]) + 1e-12)
     other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
     if loss == "cw":
         return other - z_y
@@ -78,7 +89,7 @@ def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tenso
             raise ValueError(f"loss: 'dlr' needs at least 3 classes, got {logits.shape[1]}")
         s = logits.sort(1, descending=True).values
         return (other - z_y) / (s[:, 0] - s[:, 2] + 1e-12)
-    raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+    raise ValueError(f"loss: expected one of {(*LOSSES, *TARGETED_LOSSES)}, got {loss!r}")
 
 
 def _copy_sum(per_copy: torch.Tensor, eot: int) -> torch.Tensor:
@@ -98,7 +109,7 @@ def _chunks(n: int, chunk: int | None):
 
 def eot_gradient(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor, *, seed: int, eot: int,
                  loss: str = "ce", eot_reduce: str = "loss", chunk_size: int | None = None, batched: bool = True,
-                 need_grad: bool = True):
+                 need_grad: bool = True, target: torch.Tensor | None = None):
     """The EOT gradient at x: the mean over ``eot`` purification draws of d loss / d x.
 
     Batched (default): the eot copies of the batch go through the purifier together, as one batch of eot * B (in
@@ -111,19 +122,26 @@ def eot_gradient(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.T
     ``"logits"`` takes the loss of the mean logits (DiffPure's BPDA+EOT), computed with a no-grad first pass.
 
     Args: defended: a ``DefendedClassifier``; x: (B, C, H, W) in [0, 1]; y: (B,) int64; sample_ids: (B,) int64
-    global indices; seed: the purifier seed of this step.
+    global indices; seed: the purifier seed of this step; target: (B,) int64 target classes of a targeted loss.
     Returns: (grad (B, C, H, W) or None without need_grad, mean logits (B, K), loss (B,) of the EOT estimate).
     """
     from .randomness import eot_noise_ids
 
-    if loss not in LOSSES:
-        raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+    if loss not in LOSSES + TARGETED_LOSSES:
+        raise ValueError(f"loss: expected one of {LOSSES + TARGETED_LOSSES}, got {loss!r}")
+    if (target is not None) != (loss in TARGETED_LOSSES):
+        raise ValueError(f"target: given exactly when the loss is targeted {TARGETED_LOSSES}, got loss={loss!r} "
+                         f"with target {'given' if target is not None else 'None'}")
     if eot_reduce not in EOT_REDUCTIONS:
         raise ValueError(f"eot_reduce: expected one of {EOT_REDUCTIONS}, got {eot_reduce!r}")
     b = x.shape[0]
     x = x.detach()
     ids = eot_noise_ids(sample_ids, eot).to(x.device)
     y_rep = y.repeat(eot)
+    t_rep = None if target is None else target.repeat(eot)
+
+    def copy_loss(logits, c0, c1):
+        return attack_loss(logits, y_rep[c0:c1], loss, None if t_rep is None else t_rep[c0:c1])
 
     if batched:
         x_rep = x.repeat(eot, 1, 1, 1)
@@ -152,14 +170,14 @@ def eot_gradient(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.T
             # d (sum of per-copy losses) / d logits; the 1/eot of the mean is applied once, after the copy sum
             with torch.enable_grad():
                 lg = logits if logits.requires_grad else logits.detach().requires_grad_(True)
-                return torch.autograd.grad(attack_loss(lg, y_rep[c0:c1], loss).sum(), lg, retain_graph=True)[0]
+                return torch.autograd.grad(copy_loss(lg, c0, c1).sum(), lg, retain_graph=True)[0]
         for k, (c0, c1) in enumerate(spans):
             copy_logits[k], g = run(c0, c1, d_loss if need_grad else None)
             if need_grad:
                 copy_grads[c0:c1] = g
         logits_all = torch.cat(copy_logits)
         mean_logits = _copy_sum(logits_all, eot) / eot
-        loss_value = _copy_sum(attack_loss(logits_all, y_rep, loss), eot) / eot
+        loss_value = _copy_sum(copy_loss(logits_all, 0, eot * b), eot) / eot
         grad = _copy_sum(copy_grads, eot) / eot if need_grad else None
         return grad, mean_logits, loss_value
 
@@ -169,7 +187,7 @@ def eot_gradient(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.T
         logits_all = torch.cat([run(c0, c1)[0] for c0, c1 in spans])
     mean_logits = (_copy_sum(logits_all, eot) / eot).requires_grad_(True)
     with torch.enable_grad():
-        loss_value = attack_loss(mean_logits, y, loss)
+        loss_value = attack_loss(mean_logits, y, loss, target)
         g_mean = torch.autograd.grad(loss_value.sum(), mean_logits)[0]
     g_rep = g_mean.repeat(eot, 1)
     for c0, c1 in spans:
@@ -211,13 +229,16 @@ class PGDResult:
 
     x_adv: (B, C, H, W) in [0, 1] within the eps-ball; pred_trace: (R, S + 1, B) int64, the EOT prediction (argmax
     of the mean logits) at each iterate of each restart (iterate 0 is the start, S the final one); loss_trace:
-    (R, S + 1, B) the EOT loss there; restart: (B,) the restart whose final iterate was kept.
+    (R, S + 1, B) the EOT loss there; restart: (B,) the restart whose final iterate was kept; finals:
+    (R, B, C, H, W) every restart's final iterate (the harness chooses among them with fresh noise,
+    ``attacks.selection``).
     """
 
     x_adv: torch.Tensor
     pred_trace: torch.Tensor
     loss_trace: torch.Tensor
     restart: torch.Tensor
+    finals: torch.Tensor
 
 
 def pgd_eot(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor, *, eps: float, steps: int,
@@ -282,4 +303,4 @@ def pgd_eot(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor
     chosen = score.argmax(0)
     stacked = torch.stack(finals)
     x_best = stacked[chosen.to(x.device), torch.arange(b, device=x.device)]
-    return PGDResult(x_adv=x_best, pred_trace=preds, loss_trace=losses, restart=chosen)
+    return PGDResult(x_adv=x_best, pred_trace=preds, loss_trace=losses, restart=chosen, finals=stacked)

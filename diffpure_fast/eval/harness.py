@@ -2,18 +2,24 @@
 
 For each sample (global index i of the data set):
 
-1. clean: the defense classifies x ``n_eval`` times with fresh noise (seed ``derive_seed(seed, 'eval-clean', e)``,
-   noise id i);
+1. clean: the defense classifies x ``n_eval`` times, evaluation e with seed ``derive_seed(seed, 'eval', e)`` and
+   noise id i;
 2. attack: PGD-EOT (``pgd-eot``), DiffPure's BPDA+EOT (``bpda-eot``: PGD-EOT through ``grad_mode="bpda"``, 50
-   steps of 2/255, 15 EOT draws averaged in logits) or AutoAttack (``autoattack``, either package) produces x_adv;
-3. judge: the defense classifies x_adv ``n_eval`` times with noise the attack never saw (``'eval-adv'`` seeds).
+   steps of 2/255, 15 EOT draws averaged in logits), APGD-EOT (``apgd-eot``) or AutoAttack (``autoattack``, native
+   or as released) attacks *every* sample, whatever one clean evaluation said, and leaves one candidate per run
+   (restart, ensemble member); when there are several, the candidate misclassified most often by ``n_select``
+   fresh-noise evaluations is kept (``attacks.selection``). The clean input is never a candidate: only AutoAttack
+   as released can return it, and the report flags every sample judged at distance 0;
+3. judge: the defense classifies x_adv ``n_eval`` times with the clean evaluations' noise (the same seeds and ids:
+   common random numbers, so robust and clean accuracy differ by the perturbation, not by the draws), which the
+   attack and the selection never saw.
 
 Samples go in blocks of ``batch_size`` consecutive indices; under ``torchrun`` rank r takes blocks r, r + W, ...
 Each finished block is appended to the rank's records file at once, so a killed run restarted with the same
 arguments skips finished samples (``records``), and rank 0 merges every file into ``report.md``/``report.json``.
 All randomness derives from (seed, global index), so the numbers do not depend on the batch size, the resume
-point or the process count (AutoAttack excepted: it draws from its own batches, so its blocks are part of the
-configuration).
+point or the process count (except where a package draws from its own batches: AutoAttack as released, and FAB
+and Square in the native standard version; their blocks are then part of the configuration).
 """
 
 from __future__ import annotations
@@ -31,17 +37,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..attacks import DefendedClassifier, derive_seed, pgd_eot
+from ..attacks import CallCountedModel, DefendedClassifier, derive_seed, pgd_eot
+from ..attacks.apgd import apgd_eot
 from ..attacks.pgd import EOT_REDUCTIONS, LOSSES, NORMS
+from ..attacks.selection import Candidate, select_candidates
 from . import records as rec
 from .defenses import describe_defense
 
 __all__ = ["ATTACKS", "BPDA_EOT_SETTINGS", "EvalConfig", "evaluate", "evaluate_batch"]
 
-ATTACKS = ("pgd-eot", "bpda-eot", "autoattack")
+ATTACKS = ("pgd-eot", "bpda-eot", "apgd-eot", "autoattack")
 # DiffPure's BPDA+EOT (bpda_eot/bpda_eot_attack.py): identity backward, 50 steps of 2/255, 15 EOT, logits averaged
 BPDA_EOT_SETTINGS = {"steps": 50, "step_size": 2 / 255, "eot": 15, "eot_reduce": "logits"}
 PGD_EOT_DEFAULTS = {"steps": 20, "step_size": None, "eot": 20, "eot_reduce": "loss"}
+# APGD-EOT: AutoAttack's 100 iterations and its rand version's 20 EOT draws
+APGD_EOT_DEFAULTS = {"steps": 100, "eot": 20, "eot_reduce": "loss"}
+# The options each attack takes (with its defaults); any other attack option given is an error naming it.
+_PGD_LIKE = ("steps", "step_size", "random_start", "restarts", "loss", "eot", "eot_reduce", "n_select")
+ATTACK_OPTIONS = {
+    "pgd-eot": _PGD_LIKE,
+    "bpda-eot": _PGD_LIKE,
+    "apgd-eot": ("steps", "restarts", "loss", "eot", "eot_reduce", "n_select"),
+    ("autoattack", "native"): ("steps", "restarts", "eot", "n_select", "aa_version", "aa_package", "aa_mode",
+                               "aa_queries"),
+    ("autoattack", "as-released"): ("aa_version", "aa_package", "aa_mode"),
+}
 # Test hooks: exit hard (as a kill would) after this many blocks were written; sleep this long after each block
 # (so that a test's SIGKILL lands between two known blocks).
 STOP_ENV = "DIFFPURE_FAST_EVAL_STOP_AFTER"
@@ -52,11 +72,26 @@ PAUSE_ENV = "DIFFPURE_FAST_EVAL_PAUSE_S"
 class EvalConfig:
     """Every option that decides an evaluation's numbers (written to ``config.json``).
 
-    eps in [0, 1] pixel units (L-inf 8/255 and L2 0.5 are CIFAR-10's usual radii); steps/step_size/eot/eot_reduce
-    default to the attack's own settings (pgd-eot: 20 steps of 2.5 eps / steps, 20 EOT; bpda-eot: DiffPure's);
-    n_eval: fresh-noise evaluations per sample; n_images: samples from index ``start`` (None: to the end);
-    batch_size: samples per block; chunk_size: at most this many image copies per purifier call (memory budget;
-    None: a whole block's eot * batch_size).
+    attack: ``"pgd-eot"``, ``"bpda-eot"`` (DiffPure's BPDA+EOT settings), ``"apgd-eot"`` (``attacks.apgd``) or
+    ``"autoattack"``. eps in [0, 1] pixel units (L-inf 8/255 and L2 0.5 are CIFAR-10's usual radii).
+    The attack options default to the attack's own settings when None, and an option the attack does not take is an
+    error naming it (``ATTACK_OPTIONS``):
+
+    * pgd-eot: steps 20 of step_size 2.5 eps / steps, eot 20, eot_reduce "loss", restarts 1, loss "ce", random start;
+      bpda-eot: 50 steps of 2/255, eot 15 averaged in logits;
+    * apgd-eot: steps 100, eot 20, restarts 1, loss "ce" (its step size adapts from 2 eps; it always starts at a
+      random point);
+    * autoattack: aa_mode "native" (every sample attacked, each run's best iterate kept, the candidate chosen by
+      fresh-noise evaluations; ``attacks.autoattack``) or "as-released" (the unpatched package: its single noisy
+      evaluation decides which samples are attacked and falls back to the clean input; labelled so in the report);
+      aa_version "rand" (APGD-CE + APGD-DLR, 20 EOT) or "standard"; aa_package "auto"; in the native mode steps
+      (100), eot (rand 20, standard 1), restarts (1) and aa_queries (Square's, standard only: 5000) may be set.
+
+    n_select: fresh-noise evaluations that choose among a sample's candidates when an attack leaves several
+    (restarts, the runs of AutoAttack's ensemble; ``attacks.selection``); default n_eval.
+    n_eval: fresh-noise evaluations that judge each sample; n_images: samples from index ``start`` (None: to the
+    end); batch_size: samples per block; chunk_size: at most this many image copies per purifier call (memory
+    budget; None: a whole block's eot * batch_size).
     """
 
     attack: str = "pgd-eot"
@@ -64,13 +99,16 @@ class EvalConfig:
     eps: float = 8 / 255
     steps: int | None = None
     step_size: float | None = None
-    random_start: bool = True
-    restarts: int = 1
-    loss: str = "ce"
+    random_start: bool | None = None
+    restarts: int | None = None
+    loss: str | None = None
     eot: int | None = None
     eot_reduce: str | None = None
-    aa_version: str = "rand"
-    aa_package: str = "auto"
+    aa_version: str | None = None
+    aa_package: str | None = None
+    aa_mode: str | None = None
+    aa_queries: int | None = None
+    n_select: int | None = None
     n_eval: int = 10
     n_images: int | None = None
     start: int = 0
@@ -90,25 +128,31 @@ class EvalConfig:
         if self.norm == "linf" and self.eps > 1:
             raise ValueError(f"eps: an L-inf radius is in [0, 1] pixel units, got {self.eps} (did you mean "
                              f"{self.eps}/255?)")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss: expected one of {LOSSES}, got {self.loss!r}")
-        defaults = BPDA_EOT_SETTINGS if self.attack == "bpda-eot" else PGD_EOT_DEFAULTS
-        for k, v in defaults.items():
-            if getattr(self, k) is None:
-                object.__setattr__(self, k, v)
         if self.attack == "autoattack":
-            from ..attacks.autoattack import AA_PACKAGES, AA_VERSIONS
+            from ..attacks.autoattack import AA_MODES, AA_PACKAGES, AA_VERSIONS
 
-            if self.aa_version not in AA_VERSIONS:
-                raise ValueError(f"aa_version: expected one of {AA_VERSIONS}, got {self.aa_version!r}")
-            if self.aa_package not in ("auto", *AA_PACKAGES):
-                raise ValueError(f"aa_package: expected 'auto' or one of {AA_PACKAGES}, got {self.aa_package!r}")
-        if self.eot_reduce not in EOT_REDUCTIONS:
+            for name, default, choices in (("aa_mode", "native", AA_MODES), ("aa_version", "rand", AA_VERSIONS),
+                                           ("aa_package", "auto", ("auto", *AA_PACKAGES))):
+                v = getattr(self, name)
+                if v is None:
+                    object.__setattr__(self, name, default)
+                elif v not in choices:
+                    raise ValueError(f"{name}: expected one of {choices}, got {v!r}")
+        takes = self.attack_options
+        for name in sorted(set().union(*ATTACK_OPTIONS.values()) - set(takes)):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name}: not an option of attack={self.attack!r}"
+                                 + (f" with aa_mode={self.aa_mode!r}" if self.attack == "autoattack" else "")
+                                 + f" (its options: {', '.join(takes)})")
+        self._resolve_defaults()
+        if self.loss is not None and self.loss not in LOSSES:
+            raise ValueError(f"loss: expected one of {LOSSES}, got {self.loss!r}")
+        if self.eot_reduce is not None and self.eot_reduce not in EOT_REDUCTIONS:
             raise ValueError(f"eot_reduce: expected one of {EOT_REDUCTIONS}, got {self.eot_reduce!r}")
-        for name, lo in (("steps", 0), ("restarts", 1), ("eot", 1), ("n_eval", 1), ("start", 0), ("seed", 0),
-                         ("batch_size", 1), ("grid_images", 0)):
+        for name, lo in (("steps", 0), ("restarts", 1), ("eot", 1), ("n_eval", 1), ("n_select", 1), ("start", 0),
+                         ("seed", 0), ("batch_size", 1), ("grid_images", 0), ("aa_queries", 1)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
                 raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
         for name in ("n_images", "chunk_size"):
             v = getattr(self, name)
@@ -116,21 +160,62 @@ class EvalConfig:
                 raise ValueError(f"{name}: expected an int >= 1 or None, got {v!r}")
         if self.step_size is not None and not (isinstance(self.step_size, (int, float)) and self.step_size > 0):
             raise ValueError(f"step_size: expected a float > 0 or None, got {self.step_size!r}")
+        if self.random_start is not None and not isinstance(self.random_start, bool):
+            raise ValueError(f"random_start: expected a bool, got {self.random_start!r}")
+
+    def _resolve_defaults(self) -> None:
+        """The attack's own settings for the options left None (recorded as used)."""
+        from ..attacks.autoattack import AA_SETTINGS
+
+        if self.attack in ("pgd-eot", "bpda-eot"):
+            defaults = dict(BPDA_EOT_SETTINGS if self.attack == "bpda-eot" else PGD_EOT_DEFAULTS, restarts=1,
+                            loss="ce", random_start=True)
+        elif self.attack == "apgd-eot":
+            defaults = dict(APGD_EOT_DEFAULTS, restarts=1, loss="ce")
+        elif self.aa_mode == "native":
+            s = AA_SETTINGS[self.aa_version]
+            defaults = {k: s[k] for k in ("steps", "eot", "restarts")}
+            if self.aa_version == "standard":
+                defaults["aa_queries"] = s["queries"]
+            elif self.aa_queries is not None:
+                raise ValueError("aa_queries: Square's query count is an option of aa_version='standard' (rand runs "
+                                 "no Square attack)")
+        else:
+            defaults = {}
+        if "n_select" in self.attack_options:
+            defaults["n_select"] = self.n_eval
+        for k, v in defaults.items():
+            if getattr(self, k) is None:
+                object.__setattr__(self, k, v)
 
     @property
-    def resolved_step_size(self) -> float:
+    def attack_options(self) -> tuple[str, ...]:
+        """The names of the options this attack (and AutoAttack mode) takes."""
+        return ATTACK_OPTIONS[(self.attack, self.aa_mode) if self.attack == "autoattack" else self.attack]
+
+    @property
+    def resolved_step_size(self) -> float | None:
+        if self.attack not in ("pgd-eot", "bpda-eot"):
+            return None
         return self.step_size if self.step_size is not None else 2.5 * self.eps / max(self.steps, 1)
 
+    @property
+    def package_batches(self) -> bool:
+        """Whether a sample's numbers depend on the block it sits in: only where a package draws from its own
+        batches (AutoAttack as released, and FAB/Square in the native standard version)."""
+        return self.attack == "autoattack" and (self.aa_mode == "as-released" or self.aa_version == "standard")
+
     def deciding(self) -> dict:
-        """The options that decide the numbers (batch and chunk sizes only decide AutoAttack's)."""
+        """The options that decide the numbers: the attack's own (``ATTACK_OPTIONS``) and the protocol's; the
+        batch size only where a package draws from its own batches; never the chunk size."""
         d = asdict(self)
         d["step_size"] = self.resolved_step_size
-        if self.attack != "autoattack":
-            for k in ("batch_size", "aa_version", "aa_package"):
-                d.pop(k)
-        else:
-            for k in ("steps", "step_size", "random_start", "restarts", "loss", "eot", "eot_reduce"):
-                d.pop(k)
+        for k in set().union(*ATTACK_OPTIONS.values()) - set(self.attack_options):
+            d.pop(k)
+        if self.attack == "autoattack" and self.aa_mode == "native" and self.aa_version == "rand":
+            d.pop("aa_package")  # the native rand version runs no package code
+        if not self.package_batches:
+            d.pop("batch_size")
         d.pop("chunk_size")
         return d
 
@@ -163,6 +248,56 @@ def _encode_image(img: torch.Tensor) -> dict:
     return {"shape": list(a.shape), "uint8_b64": base64.b64encode(a.tobytes()).decode()}
 
 
+@dataclass
+class _AttackRun:
+    """An attack's output for a batch: candidates to choose among (None: AutoAttack as released, whose ``x_adv``
+    is judged as it is), and the EOT prediction/loss traces (runs, S + 1, B) for the success curve, if any."""
+
+    candidates: list[Candidate] | None = None
+    x_adv: torch.Tensor | None = None
+    pred_trace: torch.Tensor | None = None
+    loss_trace: torch.Tensor | None = None
+
+
+def _attack(defended: DefendedClassifier, x, y, ids, cfg: EvalConfig, progress) -> _AttackRun:
+    """Run cfg.attack on the batch (every sample, whatever one noisy clean evaluation said)."""
+    found = torch.ones(x.shape[0], dtype=torch.bool)
+    if cfg.attack in ("pgd-eot", "bpda-eot"):
+        res = pgd_eot(defended, x, y, ids, eps=cfg.eps, steps=cfg.steps, norm=cfg.norm,
+                      step_size=cfg.resolved_step_size, random_start=cfg.random_start, restarts=cfg.restarts,
+                      loss=cfg.loss, eot=cfg.eot, eot_reduce=cfg.eot_reduce, seed=cfg.seed,
+                      chunk_size=cfg.chunk_size, progress=progress)
+        names = [cfg.attack] if cfg.restarts == 1 else [f"{cfg.attack}:r{r}" for r in range(cfg.restarts)]
+        return _AttackRun([Candidate(n, res.finals[r], found) for r, n in enumerate(names)], None, res.pred_trace,
+                          res.loss_trace)
+    if cfg.attack == "apgd-eot":
+        runs = [apgd_eot(defended, x, y, ids, eps=cfg.eps, steps=cfg.steps, norm=cfg.norm, loss=cfg.loss, eot=cfg.eot,
+                         eot_reduce=cfg.eot_reduce, seed=derive_seed(cfg.seed, "apgd-eot", cfg.loss, r),
+                         chunk_size=cfg.chunk_size, progress=progress) for r in range(cfg.restarts)]
+        names = ["apgd-eot"] if cfg.restarts == 1 else [f"apgd-eot:r{r}" for r in range(cfg.restarts)]
+        return _AttackRun([Candidate(n, res.x_best, found) for n, res in zip(names, runs)], None,
+                          torch.stack([res.pred_trace for res in runs]), torch.stack([res.loss_trace for res in runs]))
+    from ..attacks.autoattack import autoattack_native, run_autoattack
+
+    block_seed = derive_seed(cfg.seed, "autoattack", int(ids[0]))
+    if cfg.aa_mode == "as-released":
+        model = CallCountedModel(defended, block_seed)
+        x_adv = run_autoattack(model, x, y, norm=cfg.norm, eps=cfg.eps, version=cfg.aa_version,
+                               seed=block_seed % (1 << 31), batch_size=x.shape[0], package=cfg.aa_package,
+                               device=x.device).detach()
+        if progress is not None:
+            progress(1)
+        return _AttackRun(None, x_adv)
+    # the native version's APGD runs are per sample (seeded by cfg.seed and the global index); only FAB and Square
+    # (standard) draw from the block
+    seed = block_seed if cfg.package_batches else derive_seed(cfg.seed, "autoattack")
+    native = autoattack_native(defended, x, y, ids, version=cfg.aa_version, norm=cfg.norm, eps=cfg.eps,
+                               steps=cfg.steps, eot=cfg.eot, restarts=cfg.restarts, seed=seed,
+                               package=cfg.aa_package, queries=cfg.aa_queries or 0, chunk_size=cfg.chunk_size,
+                               progress=progress)
+    return _AttackRun(native.candidates, None, torch.stack(native.pred_traces), torch.stack(native.loss_traces))
+
+
 def evaluate_batch(defended: DefendedClassifier, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor,
                    cfg: EvalConfig, *, positions=None, progress=None) -> list[dict]:
     """Attack and judge one batch; returns one record (dict) per sample (see ``evaluate``).
@@ -174,36 +309,33 @@ def evaluate_batch(defended: DefendedClassifier, x: torch.Tensor, y: torch.Tenso
     """
     t0 = time.perf_counter()
     ids = sample_ids.to(x.device)
-    clean, _ = _predict_n(defended, x, ids, cfg, "eval-clean")
-    trace = losses = None
-    if cfg.attack == "autoattack":
-        from ..attacks import CallCountedModel
-        from ..attacks.autoattack import run_autoattack
-
-        block_seed = derive_seed(cfg.seed, "autoattack", int(sample_ids[0]))
-        model = CallCountedModel(defended, block_seed)
-        x_adv = run_autoattack(model, x, y, norm=cfg.norm, eps=cfg.eps, version=cfg.aa_version,
-                               seed=block_seed % (1 << 31), batch_size=x.shape[0], package=cfg.aa_package,
-                               device=x.device).detach()
-        if progress is not None:
-            progress(1)
+    clean, _ = _predict_n(defended, x, ids, cfg, "eval")
+    run = _attack(defended, x, y, ids, cfg, progress)
+    if run.candidates is None:  # AutoAttack as released: the package's own output, judged as it is
+        x_adv, chosen = run.x_adv, None
     else:
-        res = pgd_eot(defended, x, y, ids, eps=cfg.eps, steps=cfg.steps, norm=cfg.norm,
-                      step_size=cfg.resolved_step_size, random_start=cfg.random_start, restarts=cfg.restarts,
-                      loss=cfg.loss, eot=cfg.eot, eot_reduce=cfg.eot_reduce, seed=cfg.seed,
-                      chunk_size=cfg.chunk_size, progress=progress)
-        x_adv, trace, losses = res.x_adv, res.pred_trace, res.loss_trace
-    adv, purified = _predict_n(defended, x_adv, ids, cfg, "eval-adv", keep_first=True)
+        sel = select_candidates(defended, y, ids, run.candidates, seed=cfg.seed, n_select=cfg.n_select,
+                                chunk_size=cfg.chunk_size)
+        x_adv, chosen = sel.x_adv, sel
+    adv, purified = _predict_n(defended, x_adv, ids, cfg, "eval", keep_first=True)
     delta = (x_adv - x).flatten(1).double().cpu()
     per_sample_s = (time.perf_counter() - t0) / x.shape[0]
     out = []
     for b in range(x.shape[0]):
         r = {"index": int(sample_ids[b]), "label": int(y[b]), "clean_pred": clean[:, b].tolist(),
              "adv_pred": adv[:, b].tolist(), "linf": float(delta[b].abs().max()), "l2": float(delta[b].norm()),
-             "seeds": {"base": cfg.seed, "attack_start": derive_seed(cfg.seed, "start", 0, int(sample_ids[b]))}}
-        if trace is not None:
-            r["attack_pred_trace"] = trace[:, :, b].tolist()
-            r["attack_loss_trace"] = [[round(float(v), 9) for v in row] for row in losses[:, :, b]]
+             "seeds": {"base": cfg.seed}}
+        if cfg.attack in ("pgd-eot", "bpda-eot"):
+            r["seeds"]["attack_start"] = derive_seed(cfg.seed, "start", 0, int(sample_ids[b]))
+        if chosen is not None:
+            r["candidate"] = run.candidates[int(chosen.chosen[b])].name
+            if len(run.candidates) > 1:  # what the selection saw: misclassified draws and mean margin per run
+                r["selection"] = {c.name: [int(chosen.wrong[k, b]), None if not c.found[b] else
+                                           round(float(chosen.margin[k, b]), 6)]
+                                  for k, c in enumerate(run.candidates)}
+        if run.pred_trace is not None:
+            r["attack_pred_trace"] = run.pred_trace[:, :, b].tolist()
+            r["attack_loss_trace"] = [[round(float(v), 9) for v in row] for row in run.loss_trace[:, :, b]]
         if positions is not None and positions[b] < cfg.grid_images:
             r["images"] = {"clean": _encode_image(x[b]), "adversarial": _encode_image(x_adv[b]),
                            "purified": _encode_image(purified[b])}
@@ -292,7 +424,7 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
     if not isinstance(config, EvalConfig):
         raise TypeError(f"config: expected an EvalConfig, got {type(config).__name__}")
     cfg = config
-    if cfg.attack == "autoattack":
+    if cfg.attack == "autoattack" and (cfg.aa_mode == "as-released" or cfg.aa_version == "standard"):
         from ..attacks.autoattack import autoattack_package
 
         autoattack_package(cfg.aa_package)  # a missing package fails now, not after the clean evaluation
@@ -337,7 +469,14 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
     position = {i: k for k, i in enumerate(indices)}
     stop_after = int(os.environ.get(STOP_ENV, "0"))
     pause = float(os.environ.get(PAUSE_ENV, "0"))
-    steps_per_block = 1 if cfg.attack == "autoattack" else cfg.restarts * (cfg.steps + 1)
+    if cfg.attack != "autoattack":
+        steps_per_block = cfg.restarts * (cfg.steps + 1)
+    elif cfg.aa_mode == "native":
+        from ..attacks.autoattack import autoattack_units
+
+        steps_per_block = autoattack_units(cfg.aa_version, steps=cfg.steps, restarts=cfg.restarts)
+    else:
+        steps_per_block = 1
 
     from tqdm.auto import tqdm
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -59,20 +60,80 @@ def compute_report(folder: str | Path) -> dict:
         curve = [a.as_dict() for a in robust_curve(labels, [r["attack_pred_trace"] for r in records])]
     ev = config["eval"]
     expected = config.get("n_samples")
-    return {
+    # A sample judged at distance 0 was not attacked (AutoAttack as released returns the clean input where one noisy
+    # evaluation said the attack failed): its "robust" entries are clean-image results, so they are counted apart.
+    unattacked = [r["index"] for r in records if r["linf"] == 0.0]
+    attacked = [r for r in records if r["linf"] != 0.0]
+    chosen = Counter(r["candidate"] for r in records if "candidate" in r)
+    rep = {
         "configuration": config,
         "n_samples": len(records),
         "complete": expected is None or len(records) == expected,
         "n_eval": ev["n_eval"],
+        "attack": attack_description(ev),
         "gradient": _gradient(config),
         "clean": {k: v.as_dict() for k, v in clean.items()},
         "robust": {k: v.as_dict() for k, v in robust.items()},
+        "not_attacked": {"count": len(unattacked), "indices": unattacked},
+        "robust_attacked_only": ({k: v.as_dict() for k, v in protocol_metrics(
+            [r["label"] for r in attacked], [r["adv_pred"] for r in attacked]).items()}
+            if unattacked and attacked else None),
+        "chosen_candidates": dict(sorted(chosen.items())),
         "attack_curve": curve,
         "perturbation": {"max_linf": max(r["linf"] for r in records), "max_l2": max(r["l2"] for r in records)},
         "time_s": {"sum_over_samples": sum(r.get("time_s", 0.0) for r in records)},
         "environment": env,
         "indices": [r["index"] for r in records],
     }
+    rep["warnings"] = _warnings(rep)
+    return rep
+
+
+def attack_description(ev: dict) -> str:
+    """The attack of an evaluation's options (``config.json``'s ``eval``), in words."""
+    atk = ev["attack"]
+    if atk in ("pgd-eot", "bpda-eot"):
+        return (f"{atk}: {ev['steps']} steps of {ev['step_size']:.5g}, {ev['eot']} EOT ({ev['eot_reduce']} "
+                f"averaged), loss {ev['loss']}, {ev['restarts']} restart(s), random start {ev['random_start']}")
+    if atk == "apgd-eot":
+        return (f"apgd-eot: APGD (Croce & Hein's schedule, momentum 0.75) with {ev['steps']} iterations, {ev['eot']} "
+                f"EOT ({ev['eot_reduce']} averaged), loss {ev['loss']}, {ev['restarts']} restart(s); each run's "
+                f"best iterate by EOT loss")
+    if ev["aa_mode"] == "as-released":
+        return (f"AutoAttack version={ev['aa_version']} AS RELEASED ({ev['aa_package']} package, unpatched: one noisy "
+                f"evaluation decides which samples are attacked, and an attack's output is kept only where one more "
+                f"noisy evaluation misclassifies it, else the clean input is returned)")
+    from ..attacks.autoattack import AA_SETTINGS
+
+    s = AA_SETTINGS[ev["aa_version"]]
+    runs = {"apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "apgd-t": f"APGD-T ({s.get('targets')} targets)",
+            "fab-t": f"FAB-T ({s.get('targets')} targets, the {ev.get('aa_package')} package's class)",
+            "square": f"Square ({ev.get('aa_queries')} queries, the {ev.get('aa_package')} package's class)"}
+    return (f"AutoAttack version={ev['aa_version']}, native protocol: {', '.join(runs[a] for a in s['attacks'])}; "
+            f"APGD natively with {ev['steps']} iterations, {ev['eot']} EOT, {ev['restarts']} restart(s); every "
+            f"sample attacked; each run's best iterate a candidate, chosen by {ev['n_select']} fresh-noise "
+            f"evaluations")
+
+
+def _warnings(rep: dict) -> list[str]:
+    """What a reader must know before quoting the numbers."""
+    out = []
+    ev = rep["configuration"]["eval"]
+    if ev["attack"] == "autoattack" and ev.get("aa_mode") == "as-released":
+        out.append("AutoAttack ran AS RELEASED on a randomized defense: its output falls back to the clean input "
+                   "wherever one noisy evaluation said an attack failed (AutoAttack pull requests #104/#105), so "
+                   "this robust accuracy is not a robustness number; use aa_mode='native'.")
+    na = rep["not_attacked"]
+    if na["count"]:
+        shown = ", ".join(map(str, na["indices"][:20])) + (", ..." if na["count"] > 20 else "")
+        out.append(f"{na['count']} of {rep['n_samples']} samples were judged at distance 0 from the clean input, i.e. "
+                   f"not attacked (indices {shown}); their robust entries are clean-image results."
+                   + (" The robust accuracy over the attacked samples alone is reported separately."
+                      if rep["robust_attacked_only"] else ""))
+    if rep["robust"]["single_shot"]["accuracy"] > rep["clean"]["single_shot"]["accuracy"]:
+        out.append("The robust single-shot accuracy is above the clean one: the attack did not find what one "
+                   "evaluation's noise already gives; check its strength before quoting it.")
+    return out
 
 
 def _fmt(a: dict) -> str:
@@ -82,29 +143,35 @@ def _fmt(a: dict) -> str:
 
 def _markdown(rep: dict) -> str:
     c, ev = rep["configuration"], rep["configuration"]["eval"]
-    atk = ev["attack"]
-    if atk == "autoattack":
-        what = f"AutoAttack version={ev['aa_version']} ({ev['aa_package']} package)"
-    else:
-        what = (f"{atk}: {ev['steps']} steps of {ev['step_size']:.5g}, {ev['eot']} EOT ({ev['eot_reduce']} "
-                f"averaged), loss {ev['loss']}, {ev['restarts']} restart(s), random start {ev['random_start']}")
-    lines = [f"# Evaluation: {c['defense'].get('method', c['defense'].get('class', 'defense'))} on {c['data']}", "",
-             f"Command: `{rep['environment'].get('command', '?')}`", "",
-             f"Attack: {what}; {ev['norm']} eps = {ev['eps']:.5g}.", "",
-             f"Gradient used by the attack: {rep['gradient']}.", "",
-             f"Samples: {rep['n_samples']}" + ("" if rep["complete"] else " (INCOMPLETE: the run has not finished)")
-             + f", each judged N = {rep['n_eval']} times with fresh purification noise.", "",
-             "| protocol | clean accuracy | 95% Wilson | correct / total | robust accuracy | 95% Wilson "
-             "| correct / total |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"# Evaluation: {c['defense'].get('method', c['defense'].get('class', 'defense'))} on {c['data']}", ""]
+    lines += [f"**Warning: {w}**\n" for w in rep.get("warnings", [])]
+    lines += [f"Command: `{rep['environment'].get('command', '?')}`", "",
+              f"Attack: {rep['attack']}; {ev['norm']} eps = {ev['eps']:.5g}.", "",
+              f"Gradient used by the attack: {rep['gradient']}.", "",
+              f"Samples: {rep['n_samples']}" + ("" if rep["complete"] else " (INCOMPLETE: the run has not finished)")
+              + f", each judged N = {rep['n_eval']} times with purification noise the attack never saw (the same "
+              "draws for the clean and the adversarial image).", "",
+              "| protocol | clean accuracy | 95% Wilson | correct / total | robust accuracy | 95% Wilson "
+              "| correct / total |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for k in PROTOCOL_METRICS:
         lines.append(f"| {_NAMES[k]} | {_fmt(rep['clean'][k])} | {_fmt(rep['robust'][k])} |")
+    if rep.get("robust_attacked_only"):
+        lines += ["", f"Robust accuracy over the {rep['n_samples'] - rep['not_attacked']['count']} attacked samples "
+                  "only (distance > 0):", "", "| protocol | robust accuracy | 95% Wilson | correct / total |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {_NAMES[k]} | {_fmt(rep['robust_attacked_only'][k])} |" for k in PROTOCOL_METRICS]
+    if rep.get("chosen_candidates") and len(rep["chosen_candidates"]) > 1:
+        lines += ["", "Candidate judged per sample (the run whose output the selection kept): "
+                  + ", ".join(f"{k} {v}" for k, v in rep["chosen_candidates"].items()) + "."]
     lines += ["", "The mean's interval counts the N draws of an image as independent trials; they are not, so it is "
               "too narrow.", ""]
     if rep["attack_curve"]:
         cv = rep["attack_curve"]
         pts = ", ".join(f"{s}: {100 * a['accuracy']:.1f}%" for s, a in enumerate(cv))
-        lines += [f"Attack-success curve (robust accuracy of the attack's own EOT prediction after each step): {pts}",
+        runs = " (APGD runs only)" if ev["attack"] == "autoattack" else ""
+        lines += [f"Attack-success curve{runs} (robust accuracy of the attack's own EOT prediction after each step; a "
+                  f"sample counts as robust at step s when every run still classifies it correctly): {pts}",
                   "", "![robust accuracy against attack step](curve.png)", ""]
     p = rep["perturbation"]
     lines += [f"Largest perturbation: L-inf {p['max_linf']:.5g}, L2 {p['max_l2']:.5g}.", "",
