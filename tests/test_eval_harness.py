@@ -343,3 +343,16 @@ def test_classifier_sources(tmp_path):
 def test_report_rebuild_needs_an_eval_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         write_report(tmp_path)
+
+
+def test_cli_autoattack_native_takes_iterations_and_eot(tmp_path):
+    # --attack-steps and --eot are AutoAttack's iterations and EOT draws in the native mode, recorded as used
+    p = _run(["eval", "--attack", "autoattack", "--attack-steps", "2", "--eot", "2", "--n-images", "2", "--steps", "1",
+              "--n-eval", "2", "--eps", "0.1", "--threads", "1", "--quiet", "--output", str(tmp_path / "aa")])
+    assert p.returncode == 0, p.stderr[-2000:]
+    rep = json.loads((tmp_path / "aa" / "report.json").read_text())
+    ev = rep["configuration"]["eval"]
+    assert (ev["steps"], ev["eot"], ev["aa_mode"], ev["aa_version"]) == (2, 2, "native", "rand")
+    assert "2 iterations, 2 EOT" in rep["attack"] and rep["not_attacked"]["count"] == 0
+    p = _run(["eval", "--attack", "autoattack", "--loss", "dlr", "--output", str(tmp_path / "x"), "--quiet"])
+    assert p.returncode == 2 and "loss" in p.stderr and "Traceback" not in p.stderr

@@ -36,6 +36,22 @@ def _gradient(config: dict) -> str:
     if config["grad_mode"] == "full" and guided:
         text += "; " + _GUIDANCE_GRADS.get(defense.get("guidance_grad"), str(defense.get("guidance_grad")))
     return text
+
+
+def _noise_mode(config: dict) -> str:
+    """The purification noise the attack saw, in words."""
+    if config["defense"].get("method", "").startswith("none"):
+        return "none (undefended classifier)"
+    ev = config["eval"]
+    if ev["attack"] == "autoattack" and ev["aa_mode"] == "as-released":
+        return "fresh noise at every call of the package's model (seeds counted per call within a block)"
+    text = ("fresh noise for every EOT draw of every iteration (seed from (seed, run, iteration), noise id from the "
+            "sample index and the draw)")
+    if ev["attack"] == "autoattack" and ev["aa_version"] == "standard":
+        text += "; FAB-T and Square: fresh noise at every call of the package's model"
+    return text
+
+
 _NAMES = {"single_shot": "single-shot (evaluation 1)", "mean": "mean over the N evaluations",
           "worst_of_n": "worst-of-N (correct on all N)", "majority_vote": "majority vote over N"}
 
@@ -72,6 +88,7 @@ def compute_report(folder: str | Path) -> dict:
         "n_eval": ev["n_eval"],
         "attack": attack_description(ev),
         "gradient": _gradient(config),
+        "noise": _noise_mode(config),
         "clean": {k: v.as_dict() for k, v in clean.items()},
         "robust": {k: v.as_dict() for k, v in robust.items()},
         "not_attacked": {"count": len(unattacked), "indices": unattacked},
@@ -148,6 +165,7 @@ def _markdown(rep: dict) -> str:
     lines += [f"Command: `{rep['environment'].get('command', '?')}`", "",
               f"Attack: {rep['attack']}; {ev['norm']} eps = {ev['eps']:.5g}.", "",
               f"Gradient used by the attack: {rep['gradient']}.", "",
+              f"Purification noise during the attack: {rep['noise']}.", "",
               f"Samples: {rep['n_samples']}" + ("" if rep["complete"] else " (INCOMPLETE: the run has not finished)")
               + f", each judged N = {rep['n_eval']} times with purification noise the attack never saw (the same "
               "draws for the clean and the adversarial image).", "",
