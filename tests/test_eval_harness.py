@@ -356,3 +356,24 @@ def test_cli_autoattack_native_takes_iterations_and_eot(tmp_path):
     assert "2 iterations, 2 EOT" in rep["attack"] and rep["not_attacked"]["count"] == 0
     p = _run(["eval", "--attack", "autoattack", "--loss", "dlr", "--output", str(tmp_path / "x"), "--quiet"])
     assert p.returncode == 2 and "loss" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_resume_with_other_score_weights_or_classifier_is_refused(tmp_path):
+    # Issue 20's instance: the stored configuration named only the score model's class, so a rerun with another
+    # checkpoint "resumed" the old model's records. Now the weights' fingerprint decides.
+    kw = dict(n_images=1, steps=0, n_eval=1, eps=0.1, progress=False)
+    model = dpf.load_score_model("digits")
+    pur = build_defense(model, grad_mode="full", steps=1, dt=None)
+    evaluate(pur, "digits", "digits:test", tmp_path / "r", **kw)
+    other = dpf.load_score_model("digits")
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    with pytest.raises(ValueError, match="defense"):
+        evaluate(build_defense(other, grad_mode="full", steps=1, dt=None), "digits", "digits:test", tmp_path / "r",
+                 **kw)
+    clf = dpf.load_classifier("digits")
+    with torch.no_grad():
+        next(clf.parameters()).add_(1e-3)
+    with pytest.raises(ValueError, match="classifier"):
+        evaluate(pur, clf, "digits:test", tmp_path / "r", **kw)
+    evaluate(pur, "digits", "digits:test", tmp_path / "r", **kw)  # the same again resumes

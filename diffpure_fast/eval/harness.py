@@ -42,7 +42,7 @@ from ..attacks.apgd import apgd_eot
 from ..attacks.pgd import EOT_REDUCTIONS, LOSSES, NORMS
 from ..attacks.selection import Candidate, select_candidates
 from . import records as rec
-from .defenses import describe_defense
+from .defenses import describe_defense, module_fingerprint
 
 __all__ = ["ATTACKS", "BPDA_EOT_SETTINGS", "EvalConfig", "evaluate", "evaluate_batch"]
 
@@ -449,7 +449,7 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
 
     out = Path(output)
     deciding = {"eval": cfg.deciding(), "defense": describe_defense(defense), "grad_mode": defended.grad_mode,
-                "classifier": classifier if isinstance(classifier, str) else type(clf).__name__,
+                "classifier": (f"{classifier} " if isinstance(classifier, str) else "") + module_fingerprint(clf),
                 "data": source.description, "n_samples": len(indices)}
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
