@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import os
 import platform
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._validate import OptionError, check_float, check_int
 from ..attacks import DefendedClassifier, derive_seed, pgd_eot
 from ..attacks.pgd import EOT_REDUCTIONS, LOSSES, NORMS
 from . import records as rec
@@ -84,12 +84,10 @@ class EvalConfig:
             raise ValueError(f"attack: expected one of {ATTACKS}, got {self.attack!r}")
         if self.norm not in NORMS:
             raise ValueError(f"norm: expected one of {NORMS}, got {self.norm!r}")
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not (
-                math.isfinite(self.eps) and self.eps >= 0):
-            raise ValueError(f"eps: expected a float >= 0, got {self.eps!r}")
+        object.__setattr__(self, "eps", check_float("eps", self.eps, low=0.0))
         if self.norm == "linf" and self.eps > 1:
-            raise ValueError(f"eps: an L-inf radius is in [0, 1] pixel units, got {self.eps} (did you mean "
-                             f"{self.eps}/255?)")
+            raise OptionError("eps", f"an L-inf radius is in [0, 1] pixel units, got {self.eps} (did you mean "
+                                     f"{self.eps:g}/255?)")
         if self.loss not in LOSSES:
             raise ValueError(f"loss: expected one of {LOSSES}, got {self.loss!r}")
         defaults = BPDA_EOT_SETTINGS if self.attack == "bpda-eot" else PGD_EOT_DEFAULTS
@@ -105,17 +103,14 @@ class EvalConfig:
                 raise ValueError(f"aa_package: expected 'auto' or one of {AA_PACKAGES}, got {self.aa_package!r}")
         if self.eot_reduce not in EOT_REDUCTIONS:
             raise ValueError(f"eot_reduce: expected one of {EOT_REDUCTIONS}, got {self.eot_reduce!r}")
+        # one integer rule for the package (diffpure_fast._validate); a NumPy integer is stored as the int it is
         for name, lo in (("steps", 0), ("restarts", 1), ("eot", 1), ("n_eval", 1), ("start", 0), ("seed", 0),
-                         ("batch_size", 1), ("grid_images", 0)):
+                         ("batch_size", 1), ("grid_images", 0), ("n_images", 1), ("chunk_size", 1)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
-        for name in ("n_images", "chunk_size"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name}: expected an int >= 1 or None, got {v!r}")
-        if self.step_size is not None and not (isinstance(self.step_size, (int, float)) and self.step_size > 0):
-            raise ValueError(f"step_size: expected a float > 0 or None, got {self.step_size!r}")
+            if v is not None or name not in ("n_images", "chunk_size"):
+                object.__setattr__(self, name, check_int(name, v, low=lo))
+        if self.step_size is not None:
+            object.__setattr__(self, "step_size", check_float("step_size", self.step_size, low=0.0, low_open=True))
 
     @property
     def resolved_step_size(self) -> float:
@@ -300,19 +295,23 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
     clf = load_classifier_spec(classifier, device)
     if defense is not None:
         defense = defense.to(device)
-        if cfg.attack == "bpda-eot" and defense.config.grad_mode != "bpda":
-            raise ValueError(f"attack: 'bpda-eot' is PGD-EOT through grad_mode='bpda' (DiffPure's BPDA+EOT); the "
-                             f"defense has grad_mode={defense.config.grad_mode!r} (build it with grad_mode='bpda', or "
-                             f"use attack='pgd-eot')")
-        if defense.config.grad_mode == "none":
-            raise ValueError("defense: grad_mode='none' gives the attack no gradient; build it with 'full', "
-                             "'adjoint', 'bpda' or 'surrogate'")
+        gm = defense.config.grad_mode
+        if cfg.attack == "bpda-eot" and gm != "bpda":
+            raise OptionError("attack", lambda s: (
+                f"'bpda-eot' is PGD-EOT through {s.setting('grad_mode', 'bpda')} (DiffPure's BPDA+EOT); the defense "
+                f"has {s.setting('grad_mode', gm)} (use {s.setting('grad_mode', 'bpda')}, or "
+                f"{s.setting('attack', 'pgd-eot')})"))
+        if gm == "none":
+            raise OptionError("defense", lambda s: f"{s.setting('grad_mode', 'none')} gives the attack no gradient; "
+                                                   f"use 'full', 'adjoint', 'bpda' or 'surrogate'")
     defended = DefendedClassifier(defense, clf)
     source = load_data(data, labels=labels)
     end = len(source) if cfg.n_images is None else cfg.start + cfg.n_images
     if end > len(source) or cfg.start >= len(source):
-        raise ValueError(f"n_images: {source.description} has {len(source)} samples; start={cfg.start} with "
-                         f"n_images={cfg.n_images} asks for indices up to {end - 1}")
+        raise OptionError("n_images" if cfg.n_images is not None else "start", lambda s: (
+            f"{source.description} has {len(source)} samples; {s.setting('start', cfg.start)}"
+            + (f" with {s.setting('n_images', cfg.n_images)}" if cfg.n_images is not None else "")
+            + f" asks for indices up to {end - 1}"))
     indices = list(range(cfg.start, end))
 
     out = Path(output)
