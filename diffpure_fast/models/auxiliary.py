@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .digits import WEIGHTS_DIR, read_weights
+from .digits import WEIGHTS_DIR, load_weights, read_weights
 
 __all__ = ["AUXILIARY_WEIGHTS", "AuxiliaryCNN", "auxiliary_outputs", "load_auxiliary"]
 
@@ -124,14 +124,8 @@ def load_auxiliary(name: str = "digits", device: str | torch.device | None = Non
     if name != "digits":
         raise ValueError(f"name: expected 'digits' (the one shipped auxiliary network), got {name!r}; load your own "
                          f"network and pass it as auxiliary=")
-    path = AUXILIARY_WEIGHTS if path is None else path
-    state, config, _ = read_weights(path, kind="auxiliary", hint=_TRAIN_HINT)
-    net = AuxiliaryCNN.from_config(config)
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ValueError(f"checkpoint: {path}: the weights do not match their config: "
-                         f"{str(exc).splitlines()[0]}") from None
+    state, config, _ = read_weights(path, kind="auxiliary", default=AUXILIARY_WEIGHTS, hint=_TRAIN_HINT)
+    net = load_weights(AuxiliaryCNN.from_config(config), state, path)
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
