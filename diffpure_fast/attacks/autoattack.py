@@ -16,18 +16,18 @@ import importlib
 import torch
 from torch import nn
 
+from .._optional import INSTALL, MissingDependency
+
 __all__ = ["AA_PACKAGES", "AA_VERSIONS", "autoattack_package", "run_autoattack"]
 
 AA_PACKAGES = ("autoattack", "pyautoattack")
 AA_VERSIONS = ("standard", "rand")
 _NORMS = {"linf": "Linf", "l2": "L2"}
-_INSTALL = {"autoattack": "pip install git+https://github.com/fra31/auto-attack",
-            "pyautoattack": "pip install pyautoattack"}
 
 
 def autoattack_package(package: str = "auto") -> tuple[str, object]:
     """(name, module) of the AutoAttack package to use: ``auto`` takes the git ``autoattack`` when importable, else
-    ``pyautoattack``. A missing package raises ImportError saying how to install it."""
+    ``pyautoattack``. A missing package raises ``MissingDependency`` (an ImportError) saying how to install it."""
     if package not in ("auto", *AA_PACKAGES):
         raise ValueError(f"aa_package: expected 'auto' or one of {AA_PACKAGES}, got {package!r}")
     names = AA_PACKAGES if package == "auto" else (package,)
@@ -36,9 +36,8 @@ def autoattack_package(package: str = "auto") -> tuple[str, object]:
             return name, importlib.import_module(name)
         except ImportError:
             continue
-    hint = " or ".join(f"`{_INSTALL[n]}`" for n in names)
-    raise ImportError(f"aa_package: the AutoAttack package {' / '.join(names)} is not installed; install it with "
-                      f"{hint}")
+    hint = " or ".join(f"`{INSTALL[n]}`" for n in names)
+    raise MissingDependency(f"{' / '.join(names)} is not installed (needed for AutoAttack); install it with {hint}")
 
 
 def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float, version: str,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._optional import available
 from . import records as rec
 from .metrics import PROTOCOL_METRICS, protocol_metrics, robust_curve
 
@@ -82,6 +83,8 @@ def _fmt(a: dict) -> str:
 
 def _markdown(rep: dict) -> str:
     c, ev = rep["configuration"], rep["configuration"]["eval"]
+    skipped = rep.get("plots", {}).get("skipped")
+    plots = skipped is None
     atk = ev["attack"]
     if atk == "autoattack":
         what = f"AutoAttack version={ev['aa_version']} ({ev['aa_package']} package)"
@@ -105,10 +108,10 @@ def _markdown(rep: dict) -> str:
         cv = rep["attack_curve"]
         pts = ", ".join(f"{s}: {100 * a['accuracy']:.1f}%" for s, a in enumerate(cv))
         lines += [f"Attack-success curve (robust accuracy of the attack's own EOT prediction after each step): {pts}",
-                  "", "![robust accuracy against attack step](curve.png)", ""]
+                  "", *(["![robust accuracy against attack step](curve.png)", ""] if plots else [])]
     p = rep["perturbation"]
     lines += [f"Largest perturbation: L-inf {p['max_linf']:.5g}, L2 {p['max_l2']:.5g}.", "",
-              "![clean / adversarial / purified](grid.png)", "",
+              *(["![clean / adversarial / purified](grid.png)", ""] if plots else [skipped, ""]),
               "Defense: " + ", ".join(f"{k}={v}" for k, v in c["defense"].items()), "",
               f"Classifier: {c['classifier']}", "",
               "Options: " + ", ".join(f"{k}={v}" for k, v in ev.items()), ""]
@@ -172,10 +175,20 @@ def _plots(folder: Path, rep: dict, records: list[dict]) -> None:
 
 
 def write_report(folder: str | Path) -> dict:
-    """Compute the report of ``folder`` and write report.json, report.md, curve.png and grid.png there."""
+    """Compute the report of ``folder`` and write report.json, report.md, curve.png and grid.png there.
+
+    The plots need matplotlib (optional): without it the report is written all the same, without them, and
+    report.md and report.json (``plots.skipped``) say so; stale plots of an earlier run are removed."""
     folder = Path(folder)
     rep = compute_report(folder)
+    has_mpl = available("matplotlib")
+    rep["plots"] = {"skipped": None if has_mpl else "Plots not written: matplotlib is not installed; pip install "
+                                                    "matplotlib (then diffpure-fast report FOLDER writes them)."}
     (folder / "report.json").write_text(json.dumps(rep, indent=2))
     (folder / "report.md").write_text(_markdown(rep))
-    _plots(folder, rep, rec.merge_records(folder))
+    if has_mpl:
+        _plots(folder, rep, rec.merge_records(folder))
+    else:
+        for name in ("curve.png", "grid.png"):
+            (folder / name).unlink(missing_ok=True)
     return rep
