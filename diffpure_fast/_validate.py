@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 from torch import nn
 
-__all__ = ["API", "OptionError", "OptionFileNotFoundError", "OptionTypeError", "Spelling", "check_bool",
+__all__ = ["API", "FlagSpelling", "OptionError", "OptionFileNotFoundError", "OptionTypeError", "Spelling", "check_bool",
            "check_choice", "check_eval_mode", "check_float", "check_int", "check_value_range"]
 
 
@@ -37,6 +37,26 @@ class Spelling:
 
 
 API = Spelling()
+
+
+class FlagSpelling(Spelling):
+    """A command line's spelling: each API keyword is the flag ``flags`` maps it to (``"--" + key`` with "-" for
+    "_" when absent); ``negated`` lists keywords whose flag sets them to False (``random_start``:
+    ``--no-random-start``)."""
+
+    def __init__(self, flags: dict[str, str] | None = None, negated: frozenset[str] = frozenset()):
+        self.flags, self.negated = dict(flags or {}), negated
+
+    def name(self, key: str) -> str:
+        return self.flags.get(key) or "--" + key.replace("_", "-")
+
+    def setting(self, key: str, value) -> str:
+        flag = self.name(key)
+        if isinstance(value, bool):
+            return flag if value != (key in self.negated) else f"no {flag}"
+        if isinstance(value, (tuple, list)):
+            return f"{flag} {' '.join(str(v) for v in value)}"
+        return f"{flag} {value}"
 
 
 class OptionError(ValueError):

@@ -18,7 +18,7 @@ from pathlib import Path
 __all__ = ["main", "build_parser"]
 
 from ._optional import missing_module
-from ._validate import OptionError, Spelling
+from ._validate import FlagSpelling, OptionError
 from .methods import GUIDANCE_GRADS, METHODS
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError)
@@ -32,14 +32,15 @@ _FLAGS = {
     ("eval", "defense"): "--defense", ("attack", "steps"): "--attack-steps",
 }
 # Flags that set their keyword to False when given.
-_NEGATED = {"random_start"}
+_NEGATED = frozenset({"random_start"})
 
 
-class _CommandLine(Spelling):
+class _CommandLine(FlagSpelling):
     """The spelling of one sub-command: an API keyword is its flag there (``_FLAGS``, else the parser's
     ``--keyword-with-dashes``); a keyword the sub-command has no flag for is said to be the Python API's."""
 
     def __init__(self, parser: argparse.ArgumentParser, command: str, scope: str | None = None):
+        super().__init__(negated=_NEGATED)
         self.command, self.scope = command, scope
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
         self.actions = sub._option_string_actions
@@ -48,19 +49,10 @@ class _CommandLine(Spelling):
         for scope in (self.scope, self.command, None):
             if (scope, key) in _FLAGS:
                 return _FLAGS[(scope, key)]
-        flag = "--" + key.replace("_", "-")
+        flag = super().name(key)
         if flag in self.actions:
             return flag
         return f"{key} (a Python API option with no flag in diffpure-fast {self.command})"
-
-    def setting(self, key: str, value) -> str:
-        flag = self.name(key)
-        if isinstance(value, bool):
-            given = value != (key in _NEGATED)
-            return flag if given else f"no {flag}"
-        if isinstance(value, (tuple, list)):
-            return f"{flag} {' '.join(str(v) for v in value)}"
-        return f"{flag} {value}"
 
 
 def _message(exc: BaseException, command: str) -> str:

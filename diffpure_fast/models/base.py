@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .._validate import check_bool
 from ..schedule import DIFFPURE_SCHEDULE, VPSchedule
 
 __all__ = ["AUTOCAST_DTYPES", "TIME_INPUTS", "AutocastModel", "EpsModel", "ScoreModel", "as_score_model",
@@ -86,7 +87,7 @@ class EpsModel(ScoreModel):
         self.in_channels = getattr(net, "in_channels", None) or getattr(net, "num_channels", None)
         self.image_size = getattr(net, "image_size", None)
         self.time_input = time_input
-        self.learned_sigma = bool(learned_sigma)
+        self.learned_sigma = check_bool("learned_sigma", learned_sigma)
         self.schedule = schedule
 
     def labels(self, t: torch.Tensor, levels: torch.Tensor | None) -> torch.Tensor:
