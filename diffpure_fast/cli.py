@@ -260,8 +260,17 @@ def _cmd_demo(args) -> int:
 
 
 def _check_common(args) -> None:
-    """Options purify/demo share that torch would otherwise reject with a RuntimeError (a traceback)."""
+    """Options purify/demo share that torch would otherwise reject with a RuntimeError (a traceback), and a
+    forced kernel implementation (DIFFPURE_FAST_IMPL) that cannot run here (triton not installed, no CUDA kernels),
+    which would fail only at the first solver step."""
     import torch
+
+    from . import ops
+
+    forced = ops.forced_impl()
+    if forced is not None and args.command != "info" and not ops.available(forced):
+        raise ValueError(f"{ops.IMPL_ENV}={forced}: that implementation is not available on this machine (for "
+                         f"triton: pip install triton); unset {ops.IMPL_ENV} to use the default one")
 
     if getattr(args, "threads", None) is not None:
         if args.threads < 1:

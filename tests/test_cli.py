@@ -336,6 +336,14 @@ def test_missing_optional_packages_are_one_line_errors(tmp_path, capsys, monkeyp
                        "--no-progress"], capsys)
     _assert_one_line_error(rc, err, "pip install pillow")
     digits_data._split_indices.cache_clear()
+    # a forced kernel implementation that cannot run here fails before the work, not at the first solver step
+    from diffpure_fast import ops
+
+    monkeypatch.setattr(ops, "forced_impl", lambda: "triton")
+    monkeypatch.setattr(ops, "available", lambda name: False)
+    rc, _, err = _run(["purify", "--model", "digits", "--input", tmp_path / "imgs", "--output", tmp_path / "o"],
+                      capsys)
+    _assert_one_line_error(rc, err, "DIFFPURE_FAST_IMPL=triton: that implementation is not available")
 
 
 @needs_weights
