@@ -307,11 +307,14 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
     defended = DefendedClassifier(defense, clf)
     source = load_data(data, labels=labels)
     end = len(source) if cfg.n_images is None else cfg.start + cfg.n_images
-    if end > len(source) or cfg.start >= len(source):
-        raise OptionError("n_images" if cfg.n_images is not None else "start", lambda s: (
-            f"{source.description} has {len(source)} samples; {s.setting('start', cfg.start)}"
-            + (f" with {s.setting('n_images', cfg.n_images)}" if cfg.n_images is not None else "")
-            + f" asks for indices up to {end - 1}"))
+    if cfg.start >= len(source):
+        raise OptionError("start", f"{source.description} has {len(source)} samples (indices 0..{len(source) - 1}), "
+                                   f"got {cfg.start}")
+    if end > len(source):
+        raise OptionError("n_images", lambda s: f"{source.description} has {len(source)} samples; "
+                                                f"{s.setting('start', cfg.start)} with "
+                                                f"{s.setting('n_images', cfg.n_images)} asks for indices up to "
+                                                f"{end - 1}")
     indices = list(range(cfg.start, end))
 
     out = Path(output)
