@@ -256,7 +256,9 @@ def purify(x: torch.Tensor, model: ScoreModel, *, method: str = "diffpure", seed
 
 def _purify(x, model, cfg: PurifyConfig, *, seed, noise_ids, forward_noise=None, increments=None) -> torch.Tensor:
     model = as_score_model(model)
-    # At every call, not only when the config was built: the caller may have switched the network since.
+    # At every call, not only when the config was built: the caller may have switched the network since. Cost:
+    # ~1.6 ms for the 643 modules of DiffPure's CIFAR-10 NCSN++ (2-core VM, under load), against ~25 ms for each
+    # of its 100 network calls there.
     check_eval_mode("model", model)
     _model_schedule(cfg.schedule, model)
     chain = cfg.chain(x.dtype if isinstance(x, torch.Tensor) else torch.float32)
