@@ -91,7 +91,8 @@ def time_ms(fn, device: torch.device, repeats: int, budget_s: float) -> tuple[fl
         t0 = time.perf_counter()
         fn()  # warm-up; also sizes the repeat count to the time budget
         first = time.perf_counter() - t0
-        repeats = max(3, min(repeats, int(budget_s / max(first, 1e-9))))
+        # the time budget lowers the count to no fewer than 3 calls, never above --repeats (documented: at most)
+        repeats = min(repeats, max(3, int(budget_s / max(first, 1e-9))))
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()

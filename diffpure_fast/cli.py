@@ -1,7 +1,10 @@
 """``diffpure-fast`` (also ``python -m diffpure_fast``): demo | purify | eval | report | info.
 
 Errors in what the user gave (missing or unreadable files, wrong shapes or channel counts, a checkpoint of the
-wrong family, an output that exists) print one line and exit with status 2, never a traceback.
+wrong family, an output that exists, a missing optional package) print one line and exit with status 2, never a
+traceback. An error of the Python API (``OptionError``) is printed in the command line's words: its arguments as
+this command's flags (``--t-star`` for ``t_star``, through ``_FLAGS``), so a remedy never names an option the
+command line does not have.
 """
 
 from __future__ import annotations
@@ -14,9 +17,51 @@ from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
+from ._optional import missing_module
+from ._validate import FlagSpelling, OptionError
 from .methods import GUIDANCE_GRADS, METHODS
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError)
+
+# The one table between API keywords and flags: where a flag is not "--" + the keyword with "-" for "_" (those
+# are found in each sub-command's parser). Keys (scope, keyword): scope None holds in every sub-command; the
+# others where one keyword means another flag (EvalConfig's steps are the attack's, --attack-steps).
+_FLAGS = {
+    (None, "family"): "--model", (None, "scale"): "--guidance-scale", (None, "random_start"): "--no-random-start",
+    (None, "folder"): "FOLDER", ("purify", "x"): "--input", ("eval", "x"): "--data", ("eval", "method"): "--defense",
+    ("eval", "defense"): "--defense", ("attack", "steps"): "--attack-steps",
+}
+# Flags that set their keyword to False when given.
+_NEGATED = frozenset({"random_start"})
+
+
+class _CommandLine(FlagSpelling):
+    """The spelling of one sub-command: an API keyword is its flag there (``_FLAGS``, else the parser's
+    ``--keyword-with-dashes``); a keyword the sub-command has no flag for is said to be the Python API's."""
+
+    def __init__(self, parser: argparse.ArgumentParser, command: str, scope: str | None = None):
+        super().__init__(negated=_NEGATED)
+        self.command, self.scope = command, scope
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+        self.actions = sub._option_string_actions
+
+    def name(self, key: str) -> str:
+        for scope in (self.scope, self.command, None):
+            if (scope, key) in _FLAGS:
+                return _FLAGS[(scope, key)]
+        flag = super().name(key)
+        if flag in self.actions:
+            return flag
+        return f"{key} (a Python API option with no flag in diffpure-fast {self.command})"
+
+
+def _message(exc: BaseException, command: str) -> str:
+    """The one-line message of a user error, in the command line's words."""
+    if isinstance(exc, OptionError):
+        msg = exc.render(_CommandLine(build_parser(), command, getattr(exc, "cli_scope", None)))
+    else:
+        msg = str(exc) or type(exc).__name__
+    return msg.splitlines()[0]
 
 
 def _add_solver_args(p: argparse.ArgumentParser, *, steps_default, t_star_default) -> None:
@@ -98,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="purification method, at its released defaults (default diffpure); --t-star, --steps, "
                         "--dt and --solver are DiffPure's options (--t-star and --steps also AGDM's)")
     p.add_argument("--solver", default=None, choices=("euler", "ddpm"), help="reverse solver (default euler)")
+    p.add_argument("--value-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="the range of a float input's values, kept in the output (default 0 1; e.g. 0 255 for "
+                        "float images in 0..255); uint8 arrays and image files are always 0..255")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_solver_args(p, steps_default=None, t_star_default=None)
     _add_agdm_args(p)
@@ -168,20 +216,27 @@ def _cmd_purify(args) -> int:
     out_kind = kind_of(dst) if dst.suffix else "folder"
     if out_kind != batch.kind:
         raise ValueError(f"--output: the input is a {batch.kind}, so the output must be one too, got {dst}")
+    if args.value_range is not None and batch.uint8:
+        raise ValueError(f"--value-range: {src} holds 0..255 integers (uint8 or image files), read as [0, 1] and "
+                         f"written back as 0..255; --value-range is for float inputs")
     if args.model != "digits" and args.checkpoint is None:
         raise ValueError(f"--checkpoint: --model {args.model} needs a checkpoint path (nothing is downloaded)")
     model = load_score_model(args.model, args.checkpoint, device=args.device,
                              trust_checkpoint=args.trust_checkpoint)
     x = batch.x.to(args.device)
     options = _method_options(args, args.method)
+    if args.value_range is not None:
+        options["value_range"] = tuple(args.value_range)
     outs = []
     for i in tqdm(range(0, len(x), args.batch_size), desc="purify", disable=args.no_progress):
         ids = torch.arange(i, min(i + args.batch_size, len(x)), device=x.device)
         try:
             outs.append(purify(x[i:i + args.batch_size], model, method=args.method, seed=args.seed, noise_ids=ids,
                                **options).cpu())
-        except (ValueError, TypeError) as e:  # purify's checks (channels, size, range) name x: say which file
-            raise ValueError(f"{src}: {e}") from None
+        except OptionError as e:
+            if e.option == "x":   # purify's checks of the images (channels, size, range): name the file
+                e.where = str(src)
+            raise
     write_images(dst, batch, torch.cat(outs), overwrite=args.overwrite)
     return 0
 
@@ -189,8 +244,11 @@ def _cmd_purify(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(n_images=args.n_images, adaptive_images=args.adaptive_images or args.n_images,
-                     t_star=args.t_star, steps=None if (args.full_steps or args.dt) else args.steps, eps=args.eps,
+    if args.full_steps and args.dt is not None:
+        raise ValueError("--full-steps: means DiffPure's --dt 0.001; give --full-steps or --dt, not both")
+    full = args.full_steps or args.dt is not None
+    cfg = DemoConfig(n_images=args.n_images, adaptive_images=args.adaptive_images, t_star=args.t_star,
+                     steps=None if full else args.steps, dt=args.dt, eps=args.eps,
                      pgd_steps=args.pgd_steps, adaptive_steps=args.adaptive_steps, eot=args.eot, seed=args.seed,
                      guided_images=args.guided_images, guided_eot=args.guided_eot, n_eval=args.n_eval,
                      batch_size=args.batch_size, device=args.device)
@@ -202,8 +260,17 @@ def _cmd_demo(args) -> int:
 
 
 def _check_common(args) -> None:
-    """Options purify/demo share that torch would otherwise reject with a RuntimeError (a traceback)."""
+    """Options purify/demo share that torch would otherwise reject with a RuntimeError (a traceback), and a
+    forced kernel implementation (DIFFPURE_FAST_IMPL) that cannot run here (triton not installed, no CUDA kernels),
+    which would fail only at the first solver step."""
     import torch
+
+    from . import ops
+
+    forced = ops.forced_impl()
+    if forced is not None and args.command != "info" and not ops.available(forced):
+        raise ValueError(f"{ops.IMPL_ENV}={forced}: that implementation is not available on this machine (for "
+                         f"triton: pip install triton); unset {ops.IMPL_ENV} to use the default one")
 
     if getattr(args, "threads", None) is not None:
         if args.threads < 1:
@@ -322,13 +389,17 @@ def _cmd_eval(args) -> int:
     from .models.loading import load_score_model
 
     grad_mode = args.grad_mode or ("bpda" if args.attack == "bpda-eot" else "full")
-    cfg = EvalConfig(attack=args.attack, norm=args.norm, eps=args.eps, steps=args.attack_steps,
-                     step_size=args.step_size, random_start=False if args.no_random_start else None,
-                     restarts=args.restarts, loss=args.loss, eot=args.eot, eot_reduce=args.eot_reduce,
-                     aa_version=args.aa_version, aa_package=args.aa_package, aa_mode=args.aa_mode,
-                     aa_queries=args.aa_queries, n_select=args.n_select, n_eval=args.n_eval,
-                     n_images=args.n_images, start=args.start, seed=args.seed, batch_size=args.batch_size,
-                     chunk_size=args.chunk_size)
+    try:
+        cfg = EvalConfig(attack=args.attack, norm=args.norm, eps=args.eps, steps=args.attack_steps,
+                         step_size=args.step_size, random_start=False if args.no_random_start else None,
+                         restarts=args.restarts, loss=args.loss, eot=args.eot, eot_reduce=args.eot_reduce,
+                         aa_version=args.aa_version, aa_package=args.aa_package, aa_mode=args.aa_mode,
+                         aa_queries=args.aa_queries, n_select=args.n_select, n_eval=args.n_eval,
+                         n_images=args.n_images, start=args.start, seed=args.seed, batch_size=args.batch_size,
+                         chunk_size=args.chunk_size)
+    except OptionError as e:
+        e.cli_scope = "attack"   # EvalConfig's steps are the attack's: --attack-steps
+        raise
     defense = None
     if args.defense != "none":
         if args.model != "digits" and args.checkpoint is None:
@@ -337,11 +408,8 @@ def _cmd_eval(args) -> int:
         defense = build_defense(model, method=args.defense, grad_mode=grad_mode, guidance_grad=args.guidance_grad,
                                 surrogate_steps=args.surrogate_steps, **_method_options(args, args.defense))
     command = "diffpure-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    try:
-        report = evaluate(defense, args.classifier, args.data, args.output, config=cfg, labels=args.labels,
-                          device=args.device, progress=not args.quiet, overwrite=args.overwrite, command=command)
-    except ImportError as e:  # a missing optional AutoAttack package: the message says what to install
-        raise ValueError(str(e)) from None
+    report = evaluate(defense, args.classifier, args.data, args.output, config=cfg, labels=args.labels,
+                      device=args.device, progress=not args.quiet, overwrite=args.overwrite, command=command)
     if report is not None and not args.quiet:
         print((Path(args.output) / "report.md").read_text())
     return 0
@@ -366,7 +434,12 @@ def main(argv: list[str] | None = None) -> int:
         return {"info": _cmd_info, "purify": _cmd_purify, "demo": _cmd_demo, "eval": _cmd_eval,
                 "report": _cmd_report}[args.command](args)
     except USER_ERRORS as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"diffpure-fast {args.command}: error: {_message(e, args.command)}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # a missing optional package (scikit-learn, Pillow, AutoAttack, ...): a user error
+        msg = missing_module(e)
+        if msg is None:
+            raise
         print(f"diffpure-fast {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

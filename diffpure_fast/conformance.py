@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from ._validate import FlagSpelling, OptionError
 from .models.loading import load_score_model, safe_torch_load
 from .schedule import DIFFPURE_SCHEDULE
 
@@ -77,6 +78,8 @@ def load_vector(path: str, *, trust_checkpoint: bool = False) -> dict[str, Any]:
     try:
         # configs, ints and strings besides tensors: all within what the restricted unpickler reads
         vec = safe_torch_load(path, what="vector", trust_checkpoint=trust_checkpoint)
+    except OptionError as exc:   # in this command line's words (--trust-checkpoint)
+        raise VectorError(f"{path}: {exc.render(FlagSpelling({'vector': 'vector'}))}") from None
     except ValueError as exc:
         raise VectorError(f"{path}: {exc}") from None
     if not isinstance(vec, Mapping) or vec.get("kind") not in KINDS:

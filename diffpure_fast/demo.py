@@ -34,12 +34,15 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from ._optional import available
+from ._validate import OptionError, check_float, check_int
 from .attacks import DefendedClassifier, pgd_linf
 from .engine import purify
 from .eval import Accuracy, protocol_metrics
 from .eval.defenses import build_defense, jsonable_option
 from .eval.harness import EvalConfig, evaluate_batch
 from .info import info
+from .methods import DiffPureOptions
 from .models.auxiliary import load_auxiliary
 
 __all__ = ["DemoConfig", "REPORT_FILES", "guided_kwargs", "run_demo"]
@@ -50,7 +53,7 @@ REPORT_FILES = ("report.md", "report.json", "grid.png")
 @dataclass(frozen=True)
 class DemoConfig:
     n_images: int = 200            # test images for items 1-3
-    adaptive_images: int = 200     # of those, how many the adaptive attack (item 4) runs on
+    adaptive_images: int | None = None  # of those, how many the adaptive attack (item 4) runs on (None: all)
     t_star: float = 0.1            # DiffPure's CIFAR-10 setting
     steps: int | None = 20         # Euler steps over [1e-5, t*]; None: DiffPure's dt = 1e-3 (100 steps at t* 0.1)
     eps: float = 0.1               # L-inf radius in [0, 1] pixel units
@@ -64,11 +67,31 @@ class DemoConfig:
                                    # rows take 270 of make demo's 605 s on the 2-core VM
     guided_eot: int = 2            # noise draws per adaptive step for the guided methods
     n_eval: int = 5                # fresh-noise judgements of each adaptive adversarial image (worst-of-N, vote)
+    dt: float | None = None        # Euler step size instead of steps (None with steps=None: DiffPure's 1e-3)
+
+    def __post_init__(self):
+        # every option honoured exactly or refused here, before any work (errors name the field)
+        if self.adaptive_images is None:
+            object.__setattr__(self, "adaptive_images", self.n_images)
+        for name, low in (("n_images", 1), ("adaptive_images", 1), ("pgd_steps", 0), ("adaptive_steps", 0),
+                          ("eot", 1), ("seed", 0), ("batch_size", 1), ("guided_images", 0), ("guided_eot", 1),
+                          ("n_eval", 1)):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), low=low))
+        for name in ("adaptive_images", "guided_images"):
+            if getattr(self, name) > self.n_images:
+                raise OptionError(name, lambda s, name=name: f"expected at most {s.setting('n_images', self.n_images)}"
+                                                             f", got {getattr(self, name)}")
+        object.__setattr__(self, "eps", check_float("eps", self.eps, low=0.0, high=1.0))
+        # the purification options, checked as purify checks them
+        opts = DiffPureOptions(**self.purify_kwargs)
+        object.__setattr__(self, "t_star", opts.t_star)
+        object.__setattr__(self, "steps", opts.steps)
+        object.__setattr__(self, "dt", None if self.steps is not None else opts.dt)
 
     @property
     def purify_kwargs(self) -> dict:
         """The purification every part of the demo uses (attacked and evaluated alike)."""
-        return {"t_star": self.t_star, "steps": self.steps, "dt": None if self.steps is not None else 1e-3}
+        return {"t_star": self.t_star, "steps": self.steps, "dt": self.dt}
 
 
 # The guided methods on 1x16x16 digits (our settings, not the authors'): guidance strength per pixel matched to the
@@ -149,7 +172,7 @@ def _adaptive_attack(x, y, model, clf, cfg: DemoConfig, seed: int, kwargs: dict,
 
 def _grid_png(path: Path, rows: list[tuple[str, torch.Tensor, torch.Tensor]], labels: torch.Tensor) -> None:
     """A grid: one row per (title, images (n, 1, H, W) in [0, 1], predictions (n,)); red labels are wrong."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw  # optional: run_demo checks it is installed before the work starts
 
     scale, pad, text_h, title_w = 4, 4, 12, 92
     n, _, h, w = rows[0][1].shape
@@ -215,7 +238,7 @@ def _markdown(report: dict) -> str:
                   "network. The exact rows differentiate through the guidance (second order through the auxiliary "
                   "network, and through its view of the attacked input); the detached rows treat the guidance as a "
                   "constant."]
-    steps = s["steps"] if s["steps"] is not None else "dt=1e-3"
+    steps = s["steps"] if s["steps"] is not None else f"dt={s['dt']:g}"
     lines += ["", "Settings: " + ", ".join(f"{k}={v}" for k, v in s.items()), "",
               f"Purification: forward diffusion to t*={s['t_star']}, reverse VP-SDE by Euler–Maruyama ({steps} "
               "steps), embedded NCSN++ digits score model; classifier: embedded CNN. eps is in [0, 1] pixel units: "
@@ -224,6 +247,8 @@ def _markdown(report: dict) -> str:
               "", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings_s"].items()),
               "", f"Machine: {report['machine']['platform']}, torch {report['machine']['torch']}, diffpure_fast "
               f"{report['machine']['diffpure_fast']}, fused step {report['machine']['fused_step']}", ""]
+    if report.get("grid", "grid.png") != "grid.png":
+        lines += [report["grid"], ""]
     return "\n".join(lines)
 
 
@@ -237,19 +262,15 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, overwrite: b
     existing = [f for f in REPORT_FILES if (out / f).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{out}: already holds {', '.join(existing)}; pass --overwrite to replace them")
-    if not 1 <= cfg.adaptive_images <= cfg.n_images:
-        raise ValueError(f"adaptive_images: expected 1..n_images ({cfg.n_images}), got {cfg.adaptive_images}")
-    if not 0 <= cfg.guided_images <= cfg.n_images:
-        raise ValueError(f"guided_images: expected 0..n_images ({cfg.n_images}), got {cfg.guided_images}")
-    if cfg.guided_eot < 1:
-        raise ValueError(f"guided_eot: expected >= 1, got {cfg.guided_eot}")
     dev = torch.device(cfg.device)
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
 
     x_all, y_all = load_digits_dataset("test")
     if cfg.n_images > len(x_all):
-        raise ValueError(f"n_images: the digits test split has {len(x_all)} images, got {cfg.n_images}")
+        raise OptionError("n_images", f"the digits test split has {len(x_all)} images, got {cfg.n_images}")
+    # The grid needs Pillow (optional): without it the demo runs all the same and its report says so.
+    grid_note = None if available("PIL") else "grid.png not written: Pillow is not installed; pip install pillow"
     x, y = x_all[:cfg.n_images].to(dev), y_all[:cfg.n_images].to(dev)
     model = load_digits_score_model(dev)
     clf = load_digits_classifier(dev)
@@ -322,6 +343,7 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, overwrite: b
                  "shape": list(x.shape[1:])},
         "results": results,
         "timings_s": timings,
+        "grid": grid_note or "grid.png",
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                     "diffpure_fast": __version__, "fused_step": env["active_implementation"].get(dev.type),
                     "threads": torch.get_num_threads()},
@@ -329,6 +351,9 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, overwrite: b
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(_markdown(report))
+    if grid_note is not None:
+        (out / "grid.png").unlink(missing_ok=True)  # an earlier run's grid would not show this run's images
+        return report
     k = min(10, cfg.n_images)
     _grid_png(out / "grid.png", [("clean", x[:k].cpu(), pred_clean[:k].cpu()),
                                  ("adversarial", x_adv[:k].cpu(), pred_adv[:k].cpu()),

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._validate import OptionError, OptionTypeError, check_eval_mode
 from .chain import Chain, Noise, forward_diffuse, model_eps, reverse_solve, run_chain
 from .config import AUTOCAST_MODES, GRAD_MODES, GUIDANCE_GRADS, PurifyConfig
 from .cuda_graphs import ChainGraphs
@@ -21,7 +22,7 @@ from .grad import differentiable_chain
 from .methods import METHODS
 from .models.base import ScoreModel, as_score_model, with_autocast
 from .noise import check_seed
-from .schedule import DIFFPURE_SCHEDULE, VPSchedule
+from .schedule import VPSchedule
 
 __all__ = ["AUTOCAST_MODES", "GRAD_MODES", "GUIDANCE_GRADS", "METHODS", "Noise", "Purifier", "PurifyConfig",
            "forward_diffuse", "model_eps", "purify", "reverse_solve"]
@@ -33,20 +34,20 @@ __all__ = ["AUTOCAST_MODES", "GRAD_MODES", "GUIDANCE_GRADS", "METHODS", "Noise",
 
 def _check_image(x) -> None:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x: expected a torch.Tensor (B, C, H, W), got {type(x).__name__}")
+        raise OptionTypeError("x", f"expected a torch.Tensor (B, C, H, W), got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(f"x: expected shape (B, C, H, W) (rank 4), got shape {tuple(x.shape)}")
+        raise OptionError("x", f"expected shape (B, C, H, W) (rank 4), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise TypeError(f"x: expected a floating-point dtype, got {x.dtype}")
+        raise OptionTypeError("x", f"expected a floating-point dtype, got {x.dtype}")
     if x.shape[0] == 0:
-        raise ValueError("x: expected a batch of at least one image, got B = 0")
+        raise OptionError("x", "expected a batch of at least one image, got B = 0")
     if x.device.type == "meta":  # found by the property tests: the range check below reads values
-        raise ValueError("x: is on the meta device, which holds no values; purify needs real data")
+        raise OptionError("x", "is on the meta device, which holds no values; purify needs real data")
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
     if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name}: contains NaN or Inf")
+        raise OptionError(name, "contains NaN or Inf")
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
@@ -63,17 +64,18 @@ def _check_inputs(x, model, cfg: PurifyConfig, chain: Chain, forward_noise, incr
     lo, hi = cfg.value_range
     x_min, x_max = float(x.detach().min()), float(x.detach().max())
     if x_min < lo or x_max > hi:
-        raise ValueError(f"x: values must lie in value_range={tuple(cfg.value_range)}, got min {x_min:.6g}, "
-                         f"max {x_max:.6g} (nothing is clipped: rescale, or pass value_range)")
+        raise OptionError("x", lambda s: f"values must lie in {s.name('value_range')} {tuple(cfg.value_range)}, got "
+                                         f"min {x_min:.6g}, max {x_max:.6g} (nothing is clipped: rescale them, or "
+                                         f"pass {s.name('value_range')})")
     channels, size = getattr(model, "in_channels", None), getattr(model, "image_size", None)
     if channels is not None and x.shape[1] != channels:
-        raise ValueError(f"x: the model takes {channels} channels, got x with {x.shape[1]} (shape {tuple(x.shape)})")
+        raise OptionError("x", f"the model takes {channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
     if size is not None and tuple(x.shape[2:]) != (size, size):
-        raise ValueError(f"x: the model was built for {size}x{size} images, got {x.shape[2]}x{x.shape[3]} (resize "
-                         f"before purifying; DiffPure's ImageNet pipeline resizes 224 -> 256 and back)")
+        raise OptionError("x", f"the model was built for {size}x{size} images, got {x.shape[2]}x{x.shape[3]} "
+                               f"(resize before purifying; DiffPure's ImageNet pipeline resizes 224 -> 256 and back)")
     dev = _model_device(model)
     if dev is not None and dev != x.device:
-        raise ValueError(f"x: is on {x.device} but the model's parameters are on {dev}; move one of them")
+        raise OptionError("x", f"is on {x.device} but the model's parameters are on {dev}; move one of them")
     cfg.method_impl.check_inputs(cfg.options, x)
     for name, t, shape in (("forward_noise", forward_noise, tuple(x.shape)),
                            ("increments", increments, (len(chain), *x.shape))):
@@ -152,17 +154,35 @@ def _as_noise_ids(noise_ids, x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _model_schedule(schedule: VPSchedule | None, model: ScoreModel) -> VPSchedule:
+    """The schedule a purification runs on: the score model's own (the one its network was trained on; a loaded
+    checkpoint's comes from its config). An explicit ``schedule`` must equal it: another one would give the
+    network's output a meaning it does not have."""
+    own = model.schedule
+    if schedule is None:
+        return own
+    if not isinstance(schedule, VPSchedule):
+        raise OptionTypeError("schedule", f"expected a VPSchedule or None (the model's), got {type(schedule).__name__}")
+    if schedule != own:
+        raise OptionError("schedule", f"{schedule} contradicts the score model's own {own} (the schedule its network "
+                                      f"was trained on; a loaded checkpoint's comes from its config); leave "
+                                      f"schedule unset, or build the model with this schedule")
+    return schedule
+
+
 def purify(x: torch.Tensor, model: ScoreModel, *, method: str = "diffpure", seed: int | None = None,
            noise_ids=None, forward_noise: torch.Tensor | None = None, increments: torch.Tensor | None = None,
            value_range: tuple[float, float] = (0.0, 1.0), grad_mode: str = "none", guidance_grad: str = "exact",
            surrogate_steps: int = 10, grad_cache_steps: int = 0, param_grads: bool = False,
-           schedule: VPSchedule = DIFFPURE_SCHEDULE, cuda_graph: bool = False, autocast: str | None = None,
+           schedule: VPSchedule | None = None, cuda_graph: bool = False, autocast: str | None = None,
            **options) -> torch.Tensor:
     """Purify a batch with a purification method.
 
     Args:
         x: (B, C, H, W) float tensor with values in ``value_range``.
-        model: a ``ScoreModel`` (``dpf.load_score_model(...)``, or ``dpf.EpsModel(net, time_input=...)``).
+        model: a ``ScoreModel`` (``dpf.load_score_model(...)``, or ``dpf.EpsModel(net, time_input=...)``) with no
+            submodule in training mode (an error otherwise: dropout would make the output random and the gradient
+            wrong; the package never switches a caller's network between modes).
         method: ``"diffpure"`` (Nie et al. 2022: diffuse to t*, solve the reverse SDE), ``"gdmp"`` (Wang et al. 2022:
             guided DDPM rounds pulled toward the noised input), ``"mimic"`` (MimicDiffusion, Song et al. 2024: a
             DDPM chain from pure noise with L1 guidance toward the input), ``"agdm"`` (Lin et al. 2024: DDPM
@@ -196,9 +216,11 @@ def purify(x: torch.Tensor, model: ScoreModel, *, method: str = "diffpure", seed
         guidance_grad: how ``"full"`` treats guidance terms: ``"exact"``; ``"detached"`` (the guidance as a constant,
             as the released evaluations of GDMP and MimicDiffusion computed); ``"straight_through"`` (mimic: the sign
             in its guidance gets a smooth-L1 derivative in the backward pass only, a declared surrogate).
-        surrogate_steps: the DDPM step count of ``grad_mode="surrogate"``'s gradient chain.
+        surrogate_steps: the DDPM step count of ``grad_mode="surrogate"``'s gradient chain, run exactly: at most the
+            level of the method's surrogate start (e.g. round(1000 t*) for DiffPure), else an error.
         grad_cache_steps: ``grad_mode="full"`` keeps the graphs of this many last steps from the forward pass
-            (memory: one step's activations each) instead of recomputing them in the backward pass.
+            (memory: one step's activations each) instead of recomputing them in the backward pass (a count of at
+            least the chain's steps keeps every step; the gradient is the same whatever the count).
         param_grads: ``grad_mode="full"`` also back-propagates into the score network's parameters that require
             grad (off by default: attacks need d/dx only, and parameter VJPs cost time).
         cuda_graph: replay the chain from CUDA graphs captured once per (chain, shape, dtype, device, seed, model),
@@ -209,20 +231,36 @@ def purify(x: torch.Tensor, model: ScoreModel, *, method: str = "diffpure", seed
         autocast: ``"bf16"`` or ``"fp16"`` runs the score network under ``torch.autocast`` in that precision, its
             eps cast back to x's dtype before the fused step (the state, noise and gradients' accumulation stay in
             x's dtype); ``None`` (default) runs it in the model's own precision.
+        schedule: ``None`` (default): the model's own ``VPSchedule`` (``model.schedule``: DiffPure's beta 0.1..20
+            for the official checkpoints; a score_sde config's ``beta_min``/``beta_max``/``num_scales`` otherwise).
+            An explicit schedule must equal the model's (``ValueError`` naming ``schedule`` otherwise).
+
+    Raises:
+        ValueError (``diffpure_fast._validate.OptionError``, naming the argument): a bad option, a model in
+        training mode, x outside ``value_range``, an option the run cannot honour exactly (e.g. more
+        ``surrogate_steps`` than the surrogate level has levels). Nothing is clipped, capped or rounded silently;
+        rounded quantities (DiffPure's level round(N t*)) are rounded once and recorded
+        (``PurifyConfig.resolved()``).
 
     Returns:
         (B, C, H, W) purified images in ``value_range`` (not clipped: the reverse process can overshoot slightly,
         as in the official code).
     """
+    model = as_score_model(model)
     cfg = PurifyConfig.build(method, value_range=value_range, grad_mode=grad_mode, guidance_grad=guidance_grad,
                              surrogate_steps=surrogate_steps, grad_cache_steps=grad_cache_steps,
-                             param_grads=param_grads, schedule=schedule, cuda_graph=cuda_graph, autocast=autocast,
-                             **options)
+                             param_grads=param_grads, schedule=_model_schedule(schedule, model),
+                             cuda_graph=cuda_graph, autocast=autocast, **options)
     return _purify(x, model, cfg, seed=seed, noise_ids=noise_ids, forward_noise=forward_noise, increments=increments)
 
 
 def _purify(x, model, cfg: PurifyConfig, *, seed, noise_ids, forward_noise=None, increments=None) -> torch.Tensor:
     model = as_score_model(model)
+    # At every call, not only when the config was built: the caller may have switched the network since. Cost:
+    # ~1.6 ms for the 643 modules of DiffPure's CIFAR-10 NCSN++ (2-core VM, under load), against ~25 ms for each
+    # of its 100 network calls there.
+    check_eval_mode("model", model)
+    _model_schedule(cfg.schedule, model)
     chain = cfg.chain(x.dtype if isinstance(x, torch.Tensor) else torch.float32)
     _check_inputs(x, model, cfg, chain, forward_noise, increments, noise_ids)
     if cfg.cuda_graph:
@@ -261,8 +299,10 @@ class Purifier(nn.Module):
 
     A drop-in preprocessing layer (e.g. ``nn.Sequential(Purifier(model, grad_mode="full"), classifier)``) for
     AutoAttack / torchattacks style evaluation: no prints, no files, no global RNG; the score network is a
-    submodule (``.to(device)`` moves it) in eval mode. ``seed=None`` draws fresh noise on every call (a randomized
-    defense); an int makes every call reuse the same noise. Options are validated once, here.
+    submodule (``.to(device)`` moves it) put in eval mode here and kept there by ``.train()``; a call with the
+    network switched back to training mode (``purifier.model.train()``) is an error naming ``model``.
+    ``seed=None`` draws fresh noise on every call (a randomized defense); an int makes every call reuse the same
+    noise. Options are validated once, here.
 
     ``cuda_graph=True`` needs an int seed (it is recorded in the captured graph); pass new ``noise_ids`` to
     ``forward`` for fresh noise per call without recapturing. The captured graphs are cached per model (see
@@ -272,14 +312,18 @@ class Purifier(nn.Module):
     def __init__(self, model: ScoreModel, *, method: str = "diffpure", seed: int | None = None,
                  value_range: tuple[float, float] = (0.0, 1.0), grad_mode: str = "none", guidance_grad: str = "exact",
                  surrogate_steps: int = 10, grad_cache_steps: int = 0, param_grads: bool = False,
-                 schedule: VPSchedule = DIFFPURE_SCHEDULE, cuda_graph: bool = False, autocast: str | None = None,
+                 schedule: VPSchedule | None = None, cuda_graph: bool = False, autocast: str | None = None,
                  **options):
         super().__init__()
+        model = as_score_model(model)
         self.config = PurifyConfig.build(method, value_range=value_range, grad_mode=grad_mode,
                                          guidance_grad=guidance_grad, surrogate_steps=surrogate_steps,
                                          grad_cache_steps=grad_cache_steps, param_grads=param_grads,
-                                         schedule=schedule, cuda_graph=cuda_graph, autocast=autocast, **options)
-        self.model = as_score_model(model).eval()
+                                         schedule=_model_schedule(schedule, model), cuda_graph=cuda_graph,
+                                         autocast=autocast, **options)
+        # The Purifier owns its score network: eval mode now and on every .train() (forward still checks it, since
+        # the network itself can be switched back: purifier.model.train()).
+        self.model = model.eval()
         if cuda_graph:
             _check_graph_seed(seed)
         self.seed = None if seed is None else check_seed(seed)

@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from ._validate import check_int
+
 __all__ = [
     "MAX_ELEMENTS_PER_SAMPLE",
     "PHILOX_M0",
@@ -53,11 +55,8 @@ MAX_ELEMENTS_PER_SAMPLE = 1 << 34
 
 
 def check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed: expected an int in [0, 2^63), got {type(seed).__name__}")
-    if not 0 <= seed < (1 << 63):
-        raise ValueError(f"seed: expected an int in [0, 2^63), got {seed}")
-    return seed
+    """``seed`` as an int in [0, 2^63) (a Python or NumPy integer; the package's one integer rule)."""
+    return check_int("seed", seed, low=0, high=(1 << 63) - 1)
 
 
 def _mulhilo32(m: int, b: torch.Tensor):

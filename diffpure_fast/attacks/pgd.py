@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .._validate import check_float, check_int
+
 __all__ = ["EOT_REDUCTIONS", "LOSSES", "NORMS", "TARGETED_LOSSES", "PGDResult", "attack_loss", "eot_gradient",
            "pgd_eot", "pgd_linf"]
 
@@ -31,8 +33,8 @@ def pgd_linf(forward: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tens
     Returns:
         (B, C, H, W) adversarial images in [0, 1] with ``|x_adv - x|_inf <= eps``.
     """
-    if eps < 0 or steps < 0 or eot < 1:
-        raise ValueError(f"eps, steps, eot: expected eps >= 0, steps >= 0, eot >= 1, got {eps}, {steps}, {eot}")
+    eps = check_float("eps", eps, low=0.0)
+    steps, eot = check_int("steps", steps, low=0), check_int("eot", eot)
     alpha = 2.5 * eps / max(steps, 1) if step_size is None else step_size
     x = x.detach()
     x_adv = x.clone()
@@ -265,13 +267,11 @@ def pgd_eot(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor
 
     if norm not in NORMS:
         raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
-    for name, v, lo in (("steps", steps, 0), ("restarts", restarts, 1), ("eot", eot, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
-    if not eps >= 0:
-        raise ValueError(f"eps: expected a float >= 0, got {eps!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size: expected an int >= 1 or None, got {chunk_size!r}")
+    steps, restarts, eot = (check_int(n, v, low=lo) for n, v, lo in (("steps", steps, 0), ("restarts", restarts, 1),
+                                                                       ("eot", eot, 1)))
+    eps = check_float("eps", eps, low=0.0)
+    if chunk_size is not None:
+        chunk_size = check_int("chunk_size", chunk_size)
     alpha = (2.5 * eps / max(steps, 1)) if step_size is None else float(step_size)
     x = x.detach()
     b = x.shape[0]

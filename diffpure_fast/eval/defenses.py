@@ -58,5 +58,7 @@ def describe_defense(defense) -> dict:
             v = getattr(config, k)
             out[k] = ({f.name: jsonable_option(getattr(v, f.name)) for f in fields(v)} if k == "options"
                       else jsonable_option(v))
+    if hasattr(config, "resolved"):  # the values the run uses where options are rounded or derived (the level)
+        out["resolved"] = config.resolved()
     out.setdefault("method", "diffpure")
     return out

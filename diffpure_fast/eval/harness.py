@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import os
 import platform
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._validate import OptionError, check_bool, check_float, check_int
 from ..attacks import CallCountedModel, DefendedClassifier, derive_seed, pgd_eot
 from ..attacks.apgd import apgd_eot
 from ..attacks.pgd import EOT_REDUCTIONS, LOSSES, NORMS
@@ -119,15 +119,13 @@ class EvalConfig:
 
     def __post_init__(self):
         if self.attack not in ATTACKS:
-            raise ValueError(f"attack: expected one of {ATTACKS}, got {self.attack!r}")
+            raise OptionError("attack", f"expected one of {ATTACKS}, got {self.attack!r}")
         if self.norm not in NORMS:
-            raise ValueError(f"norm: expected one of {NORMS}, got {self.norm!r}")
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not (
-                math.isfinite(self.eps) and self.eps >= 0):
-            raise ValueError(f"eps: expected a float >= 0, got {self.eps!r}")
+            raise OptionError("norm", f"expected one of {NORMS}, got {self.norm!r}")
+        object.__setattr__(self, "eps", check_float("eps", self.eps, low=0.0))
         if self.norm == "linf" and self.eps > 1:
-            raise ValueError(f"eps: an L-inf radius is in [0, 1] pixel units, got {self.eps} (did you mean "
-                             f"{self.eps}/255?)")
+            raise OptionError("eps", f"an L-inf radius is in [0, 1] pixel units, got {self.eps} (did you mean "
+                                     f"{self.eps:g}/255?)")
         if self.attack == "autoattack":
             from ..attacks.autoattack import AA_MODES, AA_PACKAGES, AA_VERSIONS
 
@@ -137,31 +135,31 @@ class EvalConfig:
                 if v is None:
                     object.__setattr__(self, name, default)
                 elif v not in choices:
-                    raise ValueError(f"{name}: expected one of {choices}, got {v!r}")
+                    raise OptionError(name, f"expected one of {choices}, got {v!r}")
         takes = self.attack_options
         for name in sorted(set().union(*ATTACK_OPTIONS.values()) - set(takes)):
             if getattr(self, name) is not None:
-                raise ValueError(f"{name}: not an option of attack={self.attack!r}"
-                                 + (f" with aa_mode={self.aa_mode!r}" if self.attack == "autoattack" else "")
-                                 + f" (its options: {', '.join(takes)})")
+                raise OptionError(name, lambda sp, takes=takes: (
+                    f"not an option of {sp.setting('attack', self.attack)}"
+                    + (f" with {sp.setting('aa_mode', self.aa_mode)}" if self.attack == "autoattack" else "")
+                    + f" (its options: {', '.join(sp.name(t) for t in takes)})"))
         self._resolve_defaults()
         if self.loss is not None and self.loss not in LOSSES:
-            raise ValueError(f"loss: expected one of {LOSSES}, got {self.loss!r}")
+            raise OptionError("loss", f"expected one of {LOSSES}, got {self.loss!r}")
         if self.eot_reduce is not None and self.eot_reduce not in EOT_REDUCTIONS:
-            raise ValueError(f"eot_reduce: expected one of {EOT_REDUCTIONS}, got {self.eot_reduce!r}")
+            raise OptionError("eot_reduce", f"expected one of {EOT_REDUCTIONS}, got {self.eot_reduce!r}")
+        # one integer rule for the package (diffpure_fast._validate); a NumPy integer is stored as the int it is.
+        # Attack options may be None here only where the attack does not take them.
         for name, lo in (("steps", 0), ("restarts", 1), ("eot", 1), ("n_eval", 1), ("n_select", 1), ("start", 0),
-                         ("seed", 0), ("batch_size", 1), ("grid_images", 0), ("aa_queries", 1)):
+                         ("seed", 0), ("batch_size", 1), ("grid_images", 0), ("aa_queries", 1), ("n_images", 1),
+                         ("chunk_size", 1)):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
-                raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
-        for name in ("n_images", "chunk_size"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name}: expected an int >= 1 or None, got {v!r}")
-        if self.step_size is not None and not (isinstance(self.step_size, (int, float)) and self.step_size > 0):
-            raise ValueError(f"step_size: expected a float > 0 or None, got {self.step_size!r}")
-        if self.random_start is not None and not isinstance(self.random_start, bool):
-            raise ValueError(f"random_start: expected a bool, got {self.random_start!r}")
+            if v is not None:
+                object.__setattr__(self, name, check_int(name, v, low=lo))
+        if self.step_size is not None:
+            object.__setattr__(self, "step_size", check_float("step_size", self.step_size, low=0.0, low_open=True))
+        if self.random_start is not None:
+            check_bool("random_start", self.random_start)
 
     def _resolve_defaults(self) -> None:
         """The attack's own settings for the options left None (recorded as used)."""
@@ -178,8 +176,8 @@ class EvalConfig:
             if self.aa_version == "standard":
                 defaults["aa_queries"] = s["queries"]
             elif self.aa_queries is not None:
-                raise ValueError("aa_queries: Square's query count is an option of aa_version='standard' (rand runs "
-                                 "no Square attack)")
+                raise OptionError("aa_queries", lambda sp: f"Square's query count is an option of "
+                                  f"{sp.setting('aa_version', 'standard')} (rand runs no Square attack)")
         else:
             defaults = {}
         if "n_select" in self.attack_options:
@@ -432,19 +430,26 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
     clf = load_classifier_spec(classifier, device)
     if defense is not None:
         defense = defense.to(device)
-        if cfg.attack == "bpda-eot" and defense.config.grad_mode != "bpda":
-            raise ValueError(f"attack: 'bpda-eot' is PGD-EOT through grad_mode='bpda' (DiffPure's BPDA+EOT); the "
-                             f"defense has grad_mode={defense.config.grad_mode!r} (build it with grad_mode='bpda', or "
-                             f"use attack='pgd-eot')")
-        if defense.config.grad_mode == "none":
-            raise ValueError("defense: grad_mode='none' gives the attack no gradient; build it with 'full', "
-                             "'adjoint', 'bpda' or 'surrogate'")
+        gm = defense.config.grad_mode
+        if cfg.attack == "bpda-eot" and gm != "bpda":
+            raise OptionError("attack", lambda s: (
+                f"'bpda-eot' is PGD-EOT through {s.setting('grad_mode', 'bpda')} (DiffPure's BPDA+EOT); the defense "
+                f"has {s.setting('grad_mode', gm)} (use {s.setting('grad_mode', 'bpda')}, or "
+                f"{s.setting('attack', 'pgd-eot')})"))
+        if gm == "none":
+            raise OptionError("defense", lambda s: f"{s.setting('grad_mode', 'none')} gives the attack no gradient; "
+                                                   f"use 'full', 'adjoint', 'bpda' or 'surrogate'")
     defended = DefendedClassifier(defense, clf)
     source = load_data(data, labels=labels)
     end = len(source) if cfg.n_images is None else cfg.start + cfg.n_images
-    if end > len(source) or cfg.start >= len(source):
-        raise ValueError(f"n_images: {source.description} has {len(source)} samples; start={cfg.start} with "
-                         f"n_images={cfg.n_images} asks for indices up to {end - 1}")
+    if cfg.start >= len(source):
+        raise OptionError("start", f"{source.description} has {len(source)} samples (indices 0..{len(source) - 1}), "
+                                   f"got {cfg.start}")
+    if end > len(source):
+        raise OptionError("n_images", lambda s: f"{source.description} has {len(source)} samples; "
+                                                f"{s.setting('start', cfg.start)} with "
+                                                f"{s.setting('n_images', cfg.n_images)} asks for indices up to "
+                                                f"{end - 1}")
     indices = list(range(cfg.start, end))
 
     out = Path(output)

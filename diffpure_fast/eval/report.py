@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._optional import available
 from . import records as rec
 from .metrics import PROTOCOL_METRICS, protocol_metrics, robust_curve
 
@@ -160,6 +161,8 @@ def _fmt(a: dict) -> str:
 
 def _markdown(rep: dict) -> str:
     c, ev = rep["configuration"], rep["configuration"]["eval"]
+    skipped = rep.get("plots", {}).get("skipped")
+    plots = skipped is None
     lines = [f"# Evaluation: {c['defense'].get('method', c['defense'].get('class', 'defense'))} on {c['data']}", ""]
     lines += [f"**Warning: {w}**\n" for w in rep.get("warnings", [])]
     lines += [f"Command: `{rep['environment'].get('command', '?')}`", "",
@@ -190,10 +193,10 @@ def _markdown(rep: dict) -> str:
         runs = " (APGD runs only)" if ev["attack"] == "autoattack" else ""
         lines += [f"Attack-success curve{runs} (robust accuracy of the attack's own EOT prediction after each step; a "
                   f"sample counts as robust at step s when every run still classifies it correctly): {pts}",
-                  "", "![robust accuracy against attack step](curve.png)", ""]
+                  "", *(["![robust accuracy against attack step](curve.png)", ""] if plots else [])]
     p = rep["perturbation"]
     lines += [f"Largest perturbation: L-inf {p['max_linf']:.5g}, L2 {p['max_l2']:.5g}.", "",
-              "![clean / adversarial / purified](grid.png)", "",
+              *(["![clean / adversarial / purified](grid.png)", ""] if plots else [skipped, ""]),
               "Defense: " + ", ".join(f"{k}={v}" for k, v in c["defense"].items()), "",
               f"Classifier: {c['classifier']}", "",
               "Options: " + ", ".join(f"{k}={v}" for k, v in ev.items()), ""]
@@ -257,10 +260,20 @@ def _plots(folder: Path, rep: dict, records: list[dict]) -> None:
 
 
 def write_report(folder: str | Path) -> dict:
-    """Compute the report of ``folder`` and write report.json, report.md, curve.png and grid.png there."""
+    """Compute the report of ``folder`` and write report.json, report.md, curve.png and grid.png there.
+
+    The plots need matplotlib (optional): without it the report is written all the same, without them, and
+    report.md and report.json (``plots.skipped``) say so; stale plots of an earlier run are removed."""
     folder = Path(folder)
     rep = compute_report(folder)
+    has_mpl = available("matplotlib")
+    rep["plots"] = {"skipped": None if has_mpl else "Plots not written: matplotlib is not installed; pip install "
+                                                    "matplotlib (then diffpure-fast report FOLDER writes them)."}
     (folder / "report.json").write_text(json.dumps(rep, indent=2))
     (folder / "report.md").write_text(_markdown(rep))
-    _plots(folder, rep, rec.merge_records(folder))
+    if has_mpl:
+        _plots(folder, rep, rec.merge_records(folder))
+    else:
+        for name in ("curve.png", "grid.png"):
+            (folder / name).unlink(missing_ok=True)
     return rep

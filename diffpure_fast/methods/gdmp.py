@@ -39,10 +39,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._validate import OptionError, check_bool, check_choice, check_float, check_int
 from ..chain import Chain, Guidance, Noise
 from ..schedule import VPSchedule
 from ..solvers.base import Plan, Step
-from .base import Method, MethodOptions, check_choice, check_float, check_int, diffuse_round
+from .base import Method, MethodOptions, diffuse_round
 
 __all__ = ["GDMP", "GDMPGuidance", "GDMPOptions", "STREAM_GUIDANCE", "gdmp_coefficients", "ssim"]
 
@@ -62,15 +63,15 @@ class GDMPOptions(MethodOptions):
     clip_x0: bool = True
 
     def __post_init__(self):
-        check_int("purify_step", self.purify_step, low=1, high=999)
-        check_int("max_iter", self.max_iter)
+        # purify_step's upper bound is the schedule's (N - 1 levels), checked when the chain is built
+        self._set("purify_step", check_int("purify_step", self.purify_step))
+        self._set("max_iter", check_int("max_iter", self.max_iter))
         check_choice("guide_mode", self.guide_mode, ("mse", "ssim"))
-        check_float("guide_scale", self.guide_scale, low=0.0)
-        check_float("ptb", self.ptb, low=0.0, low_open=True)
+        self._set("guide_scale", check_float("guide_scale", self.guide_scale, low=0.0))
+        self._set("ptb", check_float("ptb", self.ptb, low=0.0, low_open=True))
         if self.norm_batch is not None:
-            check_int("norm_batch", self.norm_batch)
-        if not isinstance(self.clip_x0, bool):
-            raise TypeError(f"clip_x0: expected a bool, got {type(self.clip_x0).__name__}")
+            self._set("norm_batch", check_int("norm_batch", self.norm_batch))
+        self._set("clip_x0", check_bool("clip_x0", self.clip_x0))
 
 
 @dataclass(frozen=True)
@@ -179,10 +180,20 @@ class GDMP(Method):
 
     def chain(self, opts: GDMPOptions, schedule: VPSchedule, dtype: torch.dtype, guidance_grad: str) -> Chain:
         check_choice("guidance_grad", guidance_grad, self.guidance_grads)
-        plan = self.plan(opts, schedule, dtype)
         p = opts.purify_step
+        if p > schedule.num_levels - 1:
+            raise OptionError("purify_step", f"expected at most {schedule.num_levels - 1} (the model's schedule has "
+                                             f"{schedule.num_levels} levels and a round diffuses to level "
+                                             f"purify_step), got {p}")
+        plan = self.plan(opts, schedule, dtype)
         rounds = tuple(diffuse_round(plan, schedule, p, first_step=r * p) for r in range(opts.max_iter))
         return Chain(rounds, GDMPGuidance(opts, gdmp_coefficients(schedule), guidance_grad))
 
     def surrogate_t_star(self, opts: GDMPOptions, schedule: VPSchedule) -> float:
         return opts.purify_step / schedule.num_levels
+
+    def surrogate_origin(self, opts: GDMPOptions):
+        return "purify_step", opts.purify_step
+
+    def start_level(self, opts: GDMPOptions, schedule: VPSchedule) -> int:
+        return opts.purify_step

@@ -18,16 +18,19 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .._validate import check_bool
 from ..schedule import DIFFPURE_SCHEDULE, VPSchedule
 
 __all__ = ["AUTOCAST_DTYPES", "TIME_INPUTS", "AutocastModel", "EpsModel", "ScoreModel", "as_score_model",
            "with_autocast"]
 
 # How a network expects its time argument:
-#   "continuous": score_sde continuous VP models, float labels 999 t;
+#   "continuous": score_sde continuous VP models, float labels 999 t (score_sde's get_score_fn: 999 whatever the
+#                 config's num_scales);
 #   "discrete":   guided-diffusion / DDPM nets, integer steps (1000 t).long() (or the solver's levels);
 #   "unit":       the continuous t in [0, 1] unchanged.
 TIME_INPUTS = ("continuous", "discrete", "unit")
+CONTINUOUS_LABEL_SCALE = 999.0
 
 
 class ScoreModel(nn.Module):
@@ -39,6 +42,12 @@ class ScoreModel(nn.Module):
     schedule: VPSchedule = DIFFPURE_SCHEDULE
     in_channels: int | None = None
     image_size: int | None = None
+
+    def __init__(self):
+        super().__init__()
+        # A score model is created in eval mode: its own flag only (not .eval(), which would switch the networks
+        # it wraps: their modes are their owners'); purify refuses any submodule in training mode.
+        self.training = False
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -62,7 +71,9 @@ class EpsModel(ScoreModel):
 
     net: an ``nn.Module`` (or callable) taking (x (B, C, H, W), label (B,)) and returning (B, C', H, W) with
         ``C' == C`` or, for learned-variance nets (``learned_sigma=True``), ``C' == 2 C`` (the first C are epsilon).
+        Put it in eval mode yourself: purify refuses a network with any submodule in training mode.
     time_input: one of ``TIME_INPUTS`` or a callable mapping (t (B,) float32, levels or None) to the label.
+    schedule: the VP schedule the network was trained on; purify runs on it (default DiffPure's, beta 0.1..20).
     """
 
     def __init__(self, net: Callable, *, time_input="continuous", learned_sigma: bool = False,
@@ -76,14 +87,14 @@ class EpsModel(ScoreModel):
         self.in_channels = getattr(net, "in_channels", None) or getattr(net, "num_channels", None)
         self.image_size = getattr(net, "image_size", None)
         self.time_input = time_input
-        self.learned_sigma = bool(learned_sigma)
+        self.learned_sigma = check_bool("learned_sigma", learned_sigma)
         self.schedule = schedule
 
     def labels(self, t: torch.Tensor, levels: torch.Tensor | None) -> torch.Tensor:
         if callable(self.time_input):
             return self.time_input(t, levels)
         if self.time_input == "continuous":
-            return t * (self.schedule.num_levels - 1)
+            return t * CONTINUOUS_LABEL_SCALE
         if self.time_input == "discrete":
             if levels is not None:
                 return levels

@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 
+from .._validate import OptionError
 from ..schedule import VPSchedule
 from .base import Plan, Solver, Step
 
@@ -25,7 +26,7 @@ __all__ = ["AncestralDDPM", "respaced_levels"]
 def respaced_levels(level: int, steps: int) -> list[int]:
     """``steps`` distinct levels from ``level - 1`` down to 0, evenly spaced (rounded)."""
     if steps > level:
-        raise ValueError(f"steps: at most {level} DDPM steps from level {level}, got {steps}")
+        raise OptionError("steps", f"at most {level} DDPM steps from level {level} (one per level), got {steps}")
     if steps == 1:
         return [level - 1]
     return [int(v) for v in np.round(np.linspace(level - 1, 0, steps)).astype(np.int64)]
@@ -38,10 +39,11 @@ class AncestralDDPM(Solver):
     def plan(self, schedule: VPSchedule, t_star: float, *, dt: float | None, steps: int | None,
              dtype=np.float32) -> Plan:
         if dt is not None:
-            raise ValueError("dt: solver='ddpm' walks discrete levels; give steps (default: one per level)")
+            raise OptionError("dt", lambda s: f"{s.setting('solver', 'ddpm')} walks discrete levels; give "
+                                              f"{s.name('steps')} (default: one per level)")
         level = schedule.level_of(t_star)
         if level < 1:
-            raise ValueError(f"t_star: solver='ddpm' needs round({schedule.num_levels} t_star) >= 1, got {t_star}")
+            raise OptionError("t_star", f"the DDPM solver needs round({schedule.num_levels} t*) >= 1, got {t_star}")
         levels = respaced_levels(level, level if steps is None else steps)
         alpha_bar = schedule.discrete_alpha_bar().tolist()
         out = []

@@ -65,6 +65,7 @@ class GaussianEps(nn.Module):
         super().__init__()
         self.schedule = schedule
         self.s0 = s0
+        self.eval()  # a fixed function: nothing depends on the mode, and purify refuses training mode
 
     def variance(self, t):
         ab = self.schedule.alpha_bar(t)
