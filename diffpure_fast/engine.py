@@ -79,14 +79,22 @@ def _check_inputs(x, model, cfg: PurifyConfig, chain: Chain, forward_noise, incr
                            ("increments", increments, (len(chain), *x.shape))):
         if t is None:
             continue
-        if len(chain.rounds) != 1 or chain.guidance is not None:
-            raise ValueError(f"{name}: caller-given noise is for single-round unguided chains (method='diffpure'); "
-                             f"method={cfg.method!r} draws its noise from the counter generator (seed, noise_ids)")
+        if len(chain.rounds) != 1 or (chain.guidance is not None and not chain.guidance.accepts_given_noise):
+            raise ValueError(f"{name}: caller-given noise is for single-round chains that draw no noise of their own "
+                             f"(method='diffpure'); method={cfg.method!r} draws its noise from the counter "
+                             "generator (seed, noise_ids)")
+        (rnd,) = chain.rounds
+        if name == "forward_noise" and rnd.noise_scale == 0.0:
+            raise ValueError(f"forward_noise: {cfg.describe()} has no forward diffusion (its chain starts at the "
+                             "input), so it takes no forward noise")
+        if name == "increments" and rnd.plan.increment_meaning is None:
+            raise ValueError(f"increments: {cfg.describe()} draws no noise after the forward diffusion (its solver "
+                             f"{rnd.plan.solver!r} is deterministic), so it takes no increments")
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor of shape {shape}, got {type(t).__name__}")
         if tuple(t.shape) != shape:
-            extra = (f" (one per solver step: {len(chain)} steps of solver={cfg.options.solver!r})"
-                     if name == "increments" else "")
+            extra = (f" (one per solver step: {len(chain)} steps of {rnd.plan.solver!r}: "
+                     f"{rnd.plan.increment_meaning})" if name == "increments" else "")
             raise ValueError(f"{name}: expected shape {shape}{extra}, got {tuple(t.shape)}")
         if t.dtype != x.dtype:
             raise TypeError(f"{name}: expected dtype {x.dtype} (x's), got {t.dtype}")

@@ -17,7 +17,7 @@ from ..schedule import VPSchedule
 from ..solvers import get_solver
 
 __all__ = ["GUIDANCE_GRADS", "Method", "MethodOptions", "check_choice", "check_float", "check_int",
-           "ddpm_surrogate_chain", "diffuse_round"]
+           "ddpm_surrogate_chain", "diffuse_round", "make_options"]
 
 # How the exact adjoint treats a guidance term: "exact" differentiates it (second order where it is a gradient);
 # "detached" treats it as a constant (what the released evaluations of guided methods computed);
@@ -49,6 +49,16 @@ def check_choice(name: str, v, choices):
     return v
 
 
+def make_options(options_class, owner: str, kwargs: dict):
+    """``options_class(**kwargs)``, or a ValueError naming each keyword it has no field for (``owner``: who the
+    options belong to, for the message)."""
+    names = options_class.names()
+    unknown = sorted(set(kwargs) - set(names))
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not an option of {owner} (its options: {', '.join(names)})")
+    return options_class(**kwargs)
+
+
 @dataclass(frozen=True)
 class MethodOptions:
     """Base of every method's options dataclass."""
@@ -65,15 +75,16 @@ class Method:
     Options: type[MethodOptions] = MethodOptions
     # The guidance_grad values this method accepts (an unguided method has only "exact").
     guidance_grads: tuple[str, ...] = ("exact",)
-    # Whether grad_mode="adjoint" (torchsde's continuous adjoint) exists for it.
-    has_continuous_adjoint: bool = False
 
     def options(self, **kwargs) -> MethodOptions:
-        unknown = sorted(set(kwargs) - set(self.Options.names()))
-        if unknown:
-            raise ValueError(f"{', '.join(unknown)}: not an option of method={self.name!r} (its options: "
-                             f"{', '.join(self.Options.names())})")
-        return self.Options(**kwargs)
+        """The options dataclass from keyword arguments (none: the defaults); an unknown one is an error naming it."""
+        return make_options(self.Options, f"method={self.name!r}", kwargs)
+
+    def check_adjoint(self, opts) -> None:
+        """Whether grad_mode="adjoint" (the official code's continuous adjoint) exists for these options: a
+        ValueError naming grad_mode if not. None has it by default (DiffPure's sde and ode runners do)."""
+        raise ValueError(f"grad_mode: 'adjoint' is the official DiffPure code's continuous adjoint (diffusion_type "
+                         f"'sde' and 'ode'); method={self.name!r} has none: use 'full', the exact gradient")
 
     def chain(self, opts, schedule: VPSchedule, dtype: torch.dtype, guidance_grad: str) -> Chain:
         """The purification as a chain, for states of ``dtype``."""
