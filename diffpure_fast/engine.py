@@ -74,6 +74,7 @@ def _check_inputs(x, model, cfg: PurifyConfig, chain: Chain, forward_noise, incr
     dev = _model_device(model)
     if dev is not None and dev != x.device:
         raise ValueError(f"x: is on {x.device} but the model's parameters are on {dev}; move one of them")
+    cfg.method_impl.check_model(cfg.options, model)
     cfg.method_impl.check_inputs(cfg.options, x)
     for name, t, shape in (("forward_noise", forward_noise, tuple(x.shape)),
                            ("increments", increments, (len(chain), *x.shape))):

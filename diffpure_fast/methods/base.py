@@ -94,6 +94,10 @@ class Method:
         """The diffusion time the surrogate gradient chain (grad_mode="surrogate") starts from."""
         raise NotImplementedError
 
+    def check_model(self, opts, model) -> None:
+        """Method-specific checks of the score model against the options (e.g. a sampler that needs the network's
+        learned variance); errors name ``model`` or the option. Nothing by default."""
+
     def check_inputs(self, opts, x: torch.Tensor) -> None:
         """Method-specific checks of an input batch x (B, C, H, W) against the options (e.g. an auxiliary network's
         device and input shape); errors name the option. Nothing by default."""

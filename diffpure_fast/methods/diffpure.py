@@ -290,6 +290,18 @@ class DiffPure(Method):
         raise ValueError(f"grad_mode: 'adjoint' with diffusion_type={kind!r}: {why}; use 'full', the exact "
                          "gradient")
 
+    def check_model(self, opts: RunnerOptions, model) -> None:
+        if opts.diffusion_type == "ddpm" and not model.has_learned_variance:
+            raise ValueError("model: diffusion_type='ddpm' (guided-diffusion's p_sample) scales its noise by the "
+                             "network's learned variance; this model has none (a guided-diffusion ADM with "
+                             "learn_sigma has). For a fixed-variance network use diffusion_type='celebahq-ddpm' "
+                             "or solver='ddpm'")
+        model_var = getattr(model, "var_type", None)
+        if opts.diffusion_type == "celebahq-ddpm" and model_var not in (None, opts.var_type):
+            raise ValueError(f"var_type: the model's config says var_type={model_var!r} (config['model']"
+                             f"['var_type']), the celebahq-ddpm runner has var_type={opts.var_type!r}; pass "
+                             f"var_type={model_var!r} (the official runner reads it from the config)")
+
     def surrogate_t_star(self, opts: RunnerOptions, schedule: VPSchedule) -> float:
         return opts.t_star
 

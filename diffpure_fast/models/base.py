@@ -43,6 +43,11 @@ class ScoreModel(nn.Module):
     def eps(self, x: torch.Tensor, t: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def has_learned_variance(self) -> bool:
+        """Whether ``eps_and_variance`` is available (guided-diffusion's ``learn_sigma`` networks)."""
+        return False
+
     def eps_and_variance(self, x: torch.Tensor, t: torch.Tensor,
                          levels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps, v): epsilon and the learned-variance channels v (B, C, H, W) of a network trained with learned
@@ -108,6 +113,10 @@ class EpsModel(ScoreModel):
                              f"(learned_sigma={self.learned_sigma}), got {tuple(out.shape)}")
         return out
 
+    @property
+    def has_learned_variance(self) -> bool:
+        return self.learned_sigma
+
     def eps(self, x: torch.Tensor, t: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
         out = self._output(x, t, levels)
         return out[:, :x.shape[1]] if self.learned_sigma else out
@@ -158,6 +167,10 @@ class AutocastModel(ScoreModel):
         with torch.autocast(x.device.type, dtype=AUTOCAST_DTYPES[self.mode], cache_enabled=False):
             out = self.inner.eps(x, t, levels)
         return out.to(x.dtype)
+
+    @property
+    def has_learned_variance(self) -> bool:
+        return self.inner.has_learned_variance
 
     def eps_and_variance(self, x: torch.Tensor, t: torch.Tensor,
                          levels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -147,8 +147,14 @@ class FastScoreModel(ScoreModel):
     def eps(self, x: torch.Tensor, t: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
         return self._run(self._call, x, t, levels)
 
+    @property
+    def has_learned_variance(self) -> bool:
+        return self.model.has_learned_variance
+
     def eps_and_variance(self, x: torch.Tensor, t: torch.Tensor,
                          levels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.has_learned_variance:   # the eager model's error, not one from inside the compiled region
+            return self.model.eps_and_variance(x, t, levels)
         return self._run(self._call_variance, x, t, levels)
 
     @property
