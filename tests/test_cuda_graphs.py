@@ -183,7 +183,8 @@ def test_model_is_not_kept_alive_by_its_graphs():
 @pytest.mark.parametrize("kw, match", [
     (dict(cuda_graph=True, **FAST), "needs CUDA tensors"),
     (dict(cuda_graph=True, t_star=0.05, grad_mode="adjoint"), "cuda_graph: serves grad_mode"),
-    (dict(cuda_graph=True, method="gdmp", purify_step=2, max_iter=1), "unguided chains only"),
+    (dict(cuda_graph=True, method="gdmp", purify_step=2, max_iter=1), "chains without a per-step term only"),
+    (dict(cuda_graph=True, diffusion_type="ldsde", t_star=0.02), "chains without a per-step term only"),
     (dict(cuda_graph=True, **FAST, grad_mode="full", param_grads=True), "param_grads"),
     (dict(cuda_graph=True, **FAST, grad_mode="full", grad_cache_steps=2), "grad_cache_steps"),
     (dict(cuda_graph=1, **FAST), "cuda_graph: expected a bool"),

@@ -35,6 +35,14 @@ def _gradient(config: dict) -> str:
     if config["grad_mode"] == "full" and guided:
         text += "; " + _GUIDANCE_GRADS.get(defense.get("guidance_grad"), str(defense.get("guidance_grad")))
     return text
+def _defense_name(defense: dict) -> str:
+    """The method, with DiffPure's runner when it is not the default sde one (e.g. ``diffpure (ode)``)."""
+    name = defense.get("method", defense.get("class", "defense"))
+    options = defense.get("options")
+    kind = options.get("diffusion_type") if isinstance(options, dict) else None
+    return f"{name} ({kind})" if kind not in (None, "sde") else name
+
+
 _NAMES = {"single_shot": "single-shot (evaluation 1)", "mean": "mean over the N evaluations",
           "worst_of_n": "worst-of-N (correct on all N)", "majority_vote": "majority vote over N"}
 
@@ -88,7 +96,7 @@ def _markdown(rep: dict) -> str:
     else:
         what = (f"{atk}: {ev['steps']} steps of {ev['step_size']:.5g}, {ev['eot']} EOT ({ev['eot_reduce']} "
                 f"averaged), loss {ev['loss']}, {ev['restarts']} restart(s), random start {ev['random_start']}")
-    lines = [f"# Evaluation: {c['defense'].get('method', c['defense'].get('class', 'defense'))} on {c['data']}", "",
+    lines = [f"# Evaluation: {_defense_name(c['defense'])} on {c['data']}", "",
              f"Command: `{rep['environment'].get('command', '?')}`", "",
              f"Attack: {what}; {ev['norm']} eps = {ev['eps']:.5g}.", "",
              f"Gradient used by the attack: {rep['gradient']}.", "",
