@@ -21,8 +21,11 @@ from diffpure_fast.solvers.euler import reverse_time_grid
 from diffpure_fast.solvers.ode import torchdiffeq_grid
 from diffpure_fast.testing.chain_reference import autograd_chain
 from diffpure_fast.testing.nets import tiny_score_model
+from diffpure_fast.testing.runner_reference import guided_p_sample_loop, sdedit_loop, torchsde_ldsde
+from diffpure_fast.testing.torchsde_reference import forward_increments, torchsde_ts
 
 torchdiffeq = pytest.importorskip("torchdiffeq")
+torchsde = pytest.importorskip("torchsde")
 from diffpure_fast.testing.torchdiffeq_reference import torchdiffeq_purify  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -134,97 +137,54 @@ def test_ode_output_and_both_gradients_against_torchdiffeq(dtype):
 # Independent transcriptions of the official updates (counter noise in place of torch's RNG).
 
 
-def _levels():
-    betas = np.linspace(1e-4, 2e-2, 1000, dtype=np.float64)
-    abar = np.cumprod(1.0 - betas)
-    abar_prev = np.append(1.0, abar[:-1])
-    post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
-    return betas, abar, abar_prev, post_var
+def _forward(x_in, level, seed):
+    abar = S.discrete_alpha_bar()[level - 1].item()
+    z = sample_noise(seed, torch.arange(x_in.shape[0]), 0, STREAM_FORWARD, x_in)
+    return math.sqrt(abar) * x_in + math.sqrt(1 - abar) * z
 
 
-def _forward(x_in, level, seed, ids):
-    _, abar, _, _ = _levels()
-    z = sample_noise(seed, ids, 0, STREAM_FORWARD, x_in)
-    return math.sqrt(abar[level - 1]) * x_in + math.sqrt(1 - abar[level - 1]) * z
+def _counter(seed, b):
+    """The engine's counter draw of step k (standard normals), as the official samplers' noise."""
+    return lambda k, like: sample_noise(seed, torch.arange(b), k, STREAM_REVERSE, like)
 
 
-def guided_p_sample(x, model, level, seed):
-    """guided-diffusion's p_sample(clip_denoised=True) for t = level-1 .. 0 after DiffPure's forward diffusion."""
-    betas, abar, abar_prev, post_var = _levels()
-    coef1 = betas * np.sqrt(abar_prev) / (1.0 - abar)
-    coef2 = (1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar)
-    min_log = np.log(np.append(post_var[1], post_var[1:]))
-    ids = torch.arange(x.shape[0])
-    xt = _forward(x * 2 - 1, level, seed, ids)
-    for k, i in enumerate(reversed(range(level))):
-        out = model.net(xt, torch.full((x.shape[0],), i))
-        eps, v = out[:, :3], out[:, 3:]
-        logvar = (v + 1) / 2 * math.log(betas[i]) + (1 - (v + 1) / 2) * min_log[i]
-        x0 = (math.sqrt(1 / abar[i]) * xt - math.sqrt(1 / abar[i] - 1) * eps).clamp(-1, 1)
-        mean = coef1[i] * x0 + coef2[i] * xt
-        z = sample_noise(seed, ids, k, STREAM_REVERSE, x)
-        xt = mean + (torch.exp(0.5 * logvar) * z if i > 0 else 0.0)
-    return (xt + 1) / 2
-
-
-def sdedit_step(x, model, level, seed, var_type):
-    """SDEdit's image_editing_denoising_step_flexible_mask for t = level-1 .. 0 after the forward diffusion."""
-    betas, abar, _, post_var = _levels()
-    logvar = np.log(np.maximum(post_var, 1e-20)) if var_type == "fixedsmall" else np.log(
-        np.append(post_var[1], betas[1:]))
-    ids = torch.arange(x.shape[0])
-    xt = _forward(x * 2 - 1, level, seed, ids)
-    for k, i in enumerate(reversed(range(level))):
-        eps = model.eps(xt, torch.full((x.shape[0],), (i + 1) / 1000, dtype=x.dtype),
-                        torch.full((x.shape[0],), i))
-        mean = (xt - betas[i] / math.sqrt(1 - abar[i]) * eps) / math.sqrt(1 - betas[i])
-        z = sample_noise(seed, ids, k, STREAM_REVERSE, x)
-        xt = mean + (math.exp(0.5 * logvar[i]) * z if i > 0 else 0.0)
-    return (xt + 1) / 2
-
-
-def langevin(x, model, t_star, dt, sigma2, lambda_ld, eta, seed, dw=None):
-    """The official LDSDE drift and diffusion by Euler–Maruyama on torchsde's grid, x_in held in the graph."""
-    x_in = x * 2 - 1
-    y = x_in
+def _increments(seed, x, t_star, dt):
+    """Brownian increments on torchsde's grid from the counter generator (as the engine draws them)."""
     grid = reverse_time_grid(t_star, dt, np.float64 if x.dtype == torch.float64 else np.float32)
-    t = torch.full((x.shape[0],), float(np.float32(1e-2)), dtype=x.dtype)
-    ids = torch.arange(x.shape[0])
-    for k in range(len(grid) - 1):
-        h = float(grid[k + 1] - grid[k])
-        inc = dw[k] if dw is not None else sample_noise(seed, ids, k, STREAM_REVERSE, x) * math.sqrt(h)
-        drift = -0.5 * lambda_ld * (-model.score(y, t) + (y - x_in) / sigma2)
-        y = y + drift * h + math.sqrt(lambda_ld) * eta * inc
-    return (y + 1) / 2
+    return torch.stack([_counter(seed, x.shape[0])(k, x) * math.sqrt(float(grid[k + 1] - grid[k]))
+                        for k in range(len(grid) - 1)])
 
 
 def test_guided_ddpm_is_guided_diffusions_p_sample():
     model = _model("ddpm", torch.float32)
     x = _x(torch.float32)
     y = dpf.purify(x, model, diffusion_type="ddpm", t_star=0.012, seed=5)
-    ref = guided_p_sample(x, model, 12, 5)
-    assert (y - ref).abs().max().item() <= 1e-5
+    ref = guided_p_sample_loop(_forward(x * 2 - 1, 12, 5), model, 12, _counter(5, 2))
+    assert (y - (ref + 1) / 2).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("var_type", ["fixedsmall", "fixedlarge"])
 def test_celebahq_ddpm_is_sdedits_step(var_type):
-    model = tiny_score_model(seed=1, learned_sigma=False)
+    model = tiny_score_model(seed=1)
     model.time_input = "discrete"
     x = _x(torch.float32)
     y = dpf.purify(x, model, diffusion_type="celebahq-ddpm", t_star=0.01, var_type=var_type, seed=4)
-    ref = sdedit_step(x, model, 10, 4, var_type)
-    assert (y - ref).abs().max().item() <= 1e-5
+    ref = sdedit_loop(_forward(x * 2 - 1, 10, 4), model, 10, _counter(4, 2), var_type)
+    assert (y - (ref + 1) / 2).abs().max().item() <= 1e-5
 
 
 def test_ldsde_is_the_official_langevin_sde():
+    """purify(diffusion_type="ldsde") against torchsde.sdeint_adjoint on the official LDSDE, the same increments
+    (the engine's own counter draws, and caller-given ones)."""
     model = tiny_score_model(seed=1)
-    x = _x(torch.float32)
+    x = _x(torch.float32) * 2 - 1
     kw = dict(t_star=0.1, dt=1e-2, sigma2=1e-3, lambda_ld=1e-2, eta=5.0)
-    y = dpf.purify(x, model, diffusion_type="ldsde", seed=7, **kw)
-    assert (y - langevin(x, model, seed=7, **kw)).abs().max().item() <= 1e-5
+    y = dpf.purify(x, model, diffusion_type="ldsde", seed=7, value_range=(-1, 1), **kw)
+    ref = torchsde_ldsde(x, model, dw=_increments(7, x, 0.1, 1e-2), **kw)
+    assert (y - ref).abs().max().item() <= 1e-5
     dw = torch.randn(10, *x.shape, generator=torch.Generator().manual_seed(0)) * 0.1
-    y = dpf.purify(x * 2 - 1, model, diffusion_type="ldsde", increments=dw, value_range=(-1, 1), **kw)
-    assert (y - (langevin(x, model, seed=0, dw=dw, **kw) * 2 - 1)).abs().max().item() <= 1e-5
+    y = dpf.purify(x, model, diffusion_type="ldsde", increments=dw, value_range=(-1, 1), **kw)
+    assert (y - torchsde_ldsde(x, model, dw=dw, **kw)).abs().max().item() <= 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -260,25 +220,31 @@ def test_gradcheck(key):
 
 
 def test_ldsde_gradient_carries_the_input_path(monkeypatch):
-    """The input enters every Langevin step (the pull w_k x_in): the exact gradient equals autograd through an
-    independent transcription that keeps x_in in the graph, and the same gradient without that path (what the
-    official torchsde adjoint computes: x_in is not an adjoint parameter) is far from it."""
+    """The input enters every Langevin step (the pull w_k x_in): the exact gradient equals autograd through
+    torchsde.sdeint on the official LDSDE (x_in in the graph), and the same gradient without that path is far
+    from it; so is the official one (sdeint_adjoint: x_in is not one of its adjoint parameters)."""
     model = tiny_score_model(seed=1, dtype=torch.float64)
     kw = dict(t_star=0.05, dt=1e-2, sigma2=1e-3, lambda_ld=1e-2, eta=5.0)
-    x = _x(torch.float64).requires_grad_(True)
+    x = (_x(torch.float64) * 2 - 1).requires_grad_(True)
     w = torch.randn(x.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ts = torchsde_ts(0.05, dtype=torch.float64)
+    bm = torchsde.BrownianInterval(t0=ts[0], t1=ts[-1], size=(2, x[0].numel()), dtype=torch.float64, entropy=3)
+    dw = forward_increments(bm, reverse_time_grid(0.05, 1e-2, np.float64), x.detach())
 
     def grad(fn):
         return torch.autograd.grad((fn(x) * w).sum(), x)[0]
 
-    g_ref = grad(lambda v: langevin(v, model, seed=9, **kw))
-    g = grad(lambda v: dpf.purify(v, model, diffusion_type="ldsde", seed=9, grad_mode="full", **kw))
-    assert rel_err(g, g_ref) <= 1e-6
+    def ours(v):
+        return dpf.purify(v, model, diffusion_type="ldsde", increments=dw, grad_mode="full", value_range=(-1, 1),
+                          **kw)
+
+    g_ref = grad(lambda v: torchsde_ldsde(v, model, bm=bm, adjoint=False, **kw))
+    assert rel_err(grad(ours), g_ref) <= 1e-6
+    assert rel_err(grad(lambda v: torchsde_ldsde(v, model, bm=bm, **kw)), g_ref) > 0.1
     original = LangevinAnchor.term
     monkeypatch.setattr(LangevinAnchor, "term", lambda self, k, step, xk, eps, ref, noise, **kws:
                         original(self, k, step, xk, eps, ref.detach(), noise, **kws))
-    g_dropped = grad(lambda v: dpf.purify(v, model, diffusion_type="ldsde", seed=9, grad_mode="full", **kw))
-    assert rel_err(g_dropped, g_ref) > 0.1
+    assert rel_err(grad(ours), g_ref) > 0.1
 
 
 def test_guided_ddpm_gradient_is_zero_through_active_clips():
