@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import diffpure_fast as dpf
-from benchmarks._common import ROOT, header, measure, network_call_seconds, run_workers, worker_parser, write_results
+from benchmarks._common import header, measure, network_call_seconds, run_workers, worker_parser, write_results
 from benchmarks.bench_purify import bench_model
 from diffpure_fast.chain import forward_diffuse
 from diffpure_fast.schedule import DIFFPURE_SCHEDULE
@@ -133,13 +133,7 @@ def main() -> None:
         lines.append(f"| {MODES[mode]} | {r['seconds']:.2f} | {r['seconds'] / r['call_seconds']:.0f} | "
                      f"{r['peak_bytes'] / 2**20:.0f} | {e_err} | {e_cos} | {d_err} | {d_cos} |")
     lines.append("")
-    if args.quick:
-        out = ROOT / "out" / "bench_quick" / "ode_cpu.md"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("\n".join(lines))
-        print("\n".join(lines))
-    else:
-        write_results("ode_cpu.md", lines)
+    write_results("ode_cpu.md", lines, quick=args.quick)
 
 
 if __name__ == "__main__":

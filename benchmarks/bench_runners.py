@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import diffpure_fast as dpf
-from benchmarks._common import ROOT, header, write_results
+from benchmarks._common import header, write_results
 from benchmarks.bench_purify import bench_model
 from diffpure_fast.chain import forward_diffuse
 from diffpure_fast.methods import DIFFUSION_TYPES
@@ -125,13 +125,7 @@ def main() -> None:
         lines.append(f"| {k} | {type(net).__name__} ({params(net):.2f}) | {'x'.join(map(str, shapes[k]))} | "
                      f"{steps} | {ours:.2f} | {official:.2f} | {official / ours:.2f}x |")
     lines.append("")
-    if args.quick:
-        out = ROOT / "out" / "bench_quick" / "runners_cpu.md"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("\n".join(lines))
-        print("\n".join(lines))
-    else:
-        write_results("runners_cpu.md", lines)
+    write_results("runners_cpu.md", lines, quick=args.quick)
 
 
 if __name__ == "__main__":

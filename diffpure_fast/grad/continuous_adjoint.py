@@ -94,15 +94,22 @@ class BridgedBrownian:
         return w
 
 
+def _solve_and_keep(ctx, x_t: torch.Tensor, model, plan, noise: Noise, **keep) -> torch.Tensor:
+    """The forward pass of a continuous adjoint: the reverse solve without a graph, its output saved (the backward
+    pass re-solves the state from it), ``keep`` stored on ctx."""
+    out = reverse_solve(x_t.detach(), model, plan, noise)
+    ctx.save_for_backward(out)
+    for k, v in dict(keep, model=model, noise=noise).items():
+        setattr(ctx, k, v)
+    return out
+
+
 class ContinuousAdjoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_t, model, plan, noise: Noise, t_star: float, dt: float, schedule: VPSchedule,
                 guard: GraphGuard, brownian_factory):
-        out = reverse_solve(x_t.detach(), model, plan, noise)
-        ctx.save_for_backward(out)
-        ctx.model, ctx.noise, ctx.t_star, ctx.dt, ctx.schedule = model, noise, t_star, dt, schedule
-        ctx.guard, ctx.brownian_factory = guard, brownian_factory
-        return out
+        return _solve_and_keep(ctx, x_t, model, plan, noise, t_star=t_star, dt=dt, schedule=schedule, guard=guard,
+                               brownian_factory=brownian_factory)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -150,10 +157,8 @@ class OdeAdjoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_t, model, plan, noise: Noise, t_star: float, step_size: float, schedule: VPSchedule,
                 guard: GraphGuard):
-        out = reverse_solve(x_t.detach(), model, plan, noise)
-        ctx.save_for_backward(out)
-        ctx.model, ctx.t_star, ctx.step_size, ctx.schedule, ctx.guard = model, t_star, step_size, schedule, guard
-        return out
+        return _solve_and_keep(ctx, x_t, model, plan, noise, t_star=t_star, step_size=step_size, schedule=schedule,
+                               guard=guard)
 
     @staticmethod
     def backward(ctx, grad_out):
