@@ -15,6 +15,7 @@ from pathlib import Path
 __all__ = ["main", "build_parser"]
 
 from .methods import DIFFUSION_TYPES, GUIDANCE_GRADS, METHODS
+from .solvers.ddpm import VAR_TYPES
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError)
 MODELS = ("digits", "score_sde", "guided_diffusion", "celebahq_ddpm")
@@ -55,7 +56,7 @@ def _add_runner_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--sigma2", type=float, default=None, help="ldsde: sigma2 (default 1e-3)")
     r.add_argument("--lambda-ld", type=float, default=None, help="ldsde: lambda_ld (default 1e-2)")
     r.add_argument("--eta", type=float, default=None, help="ldsde: eta (default 5)")
-    r.add_argument("--var-type", default=None, choices=("fixedsmall", "fixedlarge"),
+    r.add_argument("--var-type", default=None, choices=VAR_TYPES,
                    help="celebahq-ddpm: the fixed variance (default fixedsmall, celeba.yml's)")
 
 
