@@ -8,8 +8,8 @@ on DiffPure's RevVPSDE (torchsde's BrownianInterval); ode ``torchdiffeq.odeint_a
 
 Networks (random weights, batch 4 of 3x32x32, float32): the 2.47M-parameter NCSN++ of bench_purify.py for sde, ode
 and ldsde; a learned-variance ADM UNet (num_channels 64, channel_mult 1,2,2, 2 res blocks, attention at 16) for ddpm;
-SDEdit's DDPM UNet (ch 64, ch_mult 1,2,2, 2 res blocks, attention at 16) for celebahq-ddpm. t* = 0.1: 100 steps for
-sde, ode, ddpm and celebahq-ddpm, 10 for ldsde (dt = 1e-2).
+SDEdit's DDPM UNet (ch 64, ch_mult 1,2,2, 2 res blocks, attention at 16) for celebahq-ddpm. t* = 0.1 (``--t-star``):
+100 steps for sde, ode, ddpm and celebahq-ddpm, 10 for ldsde (dt = 1e-2).
 
     python benchmarks/bench_runners.py [--repeats 3]     # writes benchmarks/results/runners_cpu.md
     python benchmarks/bench_runners.py --quick           # tiny networks, t* = 0.02, 1 repeat: out/bench_quick/
@@ -85,9 +85,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (median; default 3)")
     p.add_argument("--batch", type=int, default=4, help="images per batch (default 4)")
     p.add_argument("--types", default=",".join(DIFFUSION_TYPES), help="comma-separated diffusion types")
+    p.add_argument("--t-star", type=float, default=None, help="diffusion time t* (default 0.1; --quick 0.02)")
     p.add_argument("--quick", action="store_true", help="tiny networks, t* 0.02, 1 repeat, out/bench_quick/")
     args = p.parse_args()
-    t_star, repeats = (0.02, 1) if args.quick else (0.1, args.repeats)
+    t_star = args.t_star if args.t_star is not None else (0.02 if args.quick else 0.1)
+    repeats = 1 if args.quick else args.repeats
     kinds = args.types.split(",")
     nets = networks(args.quick)
     g = torch.Generator().manual_seed(0)
