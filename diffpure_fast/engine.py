@@ -178,9 +178,14 @@ def purify(x: torch.Tensor, model: ScoreModel, *, method: str = "diffpure", seed
             steps guided by an adversarially trained auxiliary network; a reconstruction, no code was published).
             See ``diffpure_fast.methods``.
         **options: the method's options (anything else is an error naming it):
-            diffpure: ``t_star`` (0.1), ``dt`` (1e-3, Euler–Maruyama on torchsde's float32 grid), ``steps``
+            diffpure: ``diffusion_type`` (the official runner: ``"sde"`` (default), ``"ode"``, ``"ldsde"``,
+            ``"ddpm"``, ``"celebahq-ddpm"``; see ``diffpure_fast.methods.diffpure``), then that runner's options:
+            sde: ``t_star`` (0.1), ``dt`` (1e-3, Euler–Maruyama on torchsde's float32 grid), ``steps``
             (instead of dt: Euler steps over [1e-5, t*], or DDPM steps, default one per level), ``solver``
             (``"euler"``: DiffPure's reverse SDE, or ``"ddpm"``: ancestral steps on the discrete schedule);
+            ode: ``t_star`` (0.1), ``step_size`` (1e-3, Euler on torchdiffeq's grid); ldsde: ``t_star`` (0.1),
+            ``dt`` (1e-2), ``sigma2`` (1e-3), ``lambda_ld`` (1e-2), ``eta`` (5); ddpm (a learned-variance model):
+            ``t_star`` (0.1); celebahq-ddpm: ``t_star`` (0.5), ``var_type`` ("fixedsmall" | "fixedlarge");
             gdmp: ``purify_step`` (36), ``max_iter`` (4), ``guide_mode`` ("mse" | "ssim"), ``guide_scale`` (60000),
             ``ptb`` (8), ``norm_batch`` (100), ``clip_x0`` (True);
             mimic: ``steps`` (100), ``guidance_window`` ((21, 90)), ``rho`` (3000), ``upsample`` (4),
@@ -194,14 +199,17 @@ def purify(x: torch.Tensor, model: ScoreModel, *, method: str = "diffpure", seed
             gives the same noise for a sample whatever batch it sits in. ``seed=None`` draws a fresh seed from the
             OS (not from torch's RNG); ``noise_ids`` (a 1-D integer list, tuple, NumPy array or tensor of B ids in
             [0, 2^32)) defaults to ``arange(B)``.
-        forward_noise: (B, C, H, W) the z of DiffPure's forward diffusion, used exactly when given.
+        forward_noise: (B, C, H, W) the z of DiffPure's forward diffusion, used exactly when given (not for
+            ``ldsde``, which has none).
         increments: (steps, B, C, H, W) DiffPure's per-step noise used exactly when given: Brownian increments
-            dW_k for ``"euler"``, standard normals for ``"ddpm"``.
+            dW_k for ``"euler"`` and ``ldsde``, standard normals for ``"ddpm"``, ``diffusion_type="ddpm"`` and
+            ``"celebahq-ddpm"`` (one per level, in call order); none for ``ode``.
         value_range: the range of ``x`` and of the output; the chains work in [-1, 1] internally.
         grad_mode: ``"none"`` (no graph), ``"full"`` (exact gradient of this discrete computation, guidance
-            included; stored states, recomputed steps), ``"adjoint"`` (torchsde-style continuous adjoint, DiffPure's
-            Euler solve only), ``"bpda"`` (identity backward), ``"surrogate"`` (exact gradient of an unguided
-            ``surrogate_steps``-step DDPM chain from the method's surrogate level, with the real forward output).
+            included; stored states, recomputed steps), ``"adjoint"`` (the official continuous adjoint: torchsde's
+            for DiffPure's Euler–Maruyama solve, torchdiffeq's ``odeint_adjoint`` for ``diffusion_type="ode"``),
+            ``"bpda"`` (identity backward), ``"surrogate"`` (exact gradient of an unguided ``surrogate_steps``-step
+            DDPM chain from the method's surrogate level, with the real forward output).
         guidance_grad: how ``"full"`` treats guidance terms: ``"exact"``; ``"detached"`` (the guidance as a constant,
             as the released evaluations of GDMP and MimicDiffusion computed); ``"straight_through"`` (mimic: the sign
             in its guidance gets a smooth-L1 derivative in the backward pass only, a declared surrogate).
