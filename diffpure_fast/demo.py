@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .attacks import DefendedClassifier, pgd_linf
-from .engine import purify
+from .engine import PurifyConfig, purify
 from .eval import Accuracy, protocol_metrics
 from .eval.defenses import build_defense, jsonable_option
 from .eval.harness import EvalConfig, evaluate_batch
@@ -146,7 +146,7 @@ def _adaptive_attack(x, y, model, clf, cfg: DemoConfig, seed: int, kwargs: dict,
     """PGD-EOT through the purifier on the evaluation harness (``diffpure_fast.eval``), then ``cfg.n_eval``
     fresh-noise judgements of each adversarial image. Returns the four protocol accuracies (single-shot, mean,
     worst-of-N, majority vote) and the largest L-inf perturbation; ``per_image`` (a list) receives each image's
-    judgements."""
+    record."""
     defended = DefendedClassifier(build_defense(model, **kwargs, **grad_kwargs), clf)
     ecfg = EvalConfig(attack="pgd-eot", eps=cfg.eps, steps=cfg.adaptive_steps, eot=eot, n_eval=cfg.n_eval, seed=seed,
                       batch_size=cfg.batch_size, grid_images=0)
@@ -158,13 +158,15 @@ def _adaptive_attack(x, y, model, clf, cfg: DemoConfig, seed: int, kwargs: dict,
         records += evaluate_batch(defended, xb, yb, torch.arange(i, i + len(xb)), ecfg, progress=bar.update)
     bar.close()
     if per_image is not None:
-        per_image.extend(r["adv_pred"] for r in records)
-    return _protocol(y, [r["adv_pred"] for r in records], max(r["linf"] for r in records))
+        per_image.extend(records)
+    return _protocol(y, records)
 
 
-def _protocol(y: torch.Tensor, adv_preds: list, linf: float) -> dict:
-    metrics = protocol_metrics(y.cpu().tolist(), adv_preds)
-    return {**{k: a.as_dict() for k, a in metrics.items()}, "linf": linf}
+def _protocol(y: torch.Tensor, records: list) -> dict:
+    """The protocol accuracies of the harness records of the images y (in order) and their largest L-inf
+    perturbation."""
+    metrics = protocol_metrics(y.cpu().tolist(), [r["adv_pred"] for r in records])
+    return {**{k: a.as_dict() for k, a in metrics.items()}, "linf": max(r["linf"] for r in records)}
 
 
 def _grid_png(path: Path, rows: list[tuple[str, torch.Tensor, torch.Tensor]], labels: torch.Tensor) -> None:
@@ -277,6 +279,8 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, overwrite: b
         raise ValueError(f"ode_images: expected 0..adaptive_images ({cfg.adaptive_images}), got {cfg.ode_images}")
     if cfg.guided_eot < 1:
         raise ValueError(f"guided_eot: expected >= 1, got {cfg.guided_eot}")
+    if cfg.ode_images:
+        PurifyConfig.build(**cfg.ode_kwargs)   # the ODE rows' options (t* a multiple of 1/1000), before any work
     dev = torch.device(cfg.device)
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -309,9 +313,9 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, overwrite: b
 
     # Adaptive PGD-EOT with exact gradients through the whole purification.
     t0 = time.perf_counter()
-    n_ad, sde_adv_preds = cfg.adaptive_images, []
+    n_ad, sde_records = cfg.adaptive_images, []
     adaptive = _adaptive_attack(x[:n_ad], y[:n_ad], model, clf, cfg, seeds["adaptive"], dict(cfg.purify_kwargs),
-                                dict(grad_mode="full"), cfg.eot, "adaptive PGD-EOT", progress, sde_adv_preds)
+                                dict(grad_mode="full"), cfg.eot, "adaptive PGD-EOT", progress, sde_records)
     timings["adaptive"] = time.perf_counter() - t0
 
     def acc(pred, labels):
@@ -328,7 +332,7 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, overwrite: b
             "images": no, "settings": kw,
             "sde": {"clean_defended": acc(pred_clean_def[:no], y[:no]).as_dict(),
                     "pgd_transfer_defended": acc(pred_adv_def[:no], y[:no]).as_dict(),
-                    "adaptive": _protocol(y[:no], sde_adv_preds[:no], adaptive["linf"])},
+                    "adaptive": _protocol(y[:no], sde_records[:no])},
             "ode": {"clean_defended": acc(_predict(clf, _purify_all(x[:no], model, cfg, seeds["purify_clean"],
                                                                     "ODE clean", progress, kw), cfg.batch_size),
                                           y[:no]).as_dict(),
