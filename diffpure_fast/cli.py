@@ -19,9 +19,11 @@ __all__ = ["main", "build_parser"]
 
 from ._optional import missing_module
 from ._validate import FlagSpelling, OptionError
-from .methods import GUIDANCE_GRADS, METHODS
+from .methods import DIFFUSION_TYPES, GUIDANCE_GRADS, METHODS
+from .solvers.ddpm import VAR_TYPES
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError)
+MODELS = ("digits", "score_sde", "guided_diffusion", "celebahq_ddpm")
 
 # The one table between API keywords and flags: where a flag is not "--" + the keyword with "-" for "_" (those
 # are found in each sub-command's parser). Keys (scope, keyword): scope None holds in every sub-command; the
@@ -71,7 +73,8 @@ def _add_solver_args(p: argparse.ArgumentParser, *, steps_default, t_star_defaul
     g.add_argument("--steps", type=int, default=steps_default,
                    help="solver steps (euler: equal steps over [1e-5, t*]; ddpm: respaced levels)"
                         + (f" (default {steps_default})" if steps_default else ""))
-    g.add_argument("--dt", type=float, default=None, help="Euler step size instead of --steps (DiffPure: 1e-3)")
+    g.add_argument("--dt", type=float, default=None, help="Euler step size instead of --steps (DiffPure: 1e-3; "
+                   "--diffusion-type ode: its step_size, 1e-3; ldsde: 1e-2)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; a sample's noise depends on the seed and its "
                    "index only, not on the batch size (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="images per purification batch (default 64)")
@@ -87,6 +90,30 @@ def _add_agdm_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--guidance-scale", type=float, default=None, help="the guidance scale s (default: AGDM's)")
     a.add_argument("--distance", default=None, choices=("feature_mse", "logit_mse", "kl"),
                    help="the latent distance D (default feature_mse)")
+
+
+def _add_runner_args(p: argparse.ArgumentParser) -> None:
+    r = p.add_argument_group("DiffPure's official runners (--method/--defense diffpure)")
+    r.add_argument("--diffusion-type", default=None, choices=DIFFUSION_TYPES,
+                   help="the official --diffusion_type: sde (default: reverse SDE), ode (probability-flow ODE), "
+                   "ldsde (Langevin dynamics around the input), ddpm (guided-diffusion's sampler; a learned-variance "
+                   "model), celebahq-ddpm (SDEdit's sampler)")
+    r.add_argument("--sigma2", type=float, default=None, help="ldsde: sigma2 (default 1e-3)")
+    r.add_argument("--lambda-ld", type=float, default=None, help="ldsde: lambda_ld (default 1e-2)")
+    r.add_argument("--eta", type=float, default=None, help="ldsde: eta (default 5)")
+    r.add_argument("--var-type", default=None, choices=VAR_TYPES,
+                   help="celebahq-ddpm: the fixed variance (default fixedsmall, celeba.yml's)")
+
+
+# The flags of each DiffPure runner and the option each sets (--t-star: t*; --dt: the step size).
+RUNNER_FLAGS = {
+    "sde": {"--t-star": "t_star", "--steps": "steps", "--dt": "dt", "--solver": "solver"},
+    "ode": {"--t-star": "t_star", "--dt": "step_size"},
+    "ldsde": {"--t-star": "t_star", "--dt": "dt", "--sigma2": "sigma2", "--lambda-ld": "lambda_ld", "--eta": "eta"},
+    "ddpm": {"--t-star": "t_star"},
+    "celebahq-ddpm": {"--t-star": "t_star", "--var-type": "var_type"},
+}
+_RUNNER_ONLY = ("--diffusion-type", "--sigma2", "--lambda-ld", "--eta", "--var-type")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {dc.guided_images})")
     d.add_argument("--n-eval", type=int, default=dc.n_eval,
                    help=f"fresh-noise judgements of each adaptive adversarial image (default {dc.n_eval})")
+    d.add_argument("--ode-images", type=int, default=None,
+                   help=f"images for the ODE-vs-SDE rows (the paper's noise-injection ablation; at most "
+                        f"--adaptive-images); 0 skips them (default {dc.ode_images}, or every adaptive image when "
+                        "fewer)")
     d.add_argument("--guided-eot", type=int, default=dc.guided_eot,
                    help=f"EOT noise draws per adaptive step for the guided methods (default {dc.guided_eot})")
     d.add_argument("--full-steps", action="store_true",
@@ -126,10 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("purify", help="purify images from a folder, .npy/.npz or .pt, written back in the same kind",
                        description="Purify a batch of images in [0, 1] (uint8 arrays and image files are read as "
                        "0..255) with DiffPure and write them back in the same kind.")
-    p.add_argument("--model", required=True, choices=("digits", "score_sde", "guided_diffusion"),
+    p.add_argument("--model", required=True, choices=MODELS,
                    help="score model: the embedded digits model, or an official checkpoint family")
-    p.add_argument("--checkpoint", default=None, help="checkpoint path (score_sde, guided_diffusion); never "
-                   "downloaded")
+    p.add_argument("--checkpoint", default=None, help="checkpoint path (score_sde, guided_diffusion, "
+                   "celebahq_ddpm); never downloaded")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="read a .pt/.pth checkpoint with the full unpickler. By default only tensors, numbers, "
                    "containers and the NumPy scalars of official score_sde checkpoints are unpickled, because a "
@@ -141,13 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "to a temporary file and renamed into place, so an interrupted run leaves no partial file)")
     p.add_argument("--method", default="diffpure", choices=tuple(METHODS),
                    help="purification method, at its released defaults (default diffpure); --t-star, --steps, "
-                        "--dt and --solver are DiffPure's options (--t-star and --steps also AGDM's)")
+                        "--dt, --solver and the runner flags are DiffPure's options (--t-star and --steps also "
+                        "AGDM's)")
     p.add_argument("--solver", default=None, choices=("euler", "ddpm"), help="reverse solver (default euler)")
     p.add_argument("--value-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="the range of a float input's values, kept in the output (default 0 1; e.g. 0 255 for "
                         "float images in 0..255); uint8 arrays and image files are always 0..255")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_solver_args(p, steps_default=None, t_star_default=None)
+    _add_runner_args(p)
     _add_agdm_args(p)
 
     i = sub.add_parser("info", help="versions, device, and the active kernel implementations",
@@ -172,16 +205,27 @@ def _cmd_info(args) -> int:
 
 
 def _method_options(args, method: str) -> dict:
-    """DiffPure's solver options from --t-star/--steps/--dt/--solver; AGDM's from --auxiliary, --t-star, --steps,
+    """DiffPure's options from --diffusion-type and the flags of that runner (RUNNER_FLAGS: --t-star, --steps, --dt,
+    --solver; --sigma2, --lambda-ld, --eta; --var-type); AGDM's from --auxiliary, --t-star, --steps,
     --guidance-scale and --distance; GDMP and MimicDiffusion run at their released defaults, so those flags are an
     error with them."""
     given = {"--t-star": args.t_star, "--steps": args.steps, "--dt": args.dt, "--solver": args.solver,
-             "--auxiliary": args.auxiliary, "--guidance-scale": args.guidance_scale, "--distance": args.distance}
+             "--auxiliary": args.auxiliary, "--guidance-scale": args.guidance_scale, "--distance": args.distance,
+             **{f: getattr(args, f[2:].replace("-", "_"), None) for f in _RUNNER_ONLY}}
     if method == "diffpure":
-        options = dict(t_star=0.1 if args.t_star is None else args.t_star, steps=args.steps,
-                       dt=args.dt if args.dt is not None else (1e-3 if args.steps is None else None),
-                       solver=args.solver or "euler")
-        own = ("--t-star", "--steps", "--dt", "--solver")
+        kind = args.diffusion_type or "sde"
+        flags = RUNNER_FLAGS[kind]
+        options = {"diffusion_type": kind} if args.diffusion_type else {}
+        options.update({opt: given[flag] for flag, opt in flags.items() if given[flag] is not None})
+        if kind == "sde":
+            options = dict(options, t_star=options.get("t_star", 0.1), steps=args.steps,
+                           dt=args.dt if args.dt is not None else (1e-3 if args.steps is None else None),
+                           solver=args.solver or "euler")
+        own = ("--diffusion-type", *flags)
+        wrong = [f for f in (*RUNNER_FLAGS["sde"], *_RUNNER_ONLY) if given[f] is not None and f not in own]
+        if wrong:
+            raise ValueError(f"{wrong[0]}: not an option of --diffusion-type {kind} (its flags: {', '.join(flags)})")
+        _check_runner_options(options, flags)
     elif method == "agdm":
         from .eval.classifiers import load_auxiliary_spec
 
@@ -199,6 +243,22 @@ def _method_options(args, method: str) -> dict:
         raise ValueError(f"{named[0]}: an option of {owner}; {method} "
                          f"{'does not take it' if method in ('diffpure', 'agdm') else 'runs at its released defaults'}")
     return options
+
+
+def _check_runner_options(options: dict, flags: dict) -> None:
+    """Validate a runner's options (and its chain) now, so that an error names the flag that set the value (--dt,
+    not step_size)."""
+    from .config import PurifyConfig
+
+    try:
+        PurifyConfig.build("diffpure", **options)
+    except ValueError as exc:
+        msg = str(exc)
+        for flag, opt in flags.items():
+            if msg.startswith(f"{opt}:"):
+                msg = flag + msg[len(opt):]
+                break
+        raise ValueError(msg) from None
 
 
 def _cmd_purify(args) -> int:
@@ -247,10 +307,15 @@ def _cmd_demo(args) -> int:
     if args.full_steps and args.dt is not None:
         raise ValueError("--full-steps: means DiffPure's --dt 0.001; give --full-steps or --dt, not both")
     full = args.full_steps or args.dt is not None
+    # the ODE rows' default: DemoConfig's count, or all adaptive images when there are fewer (a default, not a cap:
+    # an explicit --ode-images above --adaptive-images is an error of DemoConfig)
+    adaptive = args.n_images if args.adaptive_images is None else args.adaptive_images
+    ode_images = min(DemoConfig.ode_images, adaptive) if args.ode_images is None else args.ode_images
     cfg = DemoConfig(n_images=args.n_images, adaptive_images=args.adaptive_images, t_star=args.t_star,
                      steps=None if full else args.steps, dt=args.dt, eps=args.eps,
                      pgd_steps=args.pgd_steps, adaptive_steps=args.adaptive_steps, eot=args.eot, seed=args.seed,
                      guided_images=args.guided_images, guided_eot=args.guided_eot, n_eval=args.n_eval,
+                     ode_images=ode_images,
                      batch_size=args.batch_size, device=args.device)
     command = "diffpure-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = run_demo(args.output, cfg, overwrite=args.overwrite, command=command)
@@ -315,9 +380,10 @@ def _add_eval_parsers(sub) -> None:
                        "same command) and shardable (torchrun --nproc-per-node K -m diffpure_fast eval ...).")
     e.add_argument("--defense", default="diffpure", choices=(*DEFENSES, "none"),
                    help="purification method, or none for the undefended classifier (default diffpure)")
-    e.add_argument("--model", default="digits", choices=("digits", "score_sde", "guided_diffusion"),
+    e.add_argument("--model", default="digits", choices=MODELS,
                    help="score model (default: the embedded digits model)")
-    e.add_argument("--checkpoint", default=None, help="checkpoint path for score_sde / guided_diffusion")
+    e.add_argument("--checkpoint", default=None, help="checkpoint path for score_sde / guided_diffusion / "
+                   "celebahq_ddpm")
     e.add_argument("--classifier", default="digits", help="digits, a TorchScript file, or module:function "
                    "returning an nn.Module (inputs in [0, 1])")
     e.add_argument("--data", default="digits:test", help="digits:test, cifar10:FOLDER[:test|:train], an image "
@@ -374,6 +440,7 @@ def _add_eval_parsers(sub) -> None:
     e.add_argument("--overwrite", action="store_true", help="discard records of another configuration there")
     e.add_argument("--quiet", action="store_true", help="no progress bar, no report on stdout")
     _add_solver_args(e, steps_default=None, t_star_default=None)
+    _add_runner_args(e)
     _add_agdm_args(e)
     e.set_defaults(batch_size=16)
 

@@ -55,7 +55,7 @@ class PurifyConfig:
     def __post_init__(self):
         m = get_method(self.method)
         if self.options is None:
-            object.__setattr__(self, "options", m.Options())
+            object.__setattr__(self, "options", m.options())
         elif not isinstance(self.options, m.Options):
             raise TypeError(f"options: expected {m.Options.__name__} for method={self.method!r}, got "
                             f"{type(self.options).__name__}")
@@ -72,12 +72,8 @@ class PurifyConfig:
             raise OptionError("param_grads", lambda s: f"score-network parameter gradients come with "
                                                        f"{s.setting('grad_mode', 'full')} only, got "
                                                        f"{s.setting('grad_mode', self.grad_mode)}")
-        if self.grad_mode == "adjoint" and not (
-                m.has_continuous_adjoint and self.options.solver == "euler" and self.options.steps is None):
-            raise OptionError("grad_mode", lambda s: f"'adjoint' is torchsde's adjoint of DiffPure's Euler–Maruyama "
-                                                     f"solve; it needs {s.setting('method', 'diffpure')}, "
-                                                     f"{s.setting('solver', 'euler')} with {s.name('dt')} (not "
-                                                     f"{s.name('steps')})")
+        if self.grad_mode == "adjoint":
+            m.check_adjoint(self.options)
         if self.autocast not in AUTOCAST_MODES:
             raise OptionError("autocast", f"expected one of {AUTOCAST_MODES} (the score network's reduced precision; "
                                           f"the solver state keeps the input's dtype), got {self.autocast!r}")
@@ -100,9 +96,9 @@ class PurifyConfig:
                              "continuous adjoint draws Brownian bridges step by step on the host; use 'full', the "
                              "exact gradient, or cuda_graph=False)")
         if self.chain(torch.float32).guidance is not None:
-            raise ValueError(f"cuda_graph: captures unguided chains only (method='diffpure'), got "
-                             f"method={self.method!r}, whose guidance runs autograd and host-side set-up inside each "
-                             "step; use cuda_graph=False")
+            raise ValueError(f"cuda_graph: captures chains without a per-step term only (method='diffpure' with "
+                             f"diffusion_type 'sde', 'ode' or 'celebahq-ddpm'), got {self.describe()}, whose step term "
+                             "runs autograd or host-side set-up inside each step; use cuda_graph=False")
         if self.param_grads:
             raise ValueError("cuda_graph: the captured per-step VJP is with respect to the state only; "
                              "param_grads=True needs cuda_graph=False")

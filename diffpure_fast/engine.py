@@ -76,19 +76,28 @@ def _check_inputs(x, model, cfg: PurifyConfig, chain: Chain, forward_noise, incr
     dev = _model_device(model)
     if dev is not None and dev != x.device:
         raise OptionError("x", f"is on {x.device} but the model's parameters are on {dev}; move one of them")
+    cfg.method_impl.check_model(cfg.options, model)
     cfg.method_impl.check_inputs(cfg.options, x)
     for name, t, shape in (("forward_noise", forward_noise, tuple(x.shape)),
                            ("increments", increments, (len(chain), *x.shape))):
         if t is None:
             continue
-        if len(chain.rounds) != 1 or chain.guidance is not None:
-            raise ValueError(f"{name}: caller-given noise is for single-round unguided chains (method='diffpure'); "
-                             f"method={cfg.method!r} draws its noise from the counter generator (seed, noise_ids)")
+        if len(chain.rounds) != 1 or (chain.guidance is not None and not chain.guidance.accepts_given_noise):
+            raise ValueError(f"{name}: caller-given noise is for single-round chains that draw no noise of their own "
+                             f"(method='diffpure'); method={cfg.method!r} draws its noise from the counter "
+                             "generator (seed, noise_ids)")
+        (rnd,) = chain.rounds
+        if name == "forward_noise" and rnd.noise_scale == 0.0:
+            raise ValueError(f"forward_noise: {cfg.describe()} has no forward diffusion (its chain starts at the "
+                             "input), so it takes no forward noise")
+        if name == "increments" and rnd.plan.increment_meaning is None:
+            raise ValueError(f"increments: {cfg.describe()} draws no noise after the forward diffusion (its solver "
+                             f"{rnd.plan.solver!r} is deterministic), so it takes no increments")
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor of shape {shape}, got {type(t).__name__}")
         if tuple(t.shape) != shape:
-            extra = (f" (one per solver step: {len(chain)} steps of solver={cfg.options.solver!r})"
-                     if name == "increments" else "")
+            extra = (f" (one per solver step: {len(chain)} steps of {rnd.plan.solver!r}: "
+                     f"{rnd.plan.increment_meaning})" if name == "increments" else "")
             raise ValueError(f"{name}: expected shape {shape}{extra}, got {tuple(t.shape)}")
         if t.dtype != x.dtype:
             raise TypeError(f"{name}: expected dtype {x.dtype} (x's), got {t.dtype}")
@@ -189,9 +198,14 @@ def purify(x: torch.Tensor, model: ScoreModel, *, method: str = "diffpure", seed
             steps guided by an adversarially trained auxiliary network; a reconstruction, no code was published).
             See ``diffpure_fast.methods``.
         **options: the method's options (anything else is an error naming it):
-            diffpure: ``t_star`` (0.1), ``dt`` (1e-3, Euler–Maruyama on torchsde's float32 grid), ``steps``
+            diffpure: ``diffusion_type`` (the official runner: ``"sde"`` (default), ``"ode"``, ``"ldsde"``,
+            ``"ddpm"``, ``"celebahq-ddpm"``; see ``diffpure_fast.methods.diffpure``), then that runner's options:
+            sde: ``t_star`` (0.1), ``dt`` (1e-3, Euler–Maruyama on torchsde's float32 grid), ``steps``
             (instead of dt: Euler steps over [1e-5, t*], or DDPM steps, default one per level), ``solver``
             (``"euler"``: DiffPure's reverse SDE, or ``"ddpm"``: ancestral steps on the discrete schedule);
+            ode: ``t_star`` (0.1), ``step_size`` (1e-3, Euler on torchdiffeq's grid); ldsde: ``t_star`` (0.1),
+            ``dt`` (1e-2), ``sigma2`` (1e-3), ``lambda_ld`` (1e-2), ``eta`` (5); ddpm (a learned-variance model):
+            ``t_star`` (0.1); celebahq-ddpm: ``t_star`` (0.5), ``var_type`` ("fixedsmall" | "fixedlarge");
             gdmp: ``purify_step`` (36), ``max_iter`` (4), ``guide_mode`` ("mse" | "ssim"), ``guide_scale`` (60000),
             ``ptb`` (8), ``norm_batch`` (100), ``clip_x0`` (True);
             mimic: ``steps`` (100), ``guidance_window`` ((21, 90)), ``rho`` (3000), ``upsample`` (4),
@@ -205,14 +219,17 @@ def purify(x: torch.Tensor, model: ScoreModel, *, method: str = "diffpure", seed
             gives the same noise for a sample whatever batch it sits in. ``seed=None`` draws a fresh seed from the
             OS (not from torch's RNG); ``noise_ids`` (a 1-D integer list, tuple, NumPy array or tensor of B ids in
             [0, 2^32)) defaults to ``arange(B)``.
-        forward_noise: (B, C, H, W) the z of DiffPure's forward diffusion, used exactly when given.
+        forward_noise: (B, C, H, W) the z of DiffPure's forward diffusion, used exactly when given (not for
+            ``ldsde``, which has none).
         increments: (steps, B, C, H, W) DiffPure's per-step noise used exactly when given: Brownian increments
-            dW_k for ``"euler"``, standard normals for ``"ddpm"``.
+            dW_k for ``"euler"`` and ``ldsde``, standard normals for ``"ddpm"``, ``diffusion_type="ddpm"`` and
+            ``"celebahq-ddpm"`` (one per level, in call order); none for ``ode``.
         value_range: the range of ``x`` and of the output; the chains work in [-1, 1] internally.
         grad_mode: ``"none"`` (no graph), ``"full"`` (exact gradient of this discrete computation, guidance
-            included; stored states, recomputed steps), ``"adjoint"`` (torchsde-style continuous adjoint, DiffPure's
-            Euler solve only), ``"bpda"`` (identity backward), ``"surrogate"`` (exact gradient of an unguided
-            ``surrogate_steps``-step DDPM chain from the method's surrogate level, with the real forward output).
+            included; stored states, recomputed steps), ``"adjoint"`` (the official continuous adjoint: torchsde's
+            for DiffPure's Euler–Maruyama solve, torchdiffeq's ``odeint_adjoint`` for ``diffusion_type="ode"``),
+            ``"bpda"`` (identity backward), ``"surrogate"`` (exact gradient of an unguided ``surrogate_steps``-step
+            DDPM chain from the method's surrogate level, with the real forward output).
         guidance_grad: how ``"full"`` treats guidance terms: ``"exact"``; ``"detached"`` (the guidance as a constant,
             as the released evaluations of GDMP and MimicDiffusion computed); ``"straight_through"`` (mimic: the sign
             in its guidance gets a smooth-L1 derivative in the backward pass only, a declared surrogate).

@@ -134,7 +134,7 @@ def test_reduced_demo_report_is_consistent(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--output", out, "--n-images", "6", "--adaptive-images", "4", "--steps", "3", "--t-star", "0.05",
             "--pgd-steps", "2", "--adaptive-steps", "1", "--eot", "2", "--batch-size", "4", "--guided-images", "2",
-            "--guided-eot", "1", "--n-eval", "2"]
+            "--guided-eot", "1", "--n-eval", "2", "--ode-images", "3"]
     rc, stdout, err = _run(argv, capsys)
     assert rc == 0, err
     report = json.loads((out / "report.json").read_text())
@@ -147,6 +147,14 @@ def test_reduced_demo_report_is_consistent(tmp_path, capsys):
     assert ad["single_shot"]["total"] == 4 and r["clean_undefended"]["total"] == 6
     assert ad["worst_of_n"]["correct"] <= ad["single_shot"]["correct"] and ad["mean"]["total"] == 4 * s["n_eval"]
     assert r["linf_check"]["pgd"] <= s["eps"] + 1e-6 and r["linf_check"]["adaptive"] <= s["eps"] + 1e-6
+    # The ODE against the SDE on the first 3 images: the SDE's rows are its main rows' first 3 images.
+    ode = r["ode_vs_sde"]
+    assert ode["images"] == 3 and ode["settings"]["diffusion_type"] == "ode"
+    for kind in ("sde", "ode"):
+        assert ode[kind]["clean_defended"]["total"] == 3 and ode[kind]["adaptive"]["single_shot"]["total"] == 3
+        assert ode[kind]["adaptive"]["linf"] <= s["eps"] + 1e-6
+    assert ode["sde"]["adaptive"]["single_shot"]["correct"] <= ad["single_shot"]["correct"]
+    assert "## Noise injection: the probability-flow ODE" in (out / "report.md").read_text()
     # One section per guided method, every adaptive row within the budget.
     from diffpure_fast.demo import GUIDED_ATTACKS
 

@@ -17,7 +17,9 @@ from diffpure_fast.engine import Noise
 from diffpure_fast.testing.nets import tiny_score_model
 
 # Few steps keep the CPU tests fast (the tiny network makes each step cheap, the step count sets the time).
-PLANS = {"euler": dict(t_star=0.05, steps=5), "ddpm": dict(t_star=0.05, solver="ddpm", steps=4)}
+PLANS = {"euler": dict(t_star=0.05, steps=5), "ddpm": dict(t_star=0.05, solver="ddpm", steps=4),
+         "ode": dict(diffusion_type="ode", t_star=0.005),
+         "celebahq": dict(diffusion_type="celebahq-ddpm", t_star=0.004)}
 FAST = PLANS["euler"]
 
 
@@ -183,7 +185,8 @@ def test_model_is_not_kept_alive_by_its_graphs():
 @pytest.mark.parametrize("kw, match", [
     (dict(cuda_graph=True, **FAST), "needs CUDA tensors"),
     (dict(cuda_graph=True, t_star=0.05, grad_mode="adjoint"), "cuda_graph: serves grad_mode"),
-    (dict(cuda_graph=True, method="gdmp", purify_step=2, max_iter=1), "unguided chains only"),
+    (dict(cuda_graph=True, method="gdmp", purify_step=2, max_iter=1), "chains without a per-step term only"),
+    (dict(cuda_graph=True, diffusion_type="ldsde", t_star=0.02), "chains without a per-step term only"),
     (dict(cuda_graph=True, **FAST, grad_mode="full", param_grads=True), "param_grads"),
     (dict(cuda_graph=True, **FAST, grad_mode="full", grad_cache_steps=2), "grad_cache_steps"),
     (dict(cuda_graph=1, **FAST), "cuda_graph: expected a bool"),

@@ -53,6 +53,14 @@ def _noise_mode(config: dict) -> str:
     return text
 
 
+def _defense_name(defense: dict) -> str:
+    """The method, with DiffPure's runner when it is not the default sde one (e.g. ``diffpure (ode)``)."""
+    name = defense.get("method", defense.get("class", "defense"))
+    options = defense.get("options")
+    kind = options.get("diffusion_type") if isinstance(options, dict) else None
+    return f"{name} ({kind})" if kind not in (None, "sde") else name
+
+
 _NAMES = {"single_shot": "single-shot (evaluation 1)", "mean": "mean over the N evaluations",
           "worst_of_n": "worst-of-N (correct on all N)", "majority_vote": "majority vote over N"}
 
@@ -163,7 +171,7 @@ def _markdown(rep: dict) -> str:
     c, ev = rep["configuration"], rep["configuration"]["eval"]
     skipped = rep.get("plots", {}).get("skipped")
     plots = skipped is None
-    lines = [f"# Evaluation: {c['defense'].get('method', c['defense'].get('class', 'defense'))} on {c['data']}", ""]
+    lines = [f"# Evaluation: {_defense_name(c['defense'])} on {c['data']}", ""]
     lines += [f"**Warning: {w}**\n" for w in rep.get("warnings", [])]
     lines += [f"Command: `{rep['environment'].get('command', '?')}`", "",
               f"Attack: {rep['attack']}; {ev['norm']} eps = {ev['eps']:.5g}.", "",

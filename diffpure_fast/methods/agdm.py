@@ -148,7 +148,7 @@ class AGDMGuidance(Guidance):
         return -d + F.log_softmax(l_u, dim=1).gather(1, y_hat[:, None])[:, 0]
 
     def term(self, k: int, step: Step, x: torch.Tensor, eps: torch.Tensor, ref: torch.Tensor, noise: Noise, *,
-             create_graph: bool) -> torch.Tensor:
+             create_graph: bool, var: torch.Tensor | None = None) -> torch.Tensor:
         if self.opts.aux_input == "x_t":
             u = x
         else:

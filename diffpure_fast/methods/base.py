@@ -17,13 +17,24 @@ from ..chain import Chain, Round
 from ..schedule import VPSchedule
 from ..solvers import get_solver
 
-__all__ = ["GUIDANCE_GRADS", "Method", "MethodOptions", "ddpm_surrogate_chain", "diffuse_round"]
+__all__ = ["GUIDANCE_GRADS", "Method", "MethodOptions", "ddpm_surrogate_chain", "diffuse_round", "make_options"]
 
 # How the exact adjoint treats a guidance term: "exact" differentiates it (second order where it is a gradient);
 # "detached" treats it as a constant (what the released evaluations of guided methods computed);
 # "straight_through" (methods whose guidance holds a sign) keeps the forward and gives the sign the derivative of
 # a smooth L1 in the backward pass only (a declared surrogate).
 GUIDANCE_GRADS = ("exact", "detached", "straight_through")
+
+
+def make_options(options_class, owner: str, kwargs: dict):
+    """``options_class(**kwargs)``, or an ``OptionError`` naming the first keyword it has no field for (``owner``:
+    who the options belong to, as (API keyword, value), e.g. ("method", "gdmp"), for the message)."""
+    names = options_class.names()
+    unknown = sorted(set(kwargs) - set(names))
+    if unknown:
+        raise OptionError(unknown[0], lambda s: f"not an option of {s.setting(*owner)} (its options: "
+                                                f"{', '.join(map(s.name, names))})")
+    return options_class(**kwargs)
 
 
 @dataclass(frozen=True)
@@ -47,15 +58,17 @@ class Method:
     Options: type[MethodOptions] = MethodOptions
     # The guidance_grad values this method accepts (an unguided method has only "exact").
     guidance_grads: tuple[str, ...] = ("exact",)
-    # Whether grad_mode="adjoint" (torchsde's continuous adjoint) exists for it.
-    has_continuous_adjoint: bool = False
 
     def options(self, **kwargs) -> MethodOptions:
-        unknown = sorted(set(kwargs) - set(self.Options.names()))
-        if unknown:
-            raise OptionError(unknown[0], lambda s: f"not an option of {s.setting('method', self.name)} (its "
-                                                    f"options: {', '.join(map(s.name, self.Options.names()))})")
-        return self.Options(**kwargs)
+        """The options dataclass from keyword arguments (none: the defaults); an unknown one is an error naming it."""
+        return make_options(self.Options, ("method", self.name), kwargs)
+
+    def check_adjoint(self, opts) -> None:
+        """Whether grad_mode="adjoint" (the official code's continuous adjoint) exists for these options: an error
+        naming grad_mode if not. None has it by default (DiffPure's sde and ode runners do)."""
+        raise OptionError("grad_mode", lambda s: f"'adjoint' is the official DiffPure code's continuous adjoint "
+                          f"({s.name('diffusion_type')} 'sde' and 'ode'); {s.setting('method', self.name)} has none: "
+                          f"use 'full', the exact gradient")
 
     def chain(self, opts, schedule: VPSchedule, dtype: torch.dtype, guidance_grad: str) -> Chain:
         """The purification as a chain, for states of ``dtype``."""
@@ -73,6 +86,10 @@ class Method:
         """The discrete diffusion level the chain's first round starts from (DiffPure: its rounded round(N t*);
         N for a chain from pure noise): recorded with the options, as the value the run used."""
         raise NotImplementedError
+
+    def check_model(self, opts, model) -> None:
+        """Method-specific checks of the score model against the options (e.g. a sampler that needs the network's
+        learned variance); errors name ``model`` or the option. Nothing by default."""
 
     def check_inputs(self, opts, x: torch.Tensor) -> None:
         """Method-specific checks of an input batch x (B, C, H, W) against the options (e.g. an auxiliary network's

@@ -121,7 +121,7 @@ class MimicGuidance(Guidance):
         return a.sum() / (n * u.shape[2] * u.shape[3])
 
     def term(self, k: int, step: Step, x: torch.Tensor, eps: torch.Tensor, ref: torch.Tensor, noise: Noise, *,
-             create_graph: bool) -> torch.Tensor:
+             create_graph: bool, var: torch.Tensor | None = None) -> torch.Tensor:
         o = self.opts
         a_i = self.alpha_bar[step.level]
         e = eps if o.eps_in_guidance else eps.detach()

@@ -52,6 +52,20 @@ class ScoreModel(nn.Module):
     def eps(self, x: torch.Tensor, t: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def has_learned_variance(self) -> bool:
+        """Whether ``eps_and_variance`` is available (guided-diffusion's ``learn_sigma`` networks)."""
+        return False
+
+    def eps_and_variance(self, x: torch.Tensor, t: torch.Tensor,
+                         levels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps, v): epsilon and the learned-variance channels v (B, C, H, W) of a network trained with learned
+        variance (guided-diffusion's ``learn_sigma``: the second half of the output channels, about [-1, 1], which
+        interpolate the log variance between the clipped posterior variance (v = -1) and beta (v = 1)).
+        A network without them raises a ValueError naming ``model``."""
+        raise ValueError(f"model: {type(self).__name__} has no learned-variance output (guided-diffusion's "
+                         "learn_sigma); a sampler that uses the network's variance needs one")
+
     def score(self, x: torch.Tensor, t: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
         sigma = self.schedule.sigma(t.to(x.dtype)).reshape(-1, *([1] * (x.dim() - 1)))
         return -self.eps(x, t, levels) / sigma
@@ -102,14 +116,28 @@ class EpsModel(ScoreModel):
             return (t.float() * self.schedule.num_levels).long()
         return t
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
+    def _output(self, x: torch.Tensor, t: torch.Tensor, levels: torch.Tensor | None) -> torch.Tensor:
         out = self.net(x, self.labels(t, levels))
-        channels = x.shape[1]
-        expected = 2 * channels if self.learned_sigma else channels
+        expected = 2 * x.shape[1] if self.learned_sigma else x.shape[1]
         if out.shape[0] != x.shape[0] or out.shape[1] != expected or out.shape[2:] != x.shape[2:]:
             raise ValueError(f"model: expected an output of shape {(x.shape[0], expected, *x.shape[2:])} "
                              f"(learned_sigma={self.learned_sigma}), got {tuple(out.shape)}")
-        return out[:, :channels] if self.learned_sigma else out
+        return out
+
+    @property
+    def has_learned_variance(self) -> bool:
+        return self.learned_sigma
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
+        out = self._output(x, t, levels)
+        return out[:, :x.shape[1]] if self.learned_sigma else out
+
+    def eps_and_variance(self, x: torch.Tensor, t: torch.Tensor,
+                         levels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.learned_sigma:
+            return super().eps_and_variance(x, t, levels)
+        out = self._output(x, t, levels)
+        return out[:, :x.shape[1]], out[:, x.shape[1]:]
 
 
 def as_score_model(model) -> ScoreModel:
@@ -150,6 +178,16 @@ class AutocastModel(ScoreModel):
         with torch.autocast(x.device.type, dtype=AUTOCAST_DTYPES[self.mode], cache_enabled=False):
             out = self.inner.eps(x, t, levels)
         return out.to(x.dtype)
+
+    @property
+    def has_learned_variance(self) -> bool:
+        return self.inner.has_learned_variance
+
+    def eps_and_variance(self, x: torch.Tensor, t: torch.Tensor,
+                         levels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(x.device.type, dtype=AUTOCAST_DTYPES[self.mode], cache_enabled=False):
+            eps, var = self.inner.eps_and_variance(x, t, levels)
+        return eps.to(x.dtype), var.to(x.dtype)
 
 
 def with_autocast(model: ScoreModel, mode: str | None) -> ScoreModel:

@@ -1,9 +1,11 @@
-"""Load the official DiffPure score networks (score_sde NCSN++ and guided-diffusion ADM) from their checkpoint files.
+"""Load the official DiffPure score networks (score_sde NCSN++, guided-diffusion ADM, SDEdit's CelebA-HQ DDPM UNet)
+from their checkpoint files.
 
     model = load_score_model("score_sde", "pretrained/score_sde/checkpoint_8.pth")            # CIFAR-10
     model = load_score_model("guided_diffusion", "pretrained/guided_diffusion/256x256_diffusion_uncond.pt")
+    model = load_score_model("celebahq_ddpm", "celeba_hq.ckpt")                              # CelebA-HQ 256
 
-Both return an :class:`~diffpure_fast.models.base.EpsModel` in eval mode whose ``eps``/``score`` reproduce DiffPure's:
+Each returns an :class:`~diffpure_fast.models.base.EpsModel` in eval mode whose ``eps``/``score`` reproduce DiffPure's:
 
 * ``score_sde``: labels ``999 t`` (float), ``score = -net(x, 999 t) / std(t)``. The weights are those DiffPure
   evaluates with: the checkpoint's ``model`` state dict (buffers included), then the EMA ``shadow_params`` copied
@@ -29,6 +31,13 @@ the engine implements the continuous VP model only, and running another one as V
 guided-diffusion: the ``linear`` noise schedule of ``diffusion_steps`` T (``VPSchedule(0.1, 20, T)``); a
 ``cosine`` schedule, ``predict_xstart``, and ``rescale_timesteps`` with T other than 1000 are refused, naming the
 field (``_guided_schedule`` says why the other fields do not change the network's output).
+
+``celebahq_ddpm``: SDEdit's DDPM UNet (``models.ddpm_unet``; DiffPure's ``ddpm/unet_ddpm.py``) from a plain state
+dict such as SDEdit's ``celeba_hq.ckpt``, the config in the layout of DiffPure's ``configs/celeba.yml`` (default:
+that file). Integer steps ``(1000 t).long()`` (or the sampler's levels), epsilon output. The config's ``diffusion``
+section must be DiffPure's linear betas 1e-4..0.02 over 1000 steps (anything else is an error naming the field);
+``model.var_type`` belongs to the sampler and is kept on the model (``model.var_type``), where
+``diffusion_type="celebahq-ddpm"`` checks it against its own ``var_type``.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from .._validate import OptionError, OptionFileNotFoundError, OptionTypeError, S
 from ..schedule import DIFFPURE_SCHEDULE, VPSchedule
 from .adm import ADM_IMAGENET256_UNCOND_CONFIG, UNetModel, create_adm_model
 from .base import EpsModel, ScoreModel
+from .ddpm_unet import DDPMUNet
 from .fast import fast_score_model
 from .ncsnpp import NCSNPP_CIFAR10_CONFIG, NCSNpp, _section
 from .state_dicts import is_state_dict, load_state_dict_strict, strip_wrapper_prefixes, unwrap_state_dict
@@ -52,10 +62,11 @@ from .state_dicts import is_state_dict, load_state_dict_strict, strip_wrapper_pr
 __all__ = ["FAMILIES", "build_network", "load_classifier", "load_score_model", "official_safe_globals",
            "read_checkpoint", "refused_object", "safe_torch_load"]
 
-FAMILIES = ("score_sde", "guided_diffusion", "digits")
+FAMILIES = ("score_sde", "guided_diffusion", "celebahq_ddpm", "digits")
 _ALIASES = {"score_sde": "score_sde", "ncsnpp": "score_sde", "ddpmpp": "score_sde",
             "guided_diffusion": "guided_diffusion", "guided-diffusion": "guided_diffusion", "adm": "guided_diffusion",
-            "digits": "digits"}
+            "celebahq_ddpm": "celebahq_ddpm", "celebahq-ddpm": "celebahq_ddpm", "ddpm_celebahq": "celebahq_ddpm",
+            "sdedit": "celebahq_ddpm", "digits": "digits"}
 
 
 def official_safe_globals() -> list:
@@ -182,6 +193,8 @@ def build_network(family: str, config: Mapping[str, Any] | None = None) -> torch
         return build_digits_score_net(None if config is None else dict(config))
     if family == "score_sde":
         return NCSNpp.from_config(NCSNPP_CIFAR10_CONFIG if config is None else config)
+    if family == "celebahq_ddpm":
+        return DDPMUNet.from_config(_celebahq_config(config))
     return create_adm_model(ADM_IMAGENET256_UNCOND_CONFIG if config is None else config)
 
 
@@ -326,6 +339,67 @@ def _load_guided(ckpt: Any, cfg: Mapping[str, Any], where: str) -> UNetModel:
     return net
 
 
+def _plain_dict(obj: Any) -> Any:
+    """A config as nested dicts: DiffPure builds its yaml configs as nested ``argparse.Namespace`` objects."""
+    if isinstance(obj, Mapping):
+        return {k: _plain_dict(v) for k, v in obj.items()}
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        return {k: _plain_dict(v) for k, v in vars(obj).items()}
+    return obj
+
+
+# The schedule the celebahq-ddpm runner and the engine use (DiffPure's discrete betas = celeba.yml's diffusion).
+_CELEBAHQ_DIFFUSION = {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
+                       "num_diffusion_timesteps": 1000}
+
+
+def _celebahq_config(config) -> dict:
+    """A celeba.yml-style config as a dict (default: DiffPure's celeba.yml), its diffusion section checked."""
+    from ..solvers.ddpm import VAR_TYPES
+    from .ddpm_unet import CELEBAHQ_DDPM_CONFIG
+
+    cfg = _plain_dict(CELEBAHQ_DDPM_CONFIG if config is None else config)
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"config: expected a dict in the layout of DiffPure's configs/celeba.yml, got "
+                         f"{type(config).__name__}")
+    diffusion = cfg.get("diffusion", {})
+    for key, want in _CELEBAHQ_DIFFUSION.items():
+        got = diffusion.get(key, want) if isinstance(diffusion, Mapping) else None
+        if got != want and not (isinstance(want, float) and isinstance(got, (int, float))
+                                and abs(got - want) <= 1e-12):
+            raise ValueError(f"config['diffusion']['{key}']: the engine runs DiffPure's schedule ({key} {want!r}); "
+                             f"got {got!r}")
+    var_type = cfg.get("model", {}).get("var_type", "fixedsmall") if isinstance(cfg.get("model"), Mapping) else None
+    if var_type not in VAR_TYPES:
+        raise ValueError(f"config['model']['var_type']: expected one of {VAR_TYPES}, got {var_type!r}")
+    return cfg
+
+
+def _load_celebahq(ckpt: Any, config, where: str) -> tuple[DDPMUNet, str]:
+    if not isinstance(ckpt, Mapping):
+        raise OptionError("checkpoint", f"expected a plain state dict of SDEdit's DDPM UNet (celeba_hq.ckpt), got "
+                                        f"{type(ckpt).__name__}", where=where)
+    if "kind" in ckpt and "state_dict" in ckpt:
+        raise OptionError("checkpoint", "this is a conformance vector, not a checkpoint; pass vec['state_dict'] (or "
+                                        "run python -m diffpure_fast.conformance on the file)", where=where)
+    if "model" in ckpt and "ema" in ckpt and isinstance(ckpt["ema"], Mapping) and "shadow_params" in ckpt["ema"]:
+        raise OptionError("checkpoint", lambda sp: "this is a score_sde (NCSN++) checkpoint, not SDEdit's DDPM UNet; "
+                                                   f"use {sp.setting('family', 'score_sde')}", where=where)
+    state = unwrap_state_dict(ckpt, where=where)
+    keys = list(state.keys())
+    if _looks_guided(keys):
+        raise OptionError("checkpoint", lambda sp: "this is a guided-diffusion (ADM UNet) state dict, not SDEdit's "
+                                                   f"DDPM UNet; use {sp.setting('family', 'guided_diffusion')}",
+                          where=where)
+    if _looks_score_sde(keys):
+        raise OptionError("checkpoint", lambda sp: "this is a score_sde (NCSN++) state dict, not SDEdit's DDPM UNet; "
+                                                   f"use {sp.setting('family', 'score_sde')}", where=where)
+    cfg = _celebahq_config(config)
+    net = DDPMUNet.from_config(cfg)
+    load_state_dict_strict(net, state, where=where, hint="is the config the one this checkpoint was trained with?")
+    return net, cfg["model"].get("var_type", "fixedsmall")
+
+
 def _check_device(device) -> torch.device:
     if device is None:
         return torch.device("cpu")
@@ -350,19 +424,23 @@ def load_score_model(family: str, checkpoint: str | os.PathLike | Mapping[str, A
     """Load an official DiffPure score network, or the embedded digits model.
 
     Args:
-        family: ``"score_sde"`` (NCSN++/DDPM++, CIFAR-10), ``"guided_diffusion"`` (ADM UNet, ImageNet), or
-            ``"digits"`` (the small NCSN++ shipped inside the package for 1x16x16 digits; no checkpoint needed).
-        checkpoint: a path (``.pt``/``.pth``; ``.safetensors`` for plain state dicts) or the already-loaded object:
-            score_sde: ``{"model": state_dict, "ema": {"shadow_params": [...], ...}, "optimizer", "step"}`` (or a
-            bare NCSN++ state dict); guided_diffusion: a plain state dict.
+        family: ``"score_sde"`` (NCSN++/DDPM++, CIFAR-10), ``"guided_diffusion"`` (ADM UNet, ImageNet),
+            ``"celebahq_ddpm"`` (SDEdit's DDPM UNet, CelebA-HQ), or ``"digits"`` (the small NCSN++ shipped inside
+            the package for 1x16x16 digits; no checkpoint needed).
+        checkpoint: a path (``.pt``/``.pth``/``.ckpt``; ``.safetensors`` for plain state dicts) or the already-loaded
+            object: score_sde: ``{"model": state_dict, "ema": {"shadow_params": [...], ...}, "optimizer", "step"}``
+            (or a bare NCSN++ state dict); guided_diffusion and celebahq_ddpm: a plain state dict.
         config: the official configuration. score_sde: the yaml as a dict (``config['model']``,
             ``config['data']``); ``None`` is DiffPure's ``configs/cifar10.yml``. guided_diffusion: the keyword
             arguments of ``create_model_and_diffusion``; ``None`` is DiffPure's ImageNet 256x256 unconditional model.
+            celebahq_ddpm: the yaml as a dict (or DiffPure's nested namespace of it); ``None`` is DiffPure's
+            ``configs/celeba.yml``.
         device: where to put the model (default: CPU).
         dtype: ``None``: float32, except a guided-diffusion ``use_fp16`` config on CUDA gets the official float16
             torso. guided_diffusion: ``torch.float16``/``torch.bfloat16`` converts the torso (convolutions of the
-            input/middle/output blocks) as ``convert_to_fp16`` does; score_sde: casts the whole network (the
-            forward casts inputs and outputs). Autocast is the other way to run in reduced precision.
+            input/middle/output blocks) as ``convert_to_fp16`` does; score_sde, celebahq_ddpm: casts the whole
+            network (score_sde's forward casts inputs and outputs). Autocast is the other way to run in reduced
+            precision.
         use_ema: score_sde only: apply the EMA weights (DiffPure does); ``False`` keeps the raw weights.
         trust_checkpoint: a checkpoint path is read with torch's restricted (``weights_only``) unpickler plus the
             few NumPy scalar types the official score_sde checkpoints hold (:func:`official_safe_globals`); a file
@@ -375,8 +453,8 @@ def load_score_model(family: str, checkpoint: str | os.PathLike | Mapping[str, A
 
     Returns:
         an ``EpsModel`` in eval mode (``time_input="continuous"`` for score_sde, ``"discrete"`` with
-        ``learned_sigma`` for guided-diffusion); with ``compile`` or ``channels_last``, a ``FastScoreModel``
-        around it (its ``.model``).
+        ``learned_sigma`` for guided-diffusion, ``"discrete"`` for celebahq_ddpm); with ``compile`` or
+        ``channels_last``, a ``FastScoreModel`` around it (its ``.model``).
     """
     fam = _family(family)
     for name, v in (("trust_checkpoint", trust_checkpoint), ("compile", compile), ("channels_last", channels_last),
@@ -403,7 +481,8 @@ def load_score_model(family: str, checkpoint: str | os.PathLike | Mapping[str, A
     if config is not None and not isinstance(config, Mapping):
         if fam == "guided_diffusion" and hasattr(config, "__dict__") and not isinstance(config, type):
             config = vars(config)          # argparse.Namespace, as DiffPure builds from its yaml
-        elif not (fam == "score_sde" and (hasattr(config, "to_dict") or hasattr(config, "model"))):
+        elif not ((fam == "score_sde" and (hasattr(config, "to_dict") or hasattr(config, "model")))
+                  or (fam == "celebahq_ddpm" and hasattr(config, "__dict__") and not isinstance(config, type))):
             raise OptionError("config", f"expected a dict in the official format, got {type(config).__name__}")
     if not isinstance(checkpoint, (str, os.PathLike, Mapping)):
         raise OptionTypeError("checkpoint", f"expected a path or a loaded checkpoint dict, got "
@@ -411,7 +490,8 @@ def load_score_model(family: str, checkpoint: str | os.PathLike | Mapping[str, A
     dev = _check_device(device)
     # Refuse what the config's diffusion settings make unsupported before reading a (large) file.
     cfg = dict(ADM_IMAGENET256_UNCOND_CONFIG if config is None else config) if fam == "guided_diffusion" else config
-    schedule = _score_sde_schedule(config) if fam == "score_sde" else _guided_schedule(cfg)
+    schedule = (_score_sde_schedule(config) if fam == "score_sde" else _guided_schedule(cfg)
+                if fam == "guided_diffusion" else DIFFPURE_SCHEDULE)  # celebahq_ddpm: _celebahq_config checks it
     if isinstance(checkpoint, (str, os.PathLike)):
         ckpt, where = read_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint), repr(os.fspath(checkpoint))
     else:
@@ -423,6 +503,13 @@ def load_score_model(family: str, checkpoint: str | os.PathLike | Mapping[str, A
         if dtype is not None and dtype != torch.float32:
             net.to(dtype)
         model = EpsModel(net, time_input="continuous", schedule=schedule)
+    elif fam == "celebahq_ddpm":
+        net, var_type = _load_celebahq(ckpt, config, where)
+        net.eval().to(dev)
+        if dtype is not None and dtype != torch.float32:
+            net.to(dtype)
+        model = EpsModel(net, time_input="discrete", schedule=schedule)
+        model.var_type = var_type
     else:
         unet = _load_guided(ckpt, cfg, where)
         unet.eval().to(dev)
@@ -441,6 +528,8 @@ def _fast(model: EpsModel, compile: bool, channels_last: bool) -> ScoreModel:
         return model
     fast = fast_score_model(model, compile=compile, channels_last=channels_last)
     fast.family = model.family
+    if hasattr(model, "var_type"):
+        fast.var_type = model.var_type
     return fast.eval()
 
 
