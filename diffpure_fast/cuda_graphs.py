@@ -91,6 +91,11 @@ def _copy_into(static, fresh) -> None:
             _copy_into(s, f)
 
 
+# One side stream per device index for every warm-up and capture: cuBLAS keeps a workspace per stream it ran on, so a
+# fresh stream per capture would leave one workspace behind per stream of torch's pool.
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
 def _capture(fn: Callable, device: torch.device, warmup: int):
     """(graph, outputs): ``fn`` warmed up ``warmup`` times on a side stream of ``device``, then captured on that
     same stream.
@@ -100,7 +105,10 @@ def _capture(fn: Callable, device: torch.device, warmup: int):
     ``stream=``, ``torch.cuda.graph`` uses one class-wide capture stream created on the device that captured first,
     so a later capture for cuda:1 would run on cuda:0's stream."""
     with torch.cuda.device(device):
-        side = torch.cuda.Stream()
+        index = torch.cuda.current_device()
+        side = _SIDE_STREAMS.get(index)
+        if side is None:
+            side = _SIDE_STREAMS[index] = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup):
