@@ -76,6 +76,31 @@ def test_bench_gpu_rows_and_table_with_cuda_calls_stubbed(stub_cuda, tmp_path, o
         assert [r["status"] for r in csv.DictReader(f)] == ["ok"] * 4
 
 
+def test_bench_gpu_peak_excludes_the_first_call(stub_cuda):
+    """The peak counter is reset after the first call (compilation, capture) and before the timed ones."""
+    bench_gpu.measure(lambda: stub_cuda.append("call"), repeats=2)
+    assert stub_cuda == ["call", "reset", "call", "call"]
+
+
+@pytest.mark.cuda
+def test_cuda_step_providers_time_kernels_alone():
+    """The fused-step rows of bench_sde_step / bench_gpu: no provider synchronises inside a timed call (the CUDA
+    op's per-call check of the ids did, Triton's launcher never did: their rows were not comparable)."""
+    from benchmarks.bench_sde_step import providers
+
+    x, eps, z = (torch.randn(4, 4096, device="cuda") for _ in range(3))
+    calls = providers(x, eps, z, torch.arange(4, device="cuda"), with_reference=True)
+    assert {"cuda", "cuda_z"} <= set(calls)
+    for name, (fn, _) in calls.items():
+        fn()  # warm-up: Triton compiles here
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 def test_bench_gpu_budget_skips_and_reports_rows(stub_cuda, tmp_path, monkeypatch, one_thread):
     args = _gpu_args(tmp_path, variants="compiled,eager", batches="1,2", steps="1:2,2:1", budget_s=60.0)
     monkeypatch.setattr(bench_gpu, "_START", time.monotonic() - 45.0)  # 15 s left: too little for a compile
