@@ -62,7 +62,7 @@ def _check_inputs(x, model, cfg: PurifyConfig, chain: Chain, forward_noise, incr
     _check_image(x)
     _check_finite("x", x)
     lo, hi = cfg.value_range
-    x_min, x_max = float(x.detach().min()), float(x.detach().max())
+    x_min, x_max = torch.stack(torch.aminmax(x.detach())).tolist()  # one device-to-host copy, not two
     if x_min < lo or x_max > hi:
         raise OptionError("x", lambda s: f"values must lie in {s.name('value_range')} {tuple(cfg.value_range)}, got "
                                          f"min {x_min:.6g}, max {x_max:.6g} (nothing is clipped: rescale them, or "
@@ -155,7 +155,7 @@ def _as_noise_ids(noise_ids, x: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"{what}, got {type(noise_ids).__name__}")
     if ids.shape[0] != x.shape[0]:
         raise ValueError(f"noise_ids: expected {x.shape[0]} ids (one per sample), got {ids.shape[0]}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= 1 << 32):
+    if ids.numel() and not all(0 <= v < 1 << 32 for v in torch.stack(torch.aminmax(ids)).tolist()):
         raise ValueError("noise_ids: expected ids in [0, 2^32)")
     return ids.to(x.device)
 

@@ -11,7 +11,6 @@ from diffpure_fast.engine import Noise, forward_diffuse, reverse_solve
 from diffpure_fast.schedule import DIFFPURE_SCHEDULE
 from diffpure_fast.solvers import reverse_time_grid
 from diffpure_fast.testing.nets import GaussianEps, TinyEpsNet, tiny_score_model
-from diffpure_fast.testing.torchsde_reference import torchsde_purify
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
@@ -26,7 +25,7 @@ def _increments(t_star, shape, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("t_star", [0.1, 0.0375])
-def test_purify_matches_torchsde_euler(dtype, t_star):
+def test_purify_matches_torchsde_euler(torchsde_ref, dtype, t_star):
     model = tiny_score_model(dtype=dtype)
     g = torch.Generator().manual_seed(1)
     x = torch.rand((3, 3, 6, 5), generator=g, dtype=dtype) * 2 - 1
@@ -35,7 +34,7 @@ def test_purify_matches_torchsde_euler(dtype, t_star):
     ours = dpf.purify(x, model, t_star=t_star, forward_noise=z, increments=dw, value_range=(-1, 1))
     x_t = forward_diffuse(x, z, t_star, DIFFPURE_SCHEDULE)
     with torch.no_grad():
-        ref = torchsde_purify(x_t, model, t_star, increments=dw, grid=grid)
+        ref = torchsde_ref.torchsde_purify(x_t, model, t_star, increments=dw, grid=grid)
     err = (ours - ref).abs().max().item()
     assert err <= TOL[dtype] * max(1.0, ref.abs().max().item()), err
 

@@ -21,12 +21,14 @@ from diffpure_fast.solvers.euler import reverse_time_grid
 from diffpure_fast.solvers.ode import torchdiffeq_grid
 from diffpure_fast.testing.chain_reference import autograd_chain
 from diffpure_fast.testing.nets import tiny_score_model
-from diffpure_fast.testing.runner_reference import guided_p_sample_loop, sdedit_loop, torchsde_ldsde
-from diffpure_fast.testing.torchsde_reference import forward_increments, torchsde_ts
 
+# the references need torchsde and torchdiffeq (dev dependencies): without them (the GPU machine carries no
+# torchdiffeq) this module skips at collection instead of failing it
 torchdiffeq = pytest.importorskip("torchdiffeq")
 torchsde = pytest.importorskip("torchsde")
+from diffpure_fast.testing.runner_reference import guided_p_sample_loop, sdedit_loop, torchsde_ldsde  # noqa: E402
 from diffpure_fast.testing.torchdiffeq_reference import torchdiffeq_purify  # noqa: E402
+from diffpure_fast.testing.torchsde_reference import forward_increments, torchsde_ts  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

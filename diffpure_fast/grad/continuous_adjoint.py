@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..chain import Noise, reverse_solve
+from ..models.base import network_vjp
 from ..noise import STREAM_REVERSE, sample_noise
 from ..schedule import VPSchedule
 from ..solvers.base import sigma_in
@@ -132,7 +133,7 @@ class ContinuousAdjoint(torch.autograd.Function):
             yk = y.requires_grad_(True)
             with torch.enable_grad():
                 eps = model.eps(yk, torch.full((y.shape[0],), t, dtype=y.dtype, device=y.device))
-            (vjp,) = torch.autograd.grad(eps, yk, a)
+            (vjp,) = network_vjp(model, eps, yk, a)
             f = 0.5 * beta * y.detach() - coef * eps.detach()
             y = y.detach() - f * h - math.sqrt(beta) * (w_hi - w_lo)
             a = a + h * (0.5 * beta * a - coef * vjp)
@@ -178,7 +179,7 @@ class OdeAdjoint(torch.autograd.Function):
             yk = y.requires_grad_(True)
             with torch.enable_grad():
                 eps = model.eps(yk, torch.full((y.shape[0],), t, dtype=y.dtype, device=y.device))
-            (vjp,) = torch.autograd.grad(eps, yk, a)
+            (vjp,) = network_vjp(model, eps, yk, a)
             y = y.detach() + h * (coef * eps.detach() - 0.5 * beta * y.detach())
             a = a + h * (0.5 * beta * a - coef * vjp)
             del yk, eps, vjp
