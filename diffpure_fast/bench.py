@@ -29,8 +29,9 @@ import torch
 from .info import cpu_model
 from .models.base import ScoreModel
 
-__all__ = ["BenchConfig", "CallCounter", "count_network_calls", "machine_header", "measure_call", "median_time", "network_call_seconds", "official_row",
-           "peak_rss_since_reset", "purify_row", "reset_peak_rss", "run_bench", "DTYPES", "BENCH_GRAD_MODES"]
+__all__ = ["BENCH_GRAD_MODES", "DTYPES", "BenchConfig", "CallCounter", "count_network_calls", "machine_header",
+           "measure_call", "median_time", "network_call_seconds", "official_row", "peak_rss_since_reset", "purify_row",
+           "reset_peak_rss", "run_bench"]
 
 # --dtypes: float32, or the score network under autocast (purify's autocast option): bf16 / fp16.
 DTYPES = {"float32": None, "bf16": "bf16", "fp16": "fp16"}
