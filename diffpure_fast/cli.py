@@ -594,7 +594,7 @@ def _cmd_bench(args) -> int:
         return load_score_model(args.model, args.checkpoint, config, device=device,
                                 trust_checkpoint=args.trust_checkpoint)
 
-    command = "diffpure-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "diffpure-fast " + " ".join(shlex.quote(a) for a in args.argv)
     header = {**machine_header(command, devices=cfg.devices), "model": args.model
               + (f" ({args.checkpoint})" if args.checkpoint else " (embedded)"), "t_star": cfg.t_star}
     print(f"torch CPU threads: {torch.get_num_threads()} ({'--threads' if args.threads else 'torch default'})",
@@ -615,6 +615,7 @@ def _cmd_bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # the command as given, for results headers
     try:
         _check_common(args)
         return {"info": _cmd_info, "purify": _cmd_purify, "demo": _cmd_demo, "eval": _cmd_eval,

@@ -37,6 +37,13 @@ class ScoreModel(nn.Module):
     """Base class: subclasses implement ``eps``; ``score`` and ``forward`` follow from it.
 
     ``in_channels`` and ``image_size`` (None when unknown) let callers reject inputs the network was not built for.
+
+    Structure: a loaded model is a wrapper (``EpsModel``; ``AutocastModel`` and ``FastScoreModel`` wrap another
+    ``ScoreModel``) around the network, ``model.net`` (NCSN++, guided-diffusion's UNet, ...). The engine calls
+    ``model.eps(x, t)``, which calls ``model.net`` directly, never ``model(x, t)``: a forward hook registered on the
+    wrapper therefore never fires (it counts 0 calls); one on ``model.net`` fires once per network evaluation. To
+    count calls whatever the wrapper, use ``diffpure_fast.count_network_calls(model)`` (``diffpure_fast.bench``),
+    which counts ``eps`` and ``eps_and_variance`` calls.
     """
 
     schedule: VPSchedule = DIFFPURE_SCHEDULE
