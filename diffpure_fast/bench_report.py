@@ -96,8 +96,8 @@ def plot(header: dict, rows: list[dict], path: Path) -> Path:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(f"diffpure-fast bench: {header['model']}\n{header['cpu']}, {header['torch_threads']} torch "
-                 f"threads, GPU: {header['gpu']}; torch {header['torch']}", fontsize=9)
+    fig.suptitle(f"diffpure-fast bench: {header['model']}\n{header['cpu']}, torch CPU threads: "
+                 f"{header['torch_threads']}, GPU: {header['gpu']}; torch {header['torch']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

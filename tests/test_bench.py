@@ -20,6 +20,7 @@ STEPS = 3
 
 
 def png_size(path) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")

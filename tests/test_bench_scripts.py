@@ -19,6 +19,8 @@ from diffpure_fast.models import NCSNpp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from test_bench import png_size  # noqa: E402
+
 from benchmarks import bench_gpu, bench_guided, bench_scaling, plot_results, profile_network  # noqa: E402
 
 
@@ -170,13 +172,6 @@ def test_plot_results_renders_every_plot(tmp_path):
     sizes = {p.name: png_size(p) for p in written}
     assert sizes["purify_vs_batch_cpu.png"] == (990, 396) and sizes["purify_vs_steps_cpu.png"] == (660, 440)
     assert sizes["memory_vs_steps_cpu.png"] == (1320, 440)
-
-
-def png_size(path: Path) -> tuple[int, int]:
-    """(width, height) from a PNG's IHDR chunk."""
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
-    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
 def test_scaling_plots_are_linear_from_zero(tmp_path, monkeypatch):
