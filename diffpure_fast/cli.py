@@ -578,16 +578,15 @@ def _cmd_bench(args) -> int:
         raise FileExistsError(f"--out: {out / existing[0]} exists; pass --overwrite to replace it")
     if args.model != "digits" and args.checkpoint is None:
         raise ValueError(f"--checkpoint: --model {args.model} needs a checkpoint path (nothing is downloaded)")
-    given = {k: getattr(args, k) for k in ("batch_sizes", "steps", "grad_modes", "repeats")}
+    # flags left out keep BenchConfig's defaults, or --quick's
+    options = {k: v for k, v in ((k, getattr(args, k)) for k in _QUICK) if v is not None}
     if args.quick:
-        given = {k: _QUICK[k] if v is None else v for k, v in given.items()}
-    cfg = BenchConfig(**{k: v for k, v in dict(
-        batch_sizes=None if given["batch_sizes"] is None else _comma_list("batch_sizes", given["batch_sizes"], int),
-        steps=None if given["steps"] is None else _comma_list("steps", given["steps"], int),
-        grad_modes=None if given["grad_modes"] is None else _comma_list("grad_modes", given["grad_modes"]),
-        repeats=given["repeats"]).items() if v is not None},
-        devices=_comma_list("devices", args.devices), dtypes=_comma_list("dtypes", args.dtypes), t_star=args.t_star,
-        warmup=args.warmup, official=not args.no_official, seed=args.seed)
+        options = {**_QUICK, **options}
+    lists = {"batch_sizes": int, "steps": int, "grad_modes": str, "devices": str, "dtypes": str}
+    options.update(devices=args.devices, dtypes=args.dtypes)
+    options = {k: _comma_list(k, v, lists[k]) if k in lists else v for k, v in options.items()}
+    cfg = BenchConfig(**options, t_star=args.t_star, warmup=args.warmup, official=not args.no_official,
+                      seed=args.seed)
     config = None if args.config is None else _read_config(args.config)
 
     def load(device):
