@@ -145,24 +145,33 @@ def _times(fn, repeats: int, warmup: int, device: torch.device | None) -> list[f
     return out
 
 
-def measure_call(fn: Callable, device: torch.device) -> tuple[float, int, int, object]:
+def measure_call(fn: Callable, device: torch.device) -> tuple[float, int | None, int | None, object]:
     """(seconds, peak bytes, peak extra bytes, result) of one ``fn()``. CPU: the process's RSS high-water mark
     during the call (model, Python and torch included) and that mark above the RSS before the call; CUDA:
     ``max_memory_allocated`` during the call (the peak counter reset first) and that above the memory allocated
     before. The CPU "extra" figure misses memory an earlier call freed to the allocator and this one reused, so
-    after a warm-up it can read near 0: the total is the honest upper bound."""
+    after a warm-up it can read near 0: the total is the honest upper bound. Both are None on a CPU without
+    ``/proc/self/clear_refs`` (not Linux): not measured, rather than a wrong number."""
     sync = _sync(device)
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
-        base = reset_peak_rss()
+        try:
+            base = reset_peak_rss()
+        except OSError:
+            base = None
     t0 = time.perf_counter()
     result = fn()
     sync()
     seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_since_reset()
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    elif base is None:
+        return seconds, None, None, result
+    else:
+        peak = peak_rss_since_reset()
     return seconds, peak, max(peak - base, 0), result
 
 
@@ -178,6 +187,11 @@ def network_call_seconds(model: ScoreModel, x: torch.Tensor, *, dtype: str = "fl
            if autocast else contextlib.nullcontext())
     with torch.no_grad(), ctx:
         return median_time(lambda: model.eps(x * 2 - 1, t), repeats, warmup, x.device)
+
+
+def _mib(peak: int | None, extra: int | None) -> dict:
+    return {"peak_mib": None if peak is None else peak / 2**20,
+            "peak_extra_mib": None if extra is None else extra / 2**20}
 
 
 def _stats(times: list[float]) -> dict:
@@ -219,8 +233,7 @@ def purify_row(model: ScoreModel, x: torch.Tensor, *, t_star: float, dt: float, 
     times = [first] + _times(run, repeats - 1, 0, x.device)
     stats = _stats(times)
     return {"steps": steps, "network_calls": counter.calls, **stats,
-            "images_per_s": x.shape[0] / stats["median_s"], "peak_mib": peak / 2**20,
-            "peak_extra_mib": extra / 2**20}
+            "images_per_s": x.shape[0] / stats["median_s"], **_mib(peak, extra)}
 
 
 def official_row(model: ScoreModel, x: torch.Tensor, *, t_star: float, dt: float, repeats: int = 3,
@@ -263,8 +276,8 @@ def official_row(model: ScoreModel, x: torch.Tensor, *, t_star: float, dt: float
                           value_range=(-1, 1))
     stats = _stats(times)
     return {"steps": len(grid) - 1, "network_calls": counter.calls, **stats,
-            "images_per_s": x.shape[0] / stats["median_s"], "peak_mib": peak / 2**20,
-            "peak_extra_mib": extra / 2**20, "max_abs_diff": (official - ours).abs().max().item()}
+            "images_per_s": x.shape[0] / stats["median_s"], **_mib(peak, extra),
+            "max_abs_diff": (official - ours).abs().max().item()}
 
 
 def machine_header(command: str, *, threads: int | None = None, devices=("cpu",)) -> dict:

@@ -50,7 +50,7 @@ def markdown(header: dict, rows: list[dict], *, warmup: int) -> str:
             continue
         lines.append(f"| {r['engine']} | {r['device']} | {r['dtype']} | {r['batch']} | {r['steps']} | "
                      f"{r['grad_mode']} | {_fmt(r['median_s'])} | {_fmt(r['min_s'])}-{_fmt(r['max_s'])} | "
-                     f"{_fmt(r['images_per_s'])} | {r['peak_mib']:.0f} | {r['peak_extra_mib']:.1f} | "
+                     f"{_fmt(r['images_per_s'])} | {_fmt(r['peak_mib'], 4)} | {_fmt(r['peak_extra_mib'], 2)} | "
                      f"{r['network_calls']} | {_fmt(r['cost_calls'])} | {_fmt(r['cost_nograd'])} |")
     diffs = [r["max_abs_diff"] for r in rows if r.get("max_abs_diff") is not None]
     if diffs:

@@ -174,3 +174,22 @@ def test_count_network_calls_under_autocast_and_on_error(one_thread):
     assert "eps" not in vars(model)
     with pytest.raises(TypeError, match="model: expected a ScoreModel"), count_network_calls(torch.nn.Linear(1, 1)):
         pass
+
+
+def test_memory_not_measured_without_proc_is_said_not_guessed(monkeypatch):
+    """Without /proc/self/clear_refs (not Linux) the peak is None ("-" in the table), never a wrong number."""
+    from diffpure_fast import bench
+    from diffpure_fast.bench_report import markdown
+
+    def no_proc():
+        raise OSError("no /proc/self/clear_refs")
+
+    monkeypatch.setattr(bench, "reset_peak_rss", no_proc)
+    seconds, peak, extra, result = bench.measure_call(lambda: 7, torch.device("cpu"))
+    assert seconds >= 0 and peak is None and extra is None and result == 7
+    row = dict(engine="dpf.purify", device="cpu", dtype="float32", batch=1, steps=2, grad_mode="none", status="ok",
+               median_s=1.0, min_s=1.0, max_s=1.0, images_per_s=1.0, peak_mib=None, peak_extra_mib=None,
+               network_calls=2, cost_calls=2.0, cost_nograd=1.0)
+    header = dpf.bench.machine_header("test")
+    table = markdown({**header, "model": "digits", "t_star": 0.1}, [row], warmup=1)
+    assert "| none | 1 | 1-1 | 1 | - | - | 2 | 2 | 1 |" in table
