@@ -193,3 +193,14 @@ def test_memory_not_measured_without_proc_is_said_not_guessed(monkeypatch):
     header = dpf.bench.machine_header("test")
     table = markdown({**header, "model": "digits", "t_star": 0.1}, [row], warmup=1)
     assert "| none | 1 | 1-1 | 1 | - | - | 2 | 2 | 1 |" in table
+
+
+def test_bench_needs_the_image_shape_of_a_model_that_does_not_state_it(one_thread):
+    from diffpure_fast._validate import OptionError
+
+    model = dpf.EpsModel(lambda x, t: torch.zeros_like(x), time_input="unit")  # no in_channels, no image_size
+    cfg = BenchConfig(batch_sizes=(1,), steps=(2,), grad_modes=("none",), repeats=1, warmup=0, official=False)
+    with pytest.raises(OptionError, match="^image_shape: EpsModel does not state its input channels and size"):
+        run_bench(lambda dev: model, cfg)
+    rows = run_bench(lambda dev: model, cfg, image_shape=(3, 4, 4))
+    assert [(r["engine"], r["network_calls"]) for r in rows] == [("dpf.purify", 2)]
