@@ -492,7 +492,7 @@ def _cmd_report(args) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # bench: latency, throughput, memory and network calls of purification on the user's model (diffpure_fast.bench).
 
-# --quick: what each list flag not given is set to (a tiny run: seconds on the digits model).
+# --quick: what each of these flags is set to when not given (a tiny run: about a minute on the digits model).
 _QUICK = {"batch_sizes": "1,2", "steps": "5", "grad_modes": "none,full", "repeats": 2}
 
 
