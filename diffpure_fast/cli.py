@@ -17,7 +17,7 @@ from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
-from ._optional import missing_module
+from ._optional import missing_module, require
 from ._validate import FlagSpelling, OptionError
 from .methods import DIFFUSION_TYPES, GUIDANCE_GRADS, METHODS
 from .solvers.ddpm import VAR_TYPES
@@ -555,9 +555,7 @@ def _read_config(path: str) -> dict:
     if not src.is_file():
         raise FileNotFoundError(f"--config: {path}: no such file")
     if src.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        return yaml.safe_load(src.read_text())
+        return require("yaml", "--config with a YAML file").safe_load(src.read_text())
     if src.suffix.lower() != ".json":
         raise ValueError(f"--config: expected a .json, .yaml or .yml file, got {path!r}")
     return json.loads(src.read_text())
@@ -570,6 +568,7 @@ def _cmd_bench(args) -> int:
     from .bench_report import OUTPUTS, write_outputs
     from .models.loading import load_score_model
 
+    require("matplotlib", "bench's plot")  # before minutes of measuring, not after
     out = Path(args.out)
     if out.resolve().is_relative_to(Path(__file__).resolve().parent):
         raise ValueError(f"--out: {args.out} is inside the installed package; choose a folder of your own")

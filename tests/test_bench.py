@@ -204,3 +204,10 @@ def test_bench_needs_the_image_shape_of_a_model_that_does_not_state_it(one_threa
         run_bench(lambda dev: model, cfg)
     rows = run_bench(lambda dev: model, cfg, image_shape=(3, 4, 4))
     assert [(r["engine"], r["network_calls"]) for r in rows] == [("dpf.purify", 2)]
+
+
+def test_bench_yaml_config_without_pyyaml_names_the_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "yaml", None)
+    (tmp_path / "cfg.yaml").write_text("model: {}\n")
+    assert main(["bench", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "yaml is not installed (needed for --config with a YAML file); pip install pyyaml" in capsys.readouterr().err
