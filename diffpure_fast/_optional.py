@@ -23,6 +23,7 @@ INSTALL = {
     "pyautoattack": "pip install pyautoattack",
     "triton": "pip install triton",
     "torchsde": "pip install torchsde",
+    "yaml": "pip install pyyaml",
 }
 
 

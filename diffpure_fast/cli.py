@@ -1,4 +1,4 @@
-"""``diffpure-fast`` (also ``python -m diffpure_fast``): demo | purify | eval | report | conformance | info.
+"""``diffpure-fast`` (also ``python -m diffpure_fast``): demo | purify | eval | report | bench | conformance | info.
 
 Errors in what the user gave (missing or unreadable files, wrong shapes or channel counts, a checkpoint of the
 wrong family, an output that exists, a missing optional package) print one line and exit with status 2, never a
@@ -17,7 +17,7 @@ from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
-from ._optional import missing_module
+from ._optional import missing_module, require
 from ._validate import FlagSpelling, OptionError
 from .methods import DIFFUSION_TYPES, GUIDANCE_GRADS, METHODS
 from .solvers.ddpm import VAR_TYPES
@@ -176,7 +176,8 @@ _RUNNER_ONLY = ("--diffusion-type", "--sigma2", "--lambda-ld", "--eta", "--var-t
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="diffpure-fast", description="DiffPure adversarial purification: fused "
                                  "kernels, exact gradients, official checkpoints.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{demo,purify,eval,report,conformance,info}")
+    sub = ap.add_subparsers(dest="command", required=True,
+                            metavar="{demo,purify,eval,report,bench,conformance,info}")
 
     d = sub.add_parser("demo", help="attack and purify handwritten digits with the embedded models (CPU, minutes)",
                        description="Clean, PGD, transfer and adaptive PGD-EOT accuracies with 95% Wilson intervals "
@@ -245,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON instead of aligned text")
 
     _add_eval_parsers(sub)
+    _add_bench_parser(sub)
     return ap
 
 
@@ -365,7 +367,7 @@ def _cmd_demo(args) -> int:
                      guided_images=args.guided_images, guided_eot=args.guided_eot, n_eval=args.n_eval,
                      ode_images=ode_images,
                      batch_size=args.batch_size, device=args.device)
-    command = "diffpure-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "diffpure-fast " + shlex.join(args.argv)
     report = run_demo(args.output, cfg, overwrite=args.overwrite, command=command)
     print((Path(args.output) / "report.md").read_text())
     print(f"wrote {args.output}/report.md, report.json, grid.png in {report['timings_s']['total']:.0f} s")
@@ -531,7 +533,7 @@ def _cmd_eval(args) -> int:
         model = _load_model(args, family, args.quiet)
         defense = build_defense(model, method=args.method, grad_mode=grad_mode, guidance_grad=args.guidance_grad,
                                 surrogate_steps=args.surrogate_steps, **_method_options(args, args.method))
-    command = "diffpure-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "diffpure-fast " + shlex.join(args.argv)
     report = evaluate(defense, classifier, data, args.output, config=cfg, labels=args.labels, device=args.device,
                       progress=not args.quiet, overwrite=args.overwrite, command=command,
                       save_adversarial=args.save_adversarial)
@@ -552,6 +554,128 @@ def _cmd_report(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# bench: latency, throughput, memory and network calls of purification on the user's model (diffpure_fast.bench).
+
+# --quick: what each of these flags is set to when not given (a tiny run: about a minute on the digits model).
+_QUICK = {"batch_sizes": "1,2", "steps": "5", "grad_modes": "none,full", "repeats": 2}
+
+
+def _add_bench_parser(sub) -> None:
+    from .bench import BENCH_GRAD_MODES, DTYPES, BenchConfig
+
+    bc = BenchConfig()
+    b = sub.add_parser("bench", help="latency, throughput, peak memory and network calls of purification on your "
+                       "model, against DiffPure's torchsde pipeline", description="Measure DiffPure purification "
+                       "(reverse SDE, Euler–Maruyama, dt = t* / steps) for every combination of batch size, steps, "
+                       "grad mode, device and dtype: median latency and spread over --repeats after --warmup "
+                       "excluded calls, images/s, peak memory, network calls counted per purification and the "
+                       "gradient's cost in no-grad units; and, where torchsde is installed, the official pipeline "
+                       "on the same network and noise. Writes bench.md, bench.json, bench.csv and bench.png to --out.")
+    b.add_argument("--model", default="digits", choices=MODELS, help="score model (default: the embedded digits "
+                   "model)")
+    b.add_argument("--checkpoint", default=None, help="checkpoint path (score_sde, guided_diffusion, "
+                   "celebahq_ddpm); never downloaded")
+    b.add_argument("--config", default=None, help="the model's official configuration: a .json file, or .yaml/.yml "
+                   "(needs PyYAML); default the family's DiffPure config")
+    b.add_argument("--trust-checkpoint", action="store_true", help="read a .pt/.pth checkpoint with the full "
+                   "unpickler (only for a file whose source you trust)")
+    b.add_argument("--image-shape", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
+                   help="input shape, when the model does not state its channels and size")
+    b.add_argument("--batch-sizes", default=None, help="comma-separated batch sizes (default "
+                   f"{','.join(map(str, bc.batch_sizes))})")
+    b.add_argument("--steps", default=None, help="comma-separated solver step counts; dt = t* / steps "
+                   f"(default {','.join(map(str, bc.steps))}: DiffPure's dt 1e-3 at t* 0.1)")
+    b.add_argument("--grad-modes", default=None, help=f"comma-separated subset of {','.join(BENCH_GRAD_MODES)} "
+                   "(full_cache: full keeping every step's graph) (default "
+                   f"{','.join(bc.grad_modes)})")
+    b.add_argument("--devices", default="cpu", help="comma-separated devices, e.g. cpu,cuda (default cpu)")
+    b.add_argument("--dtypes", default="float32", help=f"comma-separated subset of {','.join(DTYPES)}: the score "
+                   "network in float32 or under autocast (default float32)")
+    b.add_argument("--t-star", type=float, default=bc.t_star, help=f"diffusion time t* (default {bc.t_star})")
+    b.add_argument("--repeats", type=int, default=None, help=f"timed calls per row (default {bc.repeats})")
+    b.add_argument("--warmup", type=int, default=bc.warmup, help=f"untimed calls first per row (default "
+                   f"{bc.warmup})")
+    b.add_argument("--no-official", action="store_true", help="skip DiffPure's torchsde pipeline rows")
+    b.add_argument("--seed", type=int, default=0, help="input and noise seed (default 0)")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's own: all cores; "
+                   "the number that ran is printed)")
+    b.add_argument("--quick", action="store_true", help="a tiny run: batch sizes 1,2, 5 steps, grad modes "
+                   "none,full, 2 repeats (flags given explicitly still apply)")
+    b.add_argument("--out", required=True, help="output folder for bench.md, bench.json, bench.csv, bench.png")
+    b.add_argument("--overwrite", action="store_true", help="replace earlier bench outputs in --out")
+
+
+def _comma_list(key: str, text: str, kind=str) -> tuple:
+    items = [v.strip() for v in str(text).split(",")]
+    try:
+        return tuple(kind(v) for v in items)
+    except ValueError:
+        raise OptionError(key, f"expected a comma-separated list of {kind.__name__}s, got {text!r}") from None
+
+
+def _read_config(path: str) -> dict:
+    """A model configuration file: JSON, or YAML (PyYAML imported only then)."""
+    src = Path(path)
+    if not src.is_file():
+        raise FileNotFoundError(f"--config: {path}: no such file")
+    if src.suffix.lower() in (".yaml", ".yml"):
+        return require("yaml", "--config with a YAML file").safe_load(src.read_text())
+    if src.suffix.lower() != ".json":
+        raise ValueError(f"--config: expected a .json, .yaml or .yml file, got {path!r}")
+    return json.loads(src.read_text())
+
+
+def _cmd_bench(args) -> int:
+    import torch
+
+    from .bench import BenchConfig, machine_header, run_bench
+    from .bench_report import OUTPUTS, write_outputs
+    from .models.loading import load_score_model
+
+    require("matplotlib", "bench's plot")  # before minutes of measuring, not after
+    out = Path(args.out)
+    if out.resolve().is_relative_to(Path(__file__).resolve().parent):
+        raise ValueError(f"--out: {args.out} is inside the installed package; choose a folder of your own")
+    existing = [name for name in OUTPUTS if (out / name).exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"--out: {out / existing[0]} exists; pass --overwrite to replace it")
+    if args.model != "digits" and args.checkpoint is None:
+        raise ValueError(f"--checkpoint: --model {args.model} needs a checkpoint path (nothing is downloaded)")
+    # flags left out keep BenchConfig's defaults, or --quick's
+    options = {k: v for k, v in ((k, getattr(args, k)) for k in _QUICK) if v is not None}
+    if args.quick:
+        options = {**_QUICK, **options}
+    lists = {"batch_sizes": int, "steps": int, "grad_modes": str, "devices": str, "dtypes": str}
+    options.update(devices=args.devices, dtypes=args.dtypes)
+    options = {k: _comma_list(k, v, lists[k]) if k in lists else v for k, v in options.items()}
+    cfg = BenchConfig(**options, t_star=args.t_star, warmup=args.warmup, official=not args.no_official,
+                      seed=args.seed)
+    config = None if args.config is None else _read_config(args.config)
+
+    def load(device):
+        return load_score_model(args.model, args.checkpoint, config, device=device,
+                                trust_checkpoint=args.trust_checkpoint)
+
+    command = "diffpure-fast " + shlex.join(args.argv)
+    header = {**machine_header(command, devices=cfg.devices), "model": args.model
+              + (f" ({args.checkpoint})" if args.checkpoint else " (embedded)"), "t_star": cfg.t_star}
+    print(f"torch CPU threads: {torch.get_num_threads()} ({'--threads' if args.threads else 'torch default'})",
+          flush=True)
+
+    def progress(row):
+        what = (f"{row['engine']} {row['device']} {row['dtype']} batch {row['batch']} steps {row.get('steps', '-')} "
+                f"{row['grad_mode']}")
+        done = f"{row['median_s']:.3f} s, {row['network_calls']} calls" if row["status"] == "ok" else row["status"]
+        print(f"  {what}: {done}", file=sys.stderr, flush=True)
+
+    rows = run_bench(load, cfg, image_shape=None if args.image_shape is None else tuple(args.image_shape),
+                     on_row=progress)
+    print(write_outputs(out, header, rows, warmup=cfg.warmup))
+    print(f"wrote {', '.join(str(out / name) for name in OUTPUTS)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["conformance"]:  # its own parser (diffpure_fast.conformance), every argument passed through
@@ -559,10 +683,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return conformance_main(argv[1:])
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command as given, for records and results headers
     try:
         _check_common(args)
         return {"info": _cmd_info, "purify": _cmd_purify, "demo": _cmd_demo, "eval": _cmd_eval,
-                "report": _cmd_report}[args.command](args)
+                "report": _cmd_report, "bench": _cmd_bench}[args.command](args)
     except USER_ERRORS as e:
         print(f"diffpure-fast {args.command}: error: {_message(e, args.command)}", file=sys.stderr)
         return 2
