@@ -20,10 +20,15 @@ __all__ = ["main", "build_parser"]
 from ._optional import missing_module
 from ._validate import FlagSpelling, OptionError
 from .methods import DIFFUSION_TYPES, GUIDANCE_GRADS, METHODS
+from .solvers import SOLVERS
+from .solvers.ddim import DDIM_GRIDS
 from .solvers.ddpm import VAR_TYPES
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError)
 MODELS = ("digits", "score_sde", "guided_diffusion", "celebahq_ddpm")
+SOLVER_HELP = ("DiffPure's reverse solver (--diffusion-type sde): euler (default, Euler–Maruyama), ddpm (ancestral), "
+               "ddim (--eta), dpm-solver (--order), dpm-solver++ (2M), heun (stochastic Heun); the few-step ones need "
+               "--steps, counted in network calls")
 
 # The one table between API keywords and flags: where a flag is not "--" + the keyword with "-" for "_" (those
 # are found in each sub-command's parser). Keys (scope, keyword): scope None holds in every sub-command; the
@@ -100,20 +105,27 @@ def _add_runner_args(p: argparse.ArgumentParser) -> None:
                    "model), celebahq-ddpm (SDEdit's sampler)")
     r.add_argument("--sigma2", type=float, default=None, help="ldsde: sigma2 (default 1e-3)")
     r.add_argument("--lambda-ld", type=float, default=None, help="ldsde: lambda_ld (default 1e-2)")
-    r.add_argument("--eta", type=float, default=None, help="ldsde: eta (default 5)")
+    r.add_argument("--eta", type=float, default=None, help="ldsde: eta (default 5); sde with --solver ddim: DDIM's "
+                   "eta in [0, 1] (default 0: deterministic; 1: ancestral)")
+    r.add_argument("--order", type=int, default=None, help="sde with --solver dpm-solver: its order, 1 or 2 "
+                   "(default 2)")
+    r.add_argument("--time-grid", default=None, choices=DDIM_GRIDS,
+                   help="sde with --solver ddim, dpm-solver, dpm-solver++ or heun: the time grid from t* to 1e-5 "
+                   "(default uniform; levels: ddim only, the ddpm solver's respaced levels)")
     r.add_argument("--var-type", default=None, choices=VAR_TYPES,
                    help="celebahq-ddpm: the fixed variance (default fixedsmall, celeba.yml's)")
 
 
 # The flags of each DiffPure runner and the option each sets (--t-star: t*; --dt: the step size).
 RUNNER_FLAGS = {
-    "sde": {"--t-star": "t_star", "--steps": "steps", "--dt": "dt", "--solver": "solver"},
+    "sde": {"--t-star": "t_star", "--steps": "steps", "--dt": "dt", "--solver": "solver", "--eta": "eta",
+            "--order": "order", "--time-grid": "time_grid"},
     "ode": {"--t-star": "t_star", "--dt": "step_size"},
     "ldsde": {"--t-star": "t_star", "--dt": "dt", "--sigma2": "sigma2", "--lambda-ld": "lambda_ld", "--eta": "eta"},
     "ddpm": {"--t-star": "t_star"},
     "celebahq-ddpm": {"--t-star": "t_star", "--var-type": "var_type"},
 }
-_RUNNER_ONLY = ("--diffusion-type", "--sigma2", "--lambda-ld", "--eta", "--var-type")
+_RUNNER_ONLY = ("--diffusion-type", "--sigma2", "--lambda-ld", "--eta", "--var-type", "--order", "--time-grid")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="purification method, at its released defaults (default diffpure); --t-star, --steps, "
                         "--dt, --solver and the runner flags are DiffPure's options (--t-star and --steps also "
                         "AGDM's)")
-    p.add_argument("--solver", default=None, choices=("euler", "ddpm"), help="reverse solver (default euler)")
+    p.add_argument("--solver", default=None, choices=tuple(SOLVERS), help=SOLVER_HELP)
     p.add_argument("--value-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="the range of a float input's values, kept in the output (default 0 1; e.g. 0 255 for "
                         "float images in 0..255); uint8 arrays and image files are always 0..255")
@@ -218,9 +230,10 @@ def _method_options(args, method: str) -> dict:
         options = {"diffusion_type": kind} if args.diffusion_type else {}
         options.update({opt: given[flag] for flag, opt in flags.items() if given[flag] is not None})
         if kind == "sde":
+            solver = args.solver or "euler"
+            euler_dt = 1e-3 if args.steps is None and solver == "euler" else None
             options = dict(options, t_star=options.get("t_star", 0.1), steps=args.steps,
-                           dt=args.dt if args.dt is not None else (1e-3 if args.steps is None else None),
-                           solver=args.solver or "euler")
+                           dt=args.dt if args.dt is not None else euler_dt, solver=solver)
         own = ("--diffusion-type", *flags)
         wrong = [f for f in (*RUNNER_FLAGS["sde"], *_RUNNER_ONLY) if given[f] is not None and f not in own]
         if wrong:
@@ -252,6 +265,8 @@ def _check_runner_options(options: dict, flags: dict) -> None:
 
     try:
         PurifyConfig.build("diffpure", **options)
+    except OptionError as exc:   # every option named by the flag that set it, remedies included
+        raise ValueError(exc.render(FlagSpelling({opt: flag for flag, opt in flags.items()}))) from None
     except ValueError as exc:
         msg = str(exc)
         for flag, opt in flags.items():
@@ -401,8 +416,7 @@ def _add_eval_parsers(sub) -> None:
                    help="guided defenses with --grad-mode full: exact (through the guidance), detached (the "
                    "released evaluations' gradient), straight_through (mimic: declared sign surrogate); "
                    "default exact")
-    e.add_argument("--solver", default=None, choices=("euler", "ddpm"), help="DiffPure's reverse solver "
-                   "(default euler)")
+    e.add_argument("--solver", default=None, choices=tuple(SOLVERS), help=SOLVER_HELP)
     e.add_argument("--norm", default="linf", choices=NORMS, help="threat model (default linf)")
     e.add_argument("--eps", type=_radius, default=8 / 255, help="radius in [0, 1] units, e.g. 8/255 (default)")
     e.add_argument("--attack-steps", type=int, default=None, help="attack iterations (default pgd-eot 20, bpda-eot 50, "
