@@ -79,6 +79,7 @@ setup(
     extras_require={
         "triton": ["triton"],
         "torchvision": ["torchvision"],
+        "certify": ["scipy"],
         "dev": ["pytest", "ruff", "torchsde", "torchdiffeq", "ninja", "cmake"],
     },
     entry_points={"console_scripts": ["diffpure-fast=diffpure_fast.cli:main"]},

@@ -46,10 +46,10 @@ def run(args) -> dict:
     model = load_digits_score_model()
     x_all, _ = load_digits_dataset("test")
     rows = []
-    for solver, extra in SOLVERS.items():
-        if solver not in args.solvers:
-            continue
-        for calls in args.calls:
+    # cheapest first across solvers, so a run stopped early still compares every solver at the smaller counts
+    for calls in sorted(args.calls):
+        for solver in args.solvers:
+            extra = SOLVERS[solver]
             defense = build_defense(model, grad_mode="full", t_star=args.t_star, solver=solver, steps=calls, **extra)
             folder = args.work / f"{solver}_{calls}"
             t0 = time.perf_counter()
@@ -63,9 +63,11 @@ def run(args) -> dict:
                    "purify_s_per_image": _purify_seconds(defense, x_all[:args.batch_size]),
                    "wall_s_this_run": wall}
             rows.append(row)
+            robust = row["robust"]
             print(f"{solver:>13} {calls:4d} calls: clean {row['clean']['single_shot']['accuracy']:.3f}  robust "
-                  f"{row['robust']['single_shot']['accuracy']:.3f} / worst {row['robust']['worst_of_n']['accuracy']:.3f}"
-                  f"  {row['purify_s_per_image'] * 1e3:.1f} ms/image", flush=True)
+                  f"{robust['single_shot']['accuracy']:.3f} / worst {robust['worst_of_n']['accuracy']:.3f}  "
+                  f"{row['purify_s_per_image'] * 1e3:.1f} ms/image", flush=True)
+    rows.sort(key=lambda r: (list(SOLVERS).index(r["solver"]), r["calls"]))
     return {"rows": rows, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
 
 
@@ -145,15 +147,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "steps_study_cpu.md",
                    help="markdown summary (.json and .png beside it)")
     p.add_argument("--work", type=Path, default=REPO / "out" / "steps_study", help="evaluate's record folders")
-    p.add_argument("--images", type=int, default=48)
+    p.add_argument("--images", type=int, default=32)
     p.add_argument("--calls", type=int, nargs="+", default=[5, 10, 20, 50, 100])
     p.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=list(SOLVERS))
     p.add_argument("--t-star", type=float, default=0.1)
     p.add_argument("--eps", type=float, default=0.1)
-    p.add_argument("--attack-steps", type=int, default=5)
+    p.add_argument("--attack-steps", type=int, default=4)
     p.add_argument("--eot", type=int, default=2)
     p.add_argument("--n-eval", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="4 images, 5 and 10 calls, 2 attack steps; under out/")

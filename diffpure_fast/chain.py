@@ -6,12 +6,12 @@ from the previous round's output ``y_{r-1}`` (``y_{-1}`` is the input ``x_in`` i
     x_0 = s_r y_{r-1} + n_r z_r              (forward diffusion; s_r = 0, n_r = 1: start from pure noise)
     x_{k+1} = a_k x_k + b_k eps(x_k, t_k) + c_k z_k + G_k(x_k, eps(x_k), x_in)  [+ p_k x_{k-1} + q_k eps(x_{k-1})]
 
-and its last state is ``y_r`` (the bracket: a multistep or two-stage solver's history term, ``solvers.base``). ``G_k`` is the method's guidance term (zero where a step has none); it may itself be
-a gradient (of a distance between the predicted clean image and ``x_in``), computed with autograd inside the step,
-and it carries whatever part of a step is not of the fused form: DiffPure's Langevin runner's pull toward x_in,
-guided-diffusion's clipped x0 and its noise scaled by the network's learned variance (``needs_variance``).
-The same functions run the forward pass here and the recompute of the exact adjoint (``diffpure_fast.grad``), so
-what is differentiated is what ran.
+and its last state is ``y_r`` (the bracket: a multistep or two-stage solver's history term, ``solvers.base``).
+``G_k`` is the method's guidance term (zero where a step has none); it may itself be a gradient (of a distance
+between the predicted clean image and ``x_in``), computed with autograd inside the step, and it carries whatever
+part of a step is not of the fused form: DiffPure's Langevin runner's pull toward x_in, guided-diffusion's clipped
+x0 and its noise scaled by the network's learned variance (``needs_variance``). The same functions run the forward
+pass here and the recompute of the exact adjoint (``diffpure_fast.grad``), so what is differentiated is what ran.
 
 Noise is counter-based (``diffpure_fast.noise``): round r's start noise is (seed, id, step=r, STREAM_FORWARD), the
 solver noise of global step k is (seed, id, step=k, STREAM_REVERSE), and a guidance term that needs fresh noise

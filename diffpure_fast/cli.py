@@ -1,4 +1,4 @@
-"""``diffpure-fast`` (also ``python -m diffpure_fast``): demo | purify | eval | report | info.
+"""``diffpure-fast`` (also ``python -m diffpure_fast``): demo | purify | eval | certify | report | info.
 
 Errors in what the user gave (missing or unreadable files, wrong shapes or channel counts, a checkpoint of the
 wrong family, an output that exists, a missing optional package) print one line and exit with status 2, never a
@@ -131,7 +131,7 @@ _RUNNER_ONLY = ("--diffusion-type", "--sigma2", "--lambda-ld", "--eta", "--var-t
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="diffpure-fast", description="DiffPure adversarial purification: fused "
                                  "kernels, exact gradients, official checkpoints.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{demo,purify,eval,report,info}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{demo,purify,eval,certify,report,info}")
 
     d = sub.add_parser("demo", help="attack and purify handwritten digits with the embedded models (CPU, minutes)",
                        description="Clean, PGD, transfer and adaptive PGD-EOT accuracies with 95%% Wilson intervals "
@@ -458,10 +458,79 @@ def _add_eval_parsers(sub) -> None:
     _add_agdm_args(e)
     e.set_defaults(batch_size=16)
 
-    r = sub.add_parser("report", help="rebuild report.md/json and the plots of an eval folder from its records",
-                       description="Rebuild report.md, report.json, curve.png and grid.png from the records alone.")
-    r.add_argument("folder", help="the --output folder of diffpure-fast eval")
+    _add_certify_parser(sub)
+
+    r = sub.add_parser("report", help="rebuild report.md/json and the plots of an eval or certify folder from its "
+                       "records", description="Rebuild report.md, report.json and the plots (eval: curve.png, "
+                       "grid.png; certify: radius.png) from the records alone.")
+    r.add_argument("folder", help="the --output folder of diffpure-fast eval or certify")
     r.add_argument("--quiet", action="store_true", help="do not print the report")
+
+
+def _add_certify_parser(sub) -> None:
+    from .eval.certify import CERTIFY_DENOISERS, MULTISTEP_DEFAULTS, CertifyConfig
+
+    dc = CertifyConfig()
+    c = sub.add_parser("certify", help="L2 certified robustness by randomized smoothing with a diffusion denoiser "
+                       "(records, report, radius plot)", description="Cohen et al.'s CERTIFY with denoised smoothing "
+                       "(Carlini et al. 2023: one network call predicts x0 at the noise level matching --sigma; "
+                       "--denoiser multistep: DensePure-style majority over --votes reverse solves). Counter-based "
+                       "noise: reproducible certificates; resumable (rerun the same command).")
+    c.add_argument("--model", default="digits", choices=MODELS, help="score model (default: the embedded digits "
+                   "model)")
+    c.add_argument("--checkpoint", default=None, help="checkpoint path for score_sde / guided_diffusion / "
+                   "celebahq_ddpm")
+    c.add_argument("--classifier", default="digits", help="digits, a TorchScript file, or module:function "
+                   "returning an nn.Module (inputs in [0, 1])")
+    c.add_argument("--data", default="digits:test", help="as for eval (default digits:test)")
+    c.add_argument("--labels", default=None, help="labels .npy for an .npy --data")
+    c.add_argument("--sigma", type=float, required=True, help="smoothing noise std in [0, 1] pixel units")
+    c.add_argument("--n0", type=int, default=dc.n0, help=f"selection draws (default {dc.n0})")
+    c.add_argument("--n", type=int, default=dc.n, help=f"estimation draws (default {dc.n})")
+    c.add_argument("--alpha", type=float, default=dc.alpha, help=f"failure probability per certificate (default "
+                   f"{dc.alpha})")
+    c.add_argument("--denoiser", default=dc.denoiser, choices=CERTIFY_DENOISERS,
+                   help="one-shot (default: one network call per draw) or multistep (DensePure-style votes)")
+    c.add_argument("--votes", type=int, default=None, help=f"multistep: reverse solves per draw (default "
+                   f"{MULTISTEP_DEFAULTS['votes']})")
+    c.add_argument("--solver", default=None, choices=tuple(s for s in SOLVERS if s != "ddpm"),
+                   help=f"multistep: the reverse solver (default {MULTISTEP_DEFAULTS['solver']}, eta "
+                        f"{MULTISTEP_DEFAULTS['eta']}: the ancestral chain)")
+    c.add_argument("--steps", type=int, default=None, help=f"multistep: network calls per reverse solve (default "
+                   f"{MULTISTEP_DEFAULTS['steps']})")
+    c.add_argument("--eta", type=float, default=None, help="multistep with --solver ddim: DDIM's eta")
+    c.add_argument("--order", type=int, default=None, help="multistep with --solver dpm-solver: its order")
+    c.add_argument("--time-grid", default=None, choices=DDIM_GRIDS[:-1], help="multistep: the reverse time grid")
+    c.add_argument("--n-images", type=int, default=None, help="samples to certify (default: all)")
+    c.add_argument("--start", type=int, default=0, help="index of the first sample (default 0)")
+    c.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    c.add_argument("--batch-size", type=int, default=dc.batch_size, help=f"noise draws per network batch (memory, "
+                   f"not results; default {dc.batch_size})")
+    c.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    c.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    c.add_argument("--output", required=True, help="output folder (records, report.md/json, radius.png); rerunning "
+                   "the same command there resumes")
+    c.add_argument("--overwrite", action="store_true", help="discard records of another configuration there")
+    c.add_argument("--quiet", action="store_true", help="no progress bar, no report on stdout")
+
+
+def _cmd_certify(args) -> int:
+    from .eval.certify import CertifyConfig, certify
+    from .models.loading import load_score_model
+
+    cfg = CertifyConfig(sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha, denoiser=args.denoiser,
+                        votes=args.votes, solver=args.solver, steps=args.steps, eta=args.eta, order=args.order,
+                        time_grid=args.time_grid, n_images=args.n_images, start=args.start, seed=args.seed,
+                        batch_size=args.batch_size)
+    if args.model != "digits" and args.checkpoint is None:
+        raise ValueError(f"--checkpoint: --model {args.model} needs a checkpoint path (nothing is downloaded)")
+    model = load_score_model(args.model, args.checkpoint, device=args.device)
+    command = "diffpure-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    certify(model, args.classifier, args.data, args.output, config=cfg, labels=args.labels, device=args.device,
+            progress=not args.quiet, overwrite=args.overwrite, command=command)
+    if not args.quiet:
+        print((Path(args.output) / "report.md").read_text())
+    return 0
 
 
 def _cmd_eval(args) -> int:
@@ -502,7 +571,13 @@ def _cmd_report(args) -> int:
     folder = Path(args.folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
-    write_report(folder)
+    config = folder / "config.json"
+    if config.exists() and "certify" in json.loads(config.read_text()):
+        from .eval.certify import certify_report
+
+        certify_report(folder)
+    else:
+        write_report(folder)
     if not args.quiet:
         print((folder / "report.md").read_text())
     return 0
@@ -513,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_common(args)
         return {"info": _cmd_info, "purify": _cmd_purify, "demo": _cmd_demo, "eval": _cmd_eval,
-                "report": _cmd_report}[args.command](args)
+                "certify": _cmd_certify, "report": _cmd_report}[args.command](args)
     except USER_ERRORS as e:
         print(f"diffpure-fast {args.command}: error: {_message(e, args.command)}", file=sys.stderr)
         return 2

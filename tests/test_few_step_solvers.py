@@ -163,8 +163,8 @@ def test_heun_matches_torchsde_heun(torchsde_ref):
     t_star, n = 0.05, 5
     s_grid = torch.tensor([1 - t for t in np.linspace(t_star, T_END, n + 1)], dtype=F64)
     h = s_grid[1:] - s_grid[:-1]
-    dw = torch.randn((n, *x.shape), dtype=F64, generator=torch.Generator().manual_seed(2)) * h.sqrt()[:, None,
-                                                                                                        None, None, None]
+    dw = torch.randn((n, *x.shape), dtype=F64, generator=torch.Generator().manual_seed(2))
+    dw = dw * h.sqrt().reshape(-1, 1, 1, 1, 1)
     # ours: one increment per network call, the corrector's entries (odd k) multiplied by zero
     inc = torch.zeros((2 * n, *x.shape), dtype=F64)
     inc[0::2] = dw
@@ -222,8 +222,10 @@ def test_orders_converge_on_a_known_ode():
     x_t = torch.randn(1, 1, 8, 8, generator=g, dtype=F64)
     t0, t1 = 0.5, T_END
     # exact flow of the linear ODE: x(t) = x(t0) sqrt(v(t) / v(t0)), v = abar s0^2 + 1 - abar
-    v = (lambda t: abar(t) * 0.25 + 1 - abar(t))
-    exact = x_t * math.sqrt(v(t1) / v(t0))
+    def var(t):
+        return abar(t) * 0.25 + 1 - abar(t)
+
+    exact = x_t * math.sqrt(var(t1) / var(t0))
     # start the chains at x_t itself: no forward noise (forward_noise = x_t / sqrt(1 - abar), x = 1/2 gives 0)
     ab = S.discrete_alpha_bar()[S.level_of(t0) - 1].item()
     fw = x_t / (1 - ab) ** 0.5
@@ -373,8 +375,10 @@ def test_cli_purify_with_new_solvers_and_flag_errors(tmp_path, capsys):
                      steps=3, time_grid="logSNR", seed=0)
     assert np.allclose(np.load(tmp_path / "a.npy"), ref.numpy(), atol=1e-6)
     capsys.readouterr()
-    for extra, msg in ((["--solver", "ddim"], "--steps: --solver ddim needs a step count (network calls), e.g. --steps 10"),
-                       (["--solver", "ddim", "--steps", "3", "--order", "2"], "--order: not an option of --solver ddim"),
+    for extra, msg in ((["--solver", "ddim"], "--steps: --solver ddim needs a step count (network calls), e.g. "
+                        "--steps 10"),
+                       (["--solver", "ddim", "--steps", "3", "--order", "2"],
+                        "--order: not an option of --solver ddim"),
                        (["--solver", "heun", "--steps", "3"], "--steps: --solver heun makes 2 network calls"),
                        (["--solver", "euler", "--eta", "0.3"], "--eta: not an option of --solver euler"),
                        (["--solver", "ddim", "--steps", "2", "--eta", "3"], "--eta: expected a value <= 1.0")):

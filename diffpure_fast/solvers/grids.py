@@ -29,7 +29,8 @@ from .._validate import OptionError
 from ..schedule import VPSchedule
 from .euler import T_END
 
-__all__ = ["TIME_GRIDS", "alpha_sigma", "check_steps", "half_log_snr", "step_times", "time_grid", "time_of_half_log_snr"]
+__all__ = ["TIME_GRIDS", "alpha_sigma", "check_steps", "half_log_snr", "step_times", "time_grid",
+           "time_of_half_log_snr"]
 
 TIME_GRIDS = ("uniform", "logSNR", "quadratic")
 
