@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "certify_digits_cpu.md")
     p.add_argument("--work", type=Path, default=REPO / "out" / "certify_digits")
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5])
-    p.add_argument("--images", type=int, default=30)
+    p.add_argument("--images", type=int, default=20)
     p.add_argument("--n0", type=int, default=100)
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--alpha", type=float, default=0.001)
