@@ -74,8 +74,8 @@ def main(argv=None) -> int:
         print(f"sigma {sigma:g}: " + ", ".join(f"r={r['radius']:g}: {100 * r['accuracy']:.1f}%"
                                                for r in rep["certified_accuracy"][::2]), flush=True)
     thr = throughput([100, 1000], args.sigmas[0])   # after the certificates: under load it is the slow part
-    plot_certified_accuracy(args.out.with_suffix(".png"), runs, f"digits, one-shot denoised smoothing, "
-                            f"n = {args.n}, alpha = {args.alpha}, {args.images} images")
+    plot_certified_accuracy(args.out.with_suffix(".png"), runs, f"digits, one-shot, n = {args.n}, "
+                            f"alpha = {args.alpha}, {args.images} images")
     args.out.with_suffix(".json").write_text(json.dumps({"throughput": thr, "reports": reports,
                                                          "settings": {k: str(v) for k, v in vars(args).items()}},
                                                         indent=1))
@@ -83,9 +83,8 @@ def main(argv=None) -> int:
              f"CERTIFY (Cohen et al. 2019) with the one-shot denoiser (Carlini et al. 2023: one score-network call "
              f"predicts x0 at the level whose noise matches sigma, then the digits classifier): the first "
              f"{args.images} digits of the test split, n0 = {args.n0}, n = {args.n}, alpha = {args.alpha}, seed 0. "
-             "95% Wilson intervals over the images; abstentions count as failures. Per-sample radii: "
-             f"`{args.work.relative_to(REPO) if args.work.is_relative_to(REPO) else args.work}/sigma_*/report.md` "
-             "(rebuild with `diffpure-fast report FOLDER`).", ""]
+             "95% Wilson intervals over the images; abstentions count as failures. Per-sample p_lower and radii: "
+             f"the .json beside this file (`reports.<sigma>.samples`), and each records folder's report.md.", ""]
     for sigma, rep in reports.items():
         lines += [f"## sigma = {sigma}", "",
                   f"Abstentions: {rep['abstentions']}/{rep['n_samples']}; largest radius n draws can certify: "
