@@ -1,4 +1,5 @@
-"""``diffpure-fast`` (also ``python -m diffpure_fast``): demo | purify | eval | report | bench | conformance | info.
+"""``diffpure-fast`` (also ``python -m diffpure_fast``): demo | purify | eval | certify | report | bench | conformance |
+info.
 
 Errors in what the user gave (missing or unreadable files, wrong shapes or channel counts, a checkpoint of the
 wrong family, an output that exists, a missing optional package) print one line and exit with status 2, never a
@@ -20,6 +21,8 @@ __all__ = ["main", "build_parser"]
 from ._optional import missing_module, require
 from ._validate import FlagSpelling, OptionError
 from .methods import DIFFUSION_TYPES, GUIDANCE_GRADS, METHODS
+from .solvers import SOLVERS
+from .solvers.ddim import DDIM_GRIDS
 from .solvers.ddpm import VAR_TYPES
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError)
@@ -27,6 +30,9 @@ MODELS = ("digits", "score_sde", "guided_diffusion", "celebahq_ddpm")
 # One batch size for purify and eval (and the API's EvalConfig): images per purification batch / samples per attack
 # batch. 16 keeps an exact-gradient batch of DiffPure's CIFAR-10 NCSN++ with EOT copies within a few GB.
 BATCH_SIZE = 16
+SOLVER_HELP = ("DiffPure's reverse solver (--diffusion-type sde): euler (default, Euler–Maruyama), ddpm (ancestral), "
+               "ddim (--eta), dpm-solver (--order), dpm-solver++ (2M), heun (stochastic Heun); the few-step ones need "
+               "--steps, counted in network calls")
 
 # The one table between API keywords and flags: where a flag is not "--" + the keyword with "-" for "_" (those
 # are found in each sub-command's parser). Keys (scope, keyword): scope None holds in every sub-command; the
@@ -80,6 +86,25 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "official checkpoint family of --checkpoint")
     p.add_argument("--checkpoint", default=None, help="checkpoint path of the --model family (score_sde, "
                    "guided_diffusion, celebahq_ddpm); never downloaded")
+
+
+def _add_classifier_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--classifier", default=None, help="digits (the default with the digits model, and only "
+                   "there), a TorchScript file, or module:function returning an nn.Module (inputs in [0, 1]; the "
+                   "module is imported from the current directory or PYTHONPATH)")
+    p.add_argument("--data", default=None, help="digits:test (the default with the digits model, and only there), "
+                   "cifar10:FOLDER[:test|:train], an image folder (class sub-folders or labels.txt), .npz (x, y) or "
+                   ".npy with --labels")
+
+
+def _classifier_and_data(args, family: str) -> tuple[str, str]:
+    """--classifier and --data, whose digits defaults fit only the embedded digits model: another model needs both."""
+    if family != "digits":
+        for flag, value in (("--classifier", args.classifier), ("--data", args.data)):
+            if value is None:
+                raise ValueError(f"{flag}: required with --model {family} (the default is the digits one, which "
+                                 f"fits only the embedded digits model)")
+    return args.classifier or "digits", args.data or "digits:test"
 
 
 def _model_family(args) -> str:
@@ -157,27 +182,34 @@ def _add_runner_args(p: argparse.ArgumentParser) -> None:
                    "model), celebahq-ddpm (SDEdit's sampler)")
     r.add_argument("--sigma2", type=float, default=None, help="ldsde: sigma2 (default 1e-3)")
     r.add_argument("--lambda-ld", type=float, default=None, help="ldsde: lambda_ld (default 1e-2)")
-    r.add_argument("--eta", type=float, default=None, help="ldsde: eta (default 5)")
+    r.add_argument("--eta", type=float, default=None, help="ldsde: eta (default 5); sde with --solver ddim: DDIM's "
+                   "eta in [0, 1] (default 0: deterministic; 1: ancestral)")
+    r.add_argument("--order", type=int, default=None, help="sde with --solver dpm-solver: its order, 1 or 2 "
+                   "(default 2)")
+    r.add_argument("--time-grid", default=None, choices=DDIM_GRIDS,
+                   help="sde with --solver ddim, dpm-solver, dpm-solver++ or heun: the time grid from t* to 1e-5 "
+                   "(default uniform; levels: ddim only, the ddpm solver's respaced levels)")
     r.add_argument("--var-type", default=None, choices=VAR_TYPES,
                    help="celebahq-ddpm: the fixed variance (default fixedsmall, celeba.yml's)")
 
 
 # The flags of each DiffPure runner and the option each sets (--t-star: t*; --dt: the step size).
 RUNNER_FLAGS = {
-    "sde": {"--t-star": "t_star", "--steps": "steps", "--dt": "dt", "--solver": "solver"},
+    "sde": {"--t-star": "t_star", "--steps": "steps", "--dt": "dt", "--solver": "solver", "--eta": "eta",
+            "--order": "order", "--time-grid": "time_grid"},
     "ode": {"--t-star": "t_star", "--dt": "step_size"},
     "ldsde": {"--t-star": "t_star", "--dt": "dt", "--sigma2": "sigma2", "--lambda-ld": "lambda_ld", "--eta": "eta"},
     "ddpm": {"--t-star": "t_star"},
     "celebahq-ddpm": {"--t-star": "t_star", "--var-type": "var_type"},
 }
-_RUNNER_ONLY = ("--diffusion-type", "--sigma2", "--lambda-ld", "--eta", "--var-type")
+_RUNNER_ONLY = ("--diffusion-type", "--sigma2", "--lambda-ld", "--eta", "--var-type", "--order", "--time-grid")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="diffpure-fast", description="DiffPure adversarial purification: fused "
                                  "kernels, exact gradients, official checkpoints.")
     sub = ap.add_subparsers(dest="command", required=True,
-                            metavar="{demo,purify,eval,report,bench,conformance,info}")
+                            metavar="{demo,purify,eval,certify,report,bench,conformance,info}")
 
     d = sub.add_parser("demo", help="attack and purify handwritten digits with the embedded models (CPU, minutes)",
                        description="Clean, PGD, transfer and adaptive PGD-EOT accuracies with 95% Wilson intervals "
@@ -229,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="purification method, at its released defaults (default diffpure); --t-star, --steps, "
                         "--dt, --solver and the runner flags are DiffPure's options (--t-star and --steps also "
                         "AGDM's)")
-    p.add_argument("--solver", default=None, choices=("euler", "ddpm"), help="reverse solver (default euler)")
+    p.add_argument("--solver", default=None, choices=tuple(SOLVERS), help=SOLVER_HELP)
     p.add_argument("--value-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="the range of a float input's values, kept in the output (default 0 1; e.g. 0 255 for "
                         "float images in 0..255); uint8 arrays and image files are always 0..255")
@@ -433,12 +465,7 @@ def _add_eval_parsers(sub) -> None:
     e.add_argument("--defense", dest="method", choices=(*DEFENSES, "none"), action=_Deprecated, new="--method",
                    help="deprecated name of --method (removed in the next release)")
     _add_model_args(e)
-    e.add_argument("--classifier", default=None, help="digits (the default with the digits model, and only "
-                   "there), a TorchScript file, or module:function returning an nn.Module (inputs in [0, 1]; the "
-                   "module is imported from the current directory or PYTHONPATH)")
-    e.add_argument("--data", default=None, help="digits:test (the default with the digits model, and only there), "
-                   "cifar10:FOLDER[:test|:train], an image folder (class sub-folders or labels.txt), .npz (x, y) or "
-                   ".npy with --labels")
+    _add_classifier_data_args(e)
     e.add_argument("--labels", default=None, help="labels .npy for an .npy --data")
     e.add_argument("--attack", default="pgd-eot", choices=ATTACKS, help="pgd-eot, bpda-eot (DiffPure's: "
                    "identity backward, 50 x 2/255, 15 EOT), apgd-eot (Croce & Hein's APGD with EOT) or autoattack "
@@ -452,8 +479,7 @@ def _add_eval_parsers(sub) -> None:
                    help="guided defenses with --grad-mode full: exact (through the guidance), detached (the "
                    "released evaluations' gradient), straight_through (mimic: declared sign surrogate); "
                    "default exact")
-    e.add_argument("--solver", default=None, choices=("euler", "ddpm"), help="DiffPure's reverse solver "
-                   "(default euler)")
+    e.add_argument("--solver", default=None, choices=tuple(SOLVERS), help=SOLVER_HELP)
     e.add_argument("--norm", default="linf", choices=NORMS, help="threat model (default linf)")
     e.add_argument("--eps", type=_radius, default=8 / 255, help="the perturbation radius in pixel units of [0, 1] "
                    "images: a number or a fraction such as 4/255 (default 8/255)")
@@ -498,10 +524,73 @@ def _add_eval_parsers(sub) -> None:
     _add_runner_args(e)
     _add_agdm_args(e)
 
-    r = sub.add_parser("report", help="rebuild report.md/json and the plots of an eval folder from its records",
-                       description="Rebuild report.md, report.json, curve.png and grid.png from the records alone.")
-    r.add_argument("folder", help="the --output folder of diffpure-fast eval")
+    _add_certify_parser(sub)
+
+    r = sub.add_parser("report", help="rebuild report.md/json and the plots of an eval or certify folder from its "
+                       "records", description="Rebuild report.md, report.json and the plots (eval: curve.png, "
+                       "grid.png; certify: radius.png) from the records alone.")
+    r.add_argument("folder", help="the --output folder of diffpure-fast eval or certify")
     r.add_argument("--quiet", action="store_true", help="do not print the report")
+
+
+def _add_certify_parser(sub) -> None:
+    from .eval.certify import CERTIFY_DENOISERS, MULTISTEP_DEFAULTS, CertifyConfig
+
+    dc = CertifyConfig()
+    c = sub.add_parser("certify", help="L2 certified robustness by randomized smoothing with a diffusion denoiser "
+                       "(records, report, radius plot)", description="Cohen et al.'s CERTIFY with denoised smoothing "
+                       "(Carlini et al. 2023: one network call predicts x0 at the noise level matching --sigma; "
+                       "--denoiser multistep: DensePure-style majority over --votes reverse solves). Counter-based "
+                       "noise: reproducible certificates; resumable (rerun the same command).")
+    _add_model_args(c)
+    _add_classifier_data_args(c)
+    c.add_argument("--labels", default=None, help="labels .npy for an .npy --data")
+    c.add_argument("--sigma", type=float, required=True, help="smoothing noise std in [0, 1] pixel units")
+    c.add_argument("--n0", type=int, default=dc.n0, help=f"selection draws (default {dc.n0})")
+    c.add_argument("--n", type=int, default=dc.n, help=f"estimation draws (default {dc.n})")
+    c.add_argument("--alpha", type=float, default=dc.alpha, help=f"failure probability per certificate (default "
+                   f"{dc.alpha})")
+    c.add_argument("--denoiser", default=dc.denoiser, choices=CERTIFY_DENOISERS,
+                   help="one-shot (default: one network call per draw) or multistep (DensePure-style votes)")
+    c.add_argument("--votes", type=int, default=None, help=f"multistep: reverse solves per draw (default "
+                   f"{MULTISTEP_DEFAULTS['votes']})")
+    c.add_argument("--solver", default=None, choices=tuple(s for s in SOLVERS if s != "ddpm"),
+                   help=f"multistep: the reverse solver (default {MULTISTEP_DEFAULTS['solver']}, eta "
+                        f"{MULTISTEP_DEFAULTS['eta']}: the ancestral chain)")
+    c.add_argument("--steps", type=int, default=None, help=f"multistep: network calls per reverse solve (default "
+                   f"{MULTISTEP_DEFAULTS['steps']})")
+    c.add_argument("--eta", type=float, default=None, help="multistep with --solver ddim: DDIM's eta")
+    c.add_argument("--order", type=int, default=None, help="multistep with --solver dpm-solver: its order")
+    c.add_argument("--time-grid", default=None, choices=DDIM_GRIDS[:-1], help="multistep: the reverse time grid")
+    c.add_argument("--n-images", type=int, default=None, help="samples to certify (default: all)")
+    c.add_argument("--start", type=int, default=0, help="index of the first sample (default 0)")
+    c.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    c.add_argument("--batch-size", type=int, default=dc.batch_size, help=f"noise draws per network batch (memory, "
+                   f"not results; default {dc.batch_size})")
+    c.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    c.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    c.add_argument("--output", required=True, help="output folder (records, report.md/json, radius.png); rerunning "
+                   "the same command there resumes")
+    c.add_argument("--overwrite", action="store_true", help="discard records of another configuration there")
+    c.add_argument("--quiet", action="store_true", help="no progress bar, no report on stdout")
+
+
+def _cmd_certify(args) -> int:
+    from .eval.certify import CertifyConfig, certify
+
+    family = _model_family(args)
+    classifier, data = _classifier_and_data(args, family)
+    cfg = CertifyConfig(sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha, denoiser=args.denoiser,
+                        votes=args.votes, solver=args.solver, steps=args.steps, eta=args.eta, order=args.order,
+                        time_grid=args.time_grid, n_images=args.n_images, start=args.start, seed=args.seed,
+                        batch_size=args.batch_size)
+    model = _load_model(args, family, args.quiet)
+    command = "diffpure-fast " + shlex.join(args.argv)
+    certify(model, classifier, data, args.output, config=cfg, labels=args.labels, device=args.device,
+            progress=not args.quiet, overwrite=args.overwrite, command=command)
+    if not args.quiet:
+        print((Path(args.output) / "report.md").read_text())
+    return 0
 
 
 def _cmd_eval(args) -> int:
@@ -510,13 +599,7 @@ def _cmd_eval(args) -> int:
 
     grad_mode = args.grad_mode or ("bpda" if args.attack == "bpda-eot" else "full")
     family = _model_family(args)
-    # the embedded digits classifier and data fit the digits model only: another model needs them given
-    if family != "digits":
-        for flag, value in (("--classifier", args.classifier), ("--data", args.data)):
-            if value is None:
-                raise ValueError(f"{flag}: required with --model {family} (the default is the digits one, which "
-                                 f"fits only the embedded digits model)")
-    classifier, data = args.classifier or "digits", args.data or "digits:test"
+    classifier, data = _classifier_and_data(args, family)
     try:
         cfg = EvalConfig(attack=args.attack, norm=args.norm, eps=args.eps, steps=args.attack_steps,
                          step_size=args.step_size, random_start=False if args.no_random_start else None,
@@ -548,7 +631,13 @@ def _cmd_report(args) -> int:
     folder = Path(args.folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
-    write_report(folder)
+    config = folder / "config.json"
+    if config.exists() and "certify" in json.loads(config.read_text()):
+        from .eval.certify import certify_report
+
+        certify_report(folder)
+    else:
+        write_report(folder)
     if not args.quiet:
         print((folder / "report.md").read_text())
     return 0
@@ -687,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_common(args)
         return {"info": _cmd_info, "purify": _cmd_purify, "demo": _cmd_demo, "eval": _cmd_eval,
-                "report": _cmd_report, "bench": _cmd_bench}[args.command](args)
+                "certify": _cmd_certify, "report": _cmd_report, "bench": _cmd_bench}[args.command](args)
     except USER_ERRORS as e:
         print(f"diffpure-fast {args.command}: error: {_message(e, args.command)}", file=sys.stderr)
         return 2
