@@ -57,7 +57,8 @@ class CallCounter:
 
 
 @contextlib.contextmanager
-def count_network_calls(model: ScoreModel, *, timed: bool = False) -> Iterator[CallCounter]:
+def count_network_calls(model: ScoreModel, *, timed: bool = False,
+                        on_call: Callable[[], object] | None = None) -> Iterator[CallCounter]:
     """Count the score network calls ``model`` makes inside the block (the supported way: see the module doc).
 
     Every network evaluation of the engine goes through ``model.eps`` or ``model.eps_and_variance``; this wraps
@@ -69,6 +70,7 @@ def count_network_calls(model: ScoreModel, *, timed: bool = False) -> Iterator[C
             dpf.purify(x, model, t_star=0.1)          # dt 1e-3: calls.calls == 100
 
     timed: also sum the seconds inside the calls (synchronising CUDA around each, which perturbs async runs).
+    on_call: called after every call (e.g. a progress bar's ``update``: the CLI's purify shows network calls).
     Raises TypeError naming ``model`` for an object without ``eps``.
     """
     if not callable(getattr(model, "eps", None)):
@@ -81,13 +83,16 @@ def count_network_calls(model: ScoreModel, *, timed: bool = False) -> Iterator[C
         def wrapper(x, *args, _inner=inner, **kwargs):
             counter.calls += 1
             if not timed:
-                return _inner(x, *args, **kwargs)
-            sync = _sync(x.device)
-            sync()
-            t0 = time.perf_counter()
-            out = _inner(x, *args, **kwargs)
-            sync()
-            counter.seconds += time.perf_counter() - t0
+                out = _inner(x, *args, **kwargs)
+            else:
+                sync = _sync(x.device)
+                sync()
+                t0 = time.perf_counter()
+                out = _inner(x, *args, **kwargs)
+                sync()
+                counter.seconds += time.perf_counter() - t0
+            if on_call is not None:
+                on_call()
             return out
 
         had = name in vars(model)

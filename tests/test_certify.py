@@ -19,6 +19,7 @@ from diffpure_fast.eval.certify import (
     lower_confidence_bound,
     noise_time,
 )
+from diffpure_fast.eval.records import merge_records
 from diffpure_fast.models.base import EpsModel
 from diffpure_fast.schedule import DIFFPURE_SCHEDULE
 
@@ -176,7 +177,7 @@ def test_multistep_majority_and_cli(tmp_path, capsys):
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["n_samples"] == 2 and rep["config"]["certify"]["votes"] == 3
-    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    records = merge_records(out)
     assert all(sum(r["counts"]) == 8 and sum(r["counts_select"]) == 4 for r in records)
     capsys.readouterr()
     assert main(["certify", "--sigma", "0.25", "--votes", "3", "--output", str(tmp_path / "d")]) == 2
