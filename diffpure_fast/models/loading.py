@@ -59,7 +59,7 @@ from .fast import fast_score_model
 from .ncsnpp import NCSNPP_CIFAR10_CONFIG, NCSNpp, _section
 from .state_dicts import is_state_dict, load_state_dict_strict, strip_wrapper_prefixes, unwrap_state_dict
 
-__all__ = ["FAMILIES", "build_network", "load_classifier", "load_score_model", "official_safe_globals",
+__all__ = ["FAMILIES", "build_network", "load_score_model", "official_safe_globals",
            "read_checkpoint", "refused_object", "safe_torch_load"]
 
 FAMILIES = ("score_sde", "guided_diffusion", "celebahq_ddpm", "digits")
@@ -531,16 +531,3 @@ def _fast(model: EpsModel, compile: bool, channels_last: bool) -> ScoreModel:
     if hasattr(model, "var_type"):
         fast.var_type = model.var_type
     return fast.eval()
-
-
-def load_classifier(name: str = "digits", *, device: str | torch.device | None = None) -> torch.nn.Module:
-    """A classifier shipped with the package (inputs in [0, 1], logits), in eval mode with frozen parameters.
-
-    name: ``"digits"`` (a small CNN for 1x16x16 digits; test accuracy in ``diffpure_fast/weights``'s training log).
-    """
-    if name != "digits":
-        raise ValueError(f"name: the package ships only the 'digits' classifier, got {name!r}; load your own "
-                         "classifier (e.g. from RobustBench) and wrap it yourself")
-    from .digits import load_digits_classifier
-
-    return load_digits_classifier(device)
