@@ -78,7 +78,10 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm", "safetensors"],
     extras_require={
         "triton": ["triton"],
+        # the library classifiers (models/classifiers/libraries.py): robustbench:NAME, torchvision:NAME, timm:NAME
+        "robustbench": ["robustbench"],
         "torchvision": ["torchvision"],
+        "timm": ["timm"],
         "dev": ["pytest", "ruff", "torchsde", "torchdiffeq", "ninja", "cmake"],
     },
     entry_points={"console_scripts": ["diffpure-fast=diffpure_fast.cli:main"]},

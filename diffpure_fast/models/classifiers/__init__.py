@@ -104,7 +104,8 @@ class ImageClassifier(nn.Module):
 
 
 def check_normalize(name: str, v) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """``(mean, std)``, each a number or a sequence of numbers of one length, std > 0; None passes through."""
+    """``(mean, std)``, each a number (for every channel) or a sequence of one per channel, std > 0; None passes
+    through."""
     if v is None:
         return None
     if not isinstance(v, Sequence) or isinstance(v, str) or len(v) != 2:
@@ -115,9 +116,9 @@ def check_normalize(name: str, v) -> tuple[tuple[float, ...], tuple[float, ...]]
         if not vals:
             raise OptionError(name, f"expected (mean, std), each a number or one per channel, got {v!r}")
         out.append(tuple(check_float(name, x, low=0.0 if low_open else None, low_open=low_open) for x in vals))
-    if len(out[0]) != len(out[1]):
+    if len(out[0]) != len(out[1]) and 1 not in (len(out[0]), len(out[1])):
         raise OptionError(name, f"mean and std have {len(out[0])} and {len(out[1])} values; give one per channel "
-                                f"for both (or one value each)")
+                                f"(or one value for all channels) for each")
     return out[0], out[1]
 
 
