@@ -108,8 +108,13 @@ def test_purify_errors_are_one_line(tmp_path, capsys):
     rc, _, err = _run(["purify", "--model", "score_sde", "--input", tmp_path / "ok.npy", "--output",
                        tmp_path / "o.npy"], capsys)
     _assert_one_line_error(rc, err, "--checkpoint")
+    # the images' size is checked against the config before the checkpoint is read
     rc, _, err = _run(["purify", "--model", "score_sde", "--checkpoint", tmp_path / "adm.pt", "--input",
                        tmp_path / "ok.npy", "--output", tmp_path / "o.npy"], capsys)
+    _assert_one_line_error(rc, err, "images of 16x16, but --model score_sde is configured for 32x32; pass --resize")
+    np.save(tmp_path / "c32.npy", np.zeros((1, 3, 32, 32), np.float32))
+    rc, _, err = _run(["purify", "--model", "score_sde", "--checkpoint", tmp_path / "adm.pt", "--input",
+                       tmp_path / "c32.npy", "--output", tmp_path / "o.npy"], capsys)
     assert rc == 2 and "Traceback" not in err and "guided" in err.lower(), err
 
 

@@ -325,7 +325,9 @@ def load_classifier(name="digits", *, checkpoint=None, normalize=None, device=No
             raise OptionError(key, f"is for DiffPure's classifier names and library specs; {what} {name!r} is "
                                    f"{kind}, which holds its own weights")
     m = load_module(name, what=what, device=dev)
-    return m if norm is None else _frozen(ImageClassifier(m, normalize=norm).to(dev))
+    if not isinstance(name, nn.Module) and not hasattr(m, "name"):
+        m.name = str(name)   # what it is, for an evaluation's records
+    return m if norm is None else _frozen(ImageClassifier(m, normalize=norm, name=getattr(m, "name", "")).to(dev))
 
 
 def _load_digits(checkpoint, architecture: dict, dev) -> nn.Module:
@@ -336,4 +338,6 @@ def _load_digits(checkpoint, architecture: dict, dev) -> nn.Module:
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
         raise OptionTypeError("checkpoint", f"the digits classifier takes a .safetensors path or None (the shipped "
                                             f"weights), got {type(checkpoint).__name__}")
-    return load_digits_classifier(dev, path=checkpoint)
+    clf = load_digits_classifier(dev, path=checkpoint)
+    clf.name = "digits"
+    return clf
