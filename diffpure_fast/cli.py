@@ -34,9 +34,9 @@ MODELS = ("digits", "score_sde", "guided_diffusion", "celebahq_ddpm")
 _FLAGS = {
     (None, "family"): "--model", (None, "scale"): "--guidance-scale", (None, "random_start"): "--no-random-start",
     (None, "folder"): "FOLDER", ("purify", "x"): "--input", ("eval", "x"): "--data", ("eval", "method"): "--defense",
-    ("eval", "defense"): "--defense", ("attack", "steps"): "--attack-steps", ("purify", "data"): "--input",
-    ("classifier", "name"): "--classifier", ("classifier", "checkpoint"): "--classifier-checkpoint",
-    ("classifier", "normalize"): "--classifier-normalize",
+    ("eval", "defense"): "--defense", ("attack", "steps"): "--attack-steps", ("runner", "step_size"): "--dt",
+    ("purify", "data"): "--input", ("classifier", "name"): "--classifier",
+    ("classifier", "checkpoint"): "--classifier-checkpoint", ("classifier", "normalize"): "--classifier-normalize",
 }
 # Flags that set their keyword to False when given.
 _NEGATED = frozenset({"random_start"})
@@ -284,11 +284,9 @@ def _method_options(args, method: str) -> dict:
         kind = args.diffusion_type or "sde"
         flags = RUNNER_FLAGS[kind]
         options = {"diffusion_type": kind} if args.diffusion_type else {}
+        # only what was given: the runner's options dataclass holds the defaults (sde: t* 0.1, dt 1e-3 for Euler
+        # without --steps) and refuses what a run could not honour (--dt with --solver ddpm)
         options.update({opt: given[flag] for flag, opt in flags.items() if given[flag] is not None})
-        if kind == "sde":
-            options = dict(options, t_star=options.get("t_star", 0.1), steps=args.steps,
-                           dt=args.dt if args.dt is not None else (1e-3 if args.steps is None else None),
-                           solver=args.solver or "euler")
         own = ("--diffusion-type", *flags)
         wrong = [f for f in (*RUNNER_FLAGS["sde"], *_RUNNER_ONLY) if given[f] is not None and f not in own]
         if wrong:
@@ -314,19 +312,15 @@ def _method_options(args, method: str) -> dict:
 
 
 def _check_runner_options(options: dict, flags: dict) -> None:
-    """Validate a runner's options (and its chain) now, so that an error names the flag that set the value (--dt,
-    not step_size)."""
+    """Validate a runner's options (and its chain) now, before any model is loaded; an error names the flag that set
+    the value (``--dt`` for the ODE's step_size: the "runner" scope of ``_FLAGS``)."""
     from .config import PurifyConfig
 
     try:
         PurifyConfig.build("diffpure", **options)
-    except ValueError as exc:
-        msg = str(exc)
-        for flag, opt in flags.items():
-            if msg.startswith(f"{opt}:"):
-                msg = flag + msg[len(opt):]
-                break
-        raise ValueError(msg) from None
+    except OptionError as e:
+        e.cli_scope = "runner"
+        raise
 
 
 def _purify_input(args):

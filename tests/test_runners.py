@@ -407,8 +407,8 @@ def test_cli_purify_with_each_runner_matches_the_python_api(tmp_path, capsys):
     (["--diffusion-type", "ldsde", "--solver", "ddpm"], "--solver: not an option of --diffusion-type ldsde"),
     (["--sigma2", "0.1"], "--sigma2: not an option of --diffusion-type sde"),
     (["--diffusion-type", "ldsde", "--lambda-ld", "0"], "--lambda-ld: expected a value > 0"),
-    (["--diffusion-type", "ode", "--t-star", "0.0105"], "--t-star: diffusion_type='ode' diffuses to the integer"),
-    (["--diffusion-type", "ddpm"], "model: diffusion_type='ddpm'"),
+    (["--diffusion-type", "ode", "--t-star", "0.0105"], "--t-star: --diffusion-type ode diffuses to the integer"),
+    (["--diffusion-type", "ddpm"], "--model: --diffusion-type ddpm (guided-diffusion's p_sample)"),
     (["--method", "gdmp", "--diffusion-type", "ode"], "--diffusion-type: an option of DiffPure"),
 ])
 def test_cli_runner_errors_name_the_flag(tmp_path, capsys, argv, match):

@@ -26,14 +26,14 @@ __all__ = ["GUIDANCE_GRADS", "Method", "MethodOptions", "ddpm_surrogate_chain", 
 GUIDANCE_GRADS = ("exact", "detached", "straight_through")
 
 
-def make_options(options_class, owner: str, kwargs: dict):
-    """``options_class(**kwargs)``, or an ``OptionError`` naming the first keyword it has no field for (``owner``:
-    who the options belong to, as (API keyword, value), e.g. ("method", "gdmp"), for the message)."""
+def make_options(options_class, owner: tuple[tuple[str, object], ...], kwargs: dict):
+    """``options_class(**kwargs)``, or an ``OptionError`` naming the first keyword it has no field for. ``owner``:
+    who the options belong to, as (API keyword, value) pairs, e.g. (("method", "gdmp"),), for the message."""
     names = options_class.names()
     unknown = sorted(set(kwargs) - set(names))
     if unknown:
-        raise OptionError(unknown[0], lambda s: f"not an option of {s.setting(*owner)} (its options: "
-                                                f"{', '.join(map(s.name, names))})")
+        raise OptionError(unknown[0], lambda s: f"not an option of {' with '.join(s.setting(*o) for o in owner)} "
+                                                f"(its options: {', '.join(map(s.name, names))})")
     return options_class(**kwargs)
 
 
@@ -61,7 +61,7 @@ class Method:
 
     def options(self, **kwargs) -> MethodOptions:
         """The options dataclass from keyword arguments (none: the defaults); an unknown one is an error naming it."""
-        return make_options(self.Options, ("method", self.name), kwargs)
+        return make_options(self.Options, (("method", self.name),), kwargs)
 
     def check_adjoint(self, opts) -> None:
         """Whether grad_mode="adjoint" (the official code's continuous adjoint) exists for these options: an error

@@ -93,7 +93,7 @@ class RunnerOptions(MethodOptions):
 
     def _check_type(self, expected: str) -> None:
         if getattr(self, "diffusion_type", None) != expected:
-            raise OptionError("diffusion_type", f"{type(self).__name__} holds the options of diffusion_type "
+            raise OptionError("diffusion_type", f"{type(self).__name__} holds the options of diffusion_type="
                                                 f"{expected!r}, got {getattr(self, 'diffusion_type', None)!r} (pass "
                                                 f"diffusion_type to purify/Purifier, which picks the options class)")
 
@@ -264,7 +264,7 @@ class DiffPure(Method):
     def options(self, **kwargs) -> RunnerOptions:
         kind = kwargs.get("diffusion_type", "sde")
         check_choice("diffusion_type", kind, DIFFUSION_TYPES)
-        return make_options(_OPTIONS[kind], ("diffusion_type", kind), kwargs)
+        return make_options(_OPTIONS[kind], (("method", self.name), ("diffusion_type", kind)), kwargs)
 
     def plan(self, opts: DiffPureOptions, schedule: VPSchedule, dtype: torch.dtype = torch.float32) -> Plan:
         """The sde runner's step coefficients for states of ``dtype`` (the Euler grid is accumulated in it, as

@@ -402,7 +402,7 @@ def _load_celebahq(ckpt: Any, config, where: str) -> tuple[DDPMUNet, str]:
     if "kind" in ckpt and "state_dict" in ckpt:
         raise OptionError("checkpoint", "this is a conformance vector, not a checkpoint; pass vec['state_dict'] (or "
                                         "run python -m diffpure_fast.conformance on the file)", where=where)
-    if "model" in ckpt and "ema" in ckpt and isinstance(ckpt["ema"], Mapping) and "shadow_params" in ckpt["ema"]:
+    if "model" in ckpt and "ema" in ckpt:
         raise OptionError("checkpoint", lambda sp: "this is a score_sde (NCSN++) checkpoint, not SDEdit's DDPM UNet; "
                                                    f"use {sp.setting('family', 'score_sde')}", where=where)
     state = unwrap_state_dict(ckpt, where=where)
