@@ -161,12 +161,18 @@ def _read_config(path: str | None, family: str):
     return config
 
 
-def _check_size_first(shape, family: str, config, resize, where: str) -> None:
-    """Refuse images the score model cannot take before its (possibly multi-GB) checkpoint is read."""
+def _check_model_first(args, shape, config, where: str) -> None:
+    """The cheap checks of the score model's options: a checkpoint path given and present, and images the model can
+    take (its size from the config), before its (possibly multi-GB) checkpoint is read."""
     from .models.loading import config_image_size
 
+    family = args.model
+    if family != "digits" and args.checkpoint is None:
+        raise ValueError(f"--checkpoint: --model {family} needs a checkpoint path (nothing is downloaded)")
+    if family != "digits" and not Path(args.checkpoint).exists():
+        raise FileNotFoundError(f"--checkpoint: file not found: {args.checkpoint!r}")
     size = config_image_size(family, config)
-    if resize is None and size is not None and tuple(shape[2:]) != (size, size):
+    if args.resize is None and size is not None and tuple(shape[2:]) != (size, size):
         raise OptionError("x", f"images of {shape[2]}x{shape[3]}, but --model {family} is configured for {size}x"
                                f"{size}; pass --resize bilinear to resize inside the defense (DiffPure's ImageNet "
                                f"pipeline: 224 -> 256 and back)", where=where)
@@ -382,10 +388,8 @@ def _cmd_purify(args) -> int:
     if args.value_range is not None and batch.uint8:
         raise ValueError(f"--value-range: {src} holds 0..255 integers (uint8 or image files), read as [0, 1] and "
                          f"written back as 0..255; --value-range is for float inputs")
-    if args.model != "digits" and args.checkpoint is None:
-        raise ValueError(f"--checkpoint: --model {args.model} needs a checkpoint path (nothing is downloaded)")
     config = _read_config(args.config, args.model)
-    _check_size_first(get([0]).shape, args.model, config, args.resize, str(src))
+    _check_model_first(args, get([0]).shape, config, str(src))
     model = load_score_model(args.model, args.checkpoint, config, device=args.device,
                              trust_checkpoint=args.trust_checkpoint)
     options = _method_options(args, args.method)
@@ -611,10 +615,8 @@ def _cmd_eval(args) -> int:
         raise
     defense = None
     if args.defense != "none":
-        if args.model != "digits" and args.checkpoint is None:
-            raise ValueError(f"--checkpoint: --model {args.model} needs a checkpoint path (nothing is downloaded)")
         config = _read_config(args.config, args.model)
-        _check_size_first(shape, args.model, config, args.resize, source.description)
+        _check_model_first(args, shape, config, source.description)
         model = load_score_model(args.model, args.checkpoint, config, device=args.device,
                                  trust_checkpoint=args.trust_checkpoint)
         defense = build_defense(model, method=args.defense, grad_mode=grad_mode, guidance_grad=args.guidance_grad,
