@@ -349,6 +349,7 @@ def test_missing_optional_packages_are_one_line_errors(tmp_path, capsys, monkeyp
     monkeypatch.setitem(sys.modules, "PIL", None)                 # Pillow is not installed
     monkeypatch.setitem(sys.modules, "PIL.Image", None)
     (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(b"")   # an image is listed; reading it needs Pillow
     rc, _, err = _run(["purify", "--model", "digits", "--input", tmp_path / "imgs", "--output", tmp_path / "o",
                        "--no-progress"], capsys)
     _assert_one_line_error(rc, err, "pip install pillow")
