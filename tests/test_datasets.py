@@ -1,6 +1,7 @@
 """Data layouts that evaluate and purify share (``eval.datasets``): torchvision's CIFAR-10 root, ImageNet-style class
 folders (sorted as torchvision's ImageFolder, or mapped by a class-index file), flat folders with labels.txt,
-source names, and DiffPure's seeded random subset."""
+source names, and DiffPure's seeded random subset; on the command line, in purify and eval alike, and DiffPure's
+ImageNet workflow (224-pixel data, a 256 score model, --resize bilinear) end to end."""
 
 from __future__ import annotations
 
@@ -113,3 +114,139 @@ def test_random_subset_is_diffpures(tmp_path):
         select_indices(10, data_seed=1)
     with pytest.raises(OptionError, match=r"^n_images: .*asks for indices up to 11"):
         select_indices(10, start=5, n_images=7)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# purify and eval on the command line read the same layouts
+
+from diffpure_fast.cli import main  # noqa: E402
+from diffpure_fast.models.digits import CLASSIFIER_WEIGHTS, SCORE_WEIGHTS  # noqa: E402
+
+needs_weights = pytest.mark.skipif(not (SCORE_WEIGHTS.is_file() and CLASSIFIER_WEIGHTS.is_file()),
+                                   reason="the digits weights are not shipped (python scripts/train_digits.py)")
+
+EVAL_FAST = ["--steps", "1", "--t-star", "0.05", "--attack-steps", "0", "--eot", "1", "--n-eval", "1", "--eps", "0.1",
+             "--quiet"]
+PURIFY_FAST = ["--model", "digits", "--steps", "1", "--t-star", "0.05", "--no-progress"]
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+
+
+def _digit_folders(tmp_path):
+    """Synset folders and a flat folder with labels.txt, of 1x16x16 images the digits model takes."""
+    root = synset_folder(tmp_path, size=16)
+    flat = tmp_path / "flat"
+    for i, name in enumerate(("c.png", "a.png", "b.png")):
+        _png(flat / name, 60 * i + 10, 16)
+    (flat / "labels.txt").write_text("3\n1\n2\n")
+    return root, flat
+
+
+@needs_weights
+def test_purify_and_eval_read_class_folders_labels_txt_and_a_random_subset(tmp_path):
+    root, flat = _digit_folders(tmp_path)
+    # purify keeps the relative names (and labels.txt for what it wrote); a subset writes the chosen samples only
+    assert main(["purify", "--input", str(root), "--output", str(tmp_path / "p1"), *PURIFY_FAST]) == 0
+    written = sorted(str(p.relative_to(tmp_path / "p1")) for p in (tmp_path / "p1").rglob("*.png"))
+    assert written == sorted(load_data(str(root)).names)
+    assert main(["purify", "--input", str(flat), "--output", str(tmp_path / "p2"), "--subset", "2", "--data-seed",
+                 "4", *PURIFY_FAST]) == 0
+    chosen = select_indices(3, subset=2, data_seed=4)
+    names = [["a.png", "b.png", "c.png"][i] for i in chosen]
+    assert sorted(p.name for p in (tmp_path / "p2").glob("*.png")) == sorted(names)
+    labels = dict(zip(sorted(names), (tmp_path / "p2" / "labels.txt").read_text().split()))
+    assert labels == {n: {"a.png": "3", "b.png": "1", "c.png": "2"}[n] for n in names}
+    # eval: the same folders; records keep each sample's source name; the subset is DiffPure's
+    assert main(["eval", "--data", str(root), "--class-index", str(_class_index(tmp_path)), "--subset", "3",
+                 "--data-seed", "2", "--output", str(tmp_path / "e1"), *EVAL_FAST]) == 0
+    recs = _records(tmp_path / "e1")
+    src = load_data(str(root))
+    assert sorted(r["index"] for r in recs) == sorted(select_indices(6, subset=3, data_seed=2))
+    assert all(r["source"] == src.names[r["index"]] for r in recs)
+    assert all(r["label"] == 5 + ["n01440764", "n01443537", "n01484850"].index(r["source"].split("/")[0])
+               for r in recs)
+    assert main(["eval", "--data", str(flat), "--output", str(tmp_path / "e2"), *EVAL_FAST]) == 0
+    assert [(r["source"], r["label"]) for r in _records(tmp_path / "e2")] == [("a.png", 3), ("b.png", 1), ("c.png", 2)]
+
+
+def _class_index(tmp_path):
+    path = tmp_path / "imagenet_class_index.json"
+    path.write_text(json.dumps({"5": ["n01440764", "tench"], "6": ["n01443537", "goldfish"],
+                                "7": ["n01484850", "great_white_shark"]}))
+    return path
+
+
+def _tiny_adm(tmp_path, image_size=16):
+    """A random ADM (guided-diffusion's UNet) configured for image_size, its checkpoint and its --config file."""
+    from diffpure_fast.models import create_adm_model
+
+    cfg = {"image_size": image_size, "num_channels": 32, "num_res_blocks": 1,
+           "channel_mult": ",".join(["1"] * max(2, image_size.bit_length() - 3)), "attention_resolutions": "",
+           "num_head_channels": 32, "learn_sigma": True, "use_fp16": False}
+    torch.manual_seed(0)
+    torch.save(create_adm_model(cfg).state_dict(), tmp_path / "adm.pt")
+    (tmp_path / "adm.json").write_text(json.dumps(cfg))
+    return ["--model", "guided_diffusion", "--checkpoint", str(tmp_path / "adm.pt"), "--config",
+            str(tmp_path / "adm.json")]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_purify_and_eval_read_torchvisions_cifar_root(tmp_path, capsys):
+    root, data = cifar_root(tmp_path)
+    adm = _tiny_adm(tmp_path)   # 16x16: CIFAR's 32x32 images resized inside the defense
+    fast = PURIFY_FAST[2:]
+    assert main(["purify", *adm, "--input", f"cifar10:{root}", "--resize", "bilinear", "--subset", "2",
+                 "--output", str(tmp_path / "p.npz"), *fast]) == 0
+    out = np.load(tmp_path / "p.npz")
+    chosen = select_indices(6, subset=2)
+    assert out["x"].shape == (2, 3, 32, 32) and out["index"].tolist() == chosen and out["y"].tolist() == chosen
+    # the output of a cifar10: input says which samples it holds: an .npz
+    assert main(["purify", *adm, "--input", f"cifar10:{root}", "--resize", "bilinear", "--output", str(tmp_path / "p"),
+                 *fast]) == 2
+    assert "--output: cifar10:" in capsys.readouterr().err
+    clf = torch.jit.script(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)).eval())
+    clf.save(str(tmp_path / "clf.pt"))
+    assert main(["eval", *adm, "--resize", "bilinear", "--classifier", str(tmp_path / "clf.pt"),
+                 "--data", f"cifar10:{root}", "--n-images", "2", "--start", "3", "--output", str(tmp_path / "e"),
+                 *EVAL_FAST]) == 0
+    assert [(r["index"], r["source"], r["label"]) for r in _records(tmp_path / "e")] == [
+        (3, "test_batch[3]", 3), (4, "test_batch[4]", 4)]
+
+
+def test_imagenet_workflow_end_to_end_with_the_resize_in_the_defense(tmp_path, capsys):
+    """DiffPure's ImageNet pipeline: 224-pixel synset folders, a score model configured for 256 (small, random), a
+    classifier in torchvision's ResNet layout under its official file name, --resize bilinear: the report names the
+    resize as part of the defense and measures the perturbation at 224, where the attack's budget is."""
+    from diffpure_fast.models.classifiers.resnet import ResNet
+
+    rng = np.random.default_rng(0)
+    for s in SYNSETS:
+        (tmp_path / "val" / s).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(tmp_path / "val" / s / "a.png")
+    adm = _tiny_adm(tmp_path, 256)
+    torch.manual_seed(0)
+    torch.save(ResNet(block="basic", layers=(1, 1, 1, 1), num_classes=3).state_dict(),
+               tmp_path / "resnet18-f37072fd.pth")
+    eps = 4 / 255
+    argv = ["eval", *adm, "--classifier", "imagenet-resnet18", "--classifier-checkpoint",
+            str(tmp_path / "resnet18-f37072fd.pth"), "--data", str(tmp_path / "val"), "--subset", "1",
+            "--data-seed", "1", "--steps", "1", "--t-star", "0.02", "--attack-steps", "1", "--eot", "1", "--n-eval",
+            "1", "--eps", str(eps), "--output", str(tmp_path / "out"), "--quiet"]
+    assert main(argv[:-3] + ["--output", str(tmp_path / "no"), "--quiet"]) == 2   # without --resize: refused
+    assert "images of 224x224, but --model guided_diffusion is configured for 256x256; pass --resize bilinear" in (
+        capsys.readouterr().err)
+    assert main(argv + ["--resize", "bilinear"]) == 0
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["defense"]["resize"] == "bilinear" and config["defense"]["resize_to"] == 256
+    assert config["input_size"] == [3, 224, 224]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert md.startswith("# Evaluation: diffpure, inputs resized (bilinear) to 256x256 and back on image folder")
+    assert "Largest perturbation (on the 3x224x224 inputs, where the budget is)" in md
+    # measured at 224: within the L-inf budget, and an L2 a 224-pixel perturbation of that budget can have
+    p = rep["perturbation"]
+    assert 0 < p["max_linf"] <= eps + 1e-6 and p["max_l2"] <= eps * (3 * 224 * 224) ** 0.5 + 1e-4
+    (rec,) = _records(tmp_path / "out")
+    assert rec["index"] == select_indices(3, subset=1, data_seed=1)[0] and rec["source"].endswith("/a.png")
