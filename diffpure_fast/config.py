@@ -82,9 +82,7 @@ class PurifyConfig:
             raise OptionError("autocast", f"expected one of {AUTOCAST_MODES} (the score network's reduced precision; "
                                           f"the solver state keeps the input's dtype), got {self.autocast!r}")
         check_bool("cuda_graph", self.cuda_graph)
-        if self.resize not in RESIZE_MODES:
-            raise OptionError("resize", f"expected one of {RESIZE_MODES} (None: inputs must have the score model's "
-                                        f"size), got {self.resize!r}")
+        check_choice("resize", self.resize, RESIZE_MODES)   # None: inputs must have the score model's size
         if not isinstance(self.schedule, VPSchedule):
             raise OptionTypeError("schedule", f"expected a VPSchedule, got {type(self.schedule).__name__}")
         # Chains per state dtype, built once (purify runs every attack step with the same config): not a field,
