@@ -21,7 +21,8 @@ import torch
 
 from ._optional import require
 
-__all__ = ["ImageBatch", "read_images", "write_images", "IMAGE_SUFFIXES", "kind_of", "atomic_write"]
+__all__ = ["ImageBatch", "read_images", "write_images", "IMAGE_SUFFIXES", "kind_of", "atomic_write", "list_images",
+           "read_image_files"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _MODES = {"L": 1, "RGB": 3}
@@ -29,13 +30,16 @@ _MODES = {"L": 1, "RGB": 3}
 
 @dataclass
 class ImageBatch:
-    """x: (N, C, H, W) float32 in [0, 1]; how to write it back: ``kind``, and per kind its names/key/dtype."""
+    """x: (N, C, H, W) float32 in [0, 1]; how to write it back: ``kind``, and per kind its names (file paths
+    relative to the folder, sub-folders included), key, dtype, labels (a folder's labels.txt) and extra arrays."""
 
     x: torch.Tensor
     kind: str
     names: list[str] = field(default_factory=list)
     key: str | None = None
     uint8: bool = False
+    labels: list[int] | None = None      # folder: written as labels.txt, one per name in sorted order
+    extra: dict = field(default_factory=dict)   # npz: other arrays written beside the images (y, index)
 
 
 def kind_of(path: Path) -> str:
@@ -59,34 +63,44 @@ def _from_array(a, where: str) -> tuple[torch.Tensor, bool]:
     return t.float(), False
 
 
+def list_images(folder: str | Path) -> list[Path]:
+    """The image files (``IMAGE_SUFFIXES``, any case) directly in ``folder``, sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_image_files(files) -> np.ndarray:
+    """Images (N, C, H, W) uint8 from PNG/JPEG files, grayscale (C = 1) or RGB (C = 3), all of one shape (an error
+    naming the file otherwise: nothing is resized or converted)."""
+    Image = require("PIL.Image", "reading a folder of images")
+    arrays = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+                if im.mode not in _MODES:
+                    raise ValueError(f"{f}: image mode {im.mode!r} is neither grayscale (L) nor RGB; convert it")
+                a = np.asarray(im, dtype=np.uint8)
+        except (Image.UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{f}: not a readable image ({e})") from None
+        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+        if arrays and a.shape != arrays[0].shape:
+            raise ValueError(f"{f}: shape (C, H, W) = {a.shape} differs from {Path(files[0]).name}'s "
+                             f"{arrays[0].shape}")
+        arrays.append(a)
+    return np.stack(arrays)
+
+
 def read_images(path: str | Path) -> ImageBatch:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     kind = kind_of(path)
     if kind == "folder":
-        Image = require("PIL.Image", "reading a folder of images")
-        UnidentifiedImageError = Image.UnidentifiedImageError
-
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = list_images(path)
         if not files:
             raise ValueError(f"{path}: no {'/'.join(IMAGE_SUFFIXES)} images in this folder")
-        arrays = []
-        for f in files:
-            try:
-                with Image.open(f) as im:
-                    im.load()
-                    if im.mode not in _MODES:
-                        raise ValueError(f"{f}: image mode {im.mode!r} is neither grayscale (L) nor RGB; convert it")
-                    a = np.asarray(im, dtype=np.uint8)
-            except (UnidentifiedImageError, OSError) as e:
-                raise ValueError(f"{f}: not a readable image ({e})") from None
-            a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-            if arrays and a.shape != arrays[0].shape:
-                raise ValueError(f"{f}: shape (C, H, W) = {a.shape} differs from {files[0].name}'s {arrays[0].shape}")
-            arrays.append(a)
-        return ImageBatch(torch.from_numpy(np.stack(arrays)).float() / 255.0, kind, names=[f.name for f in files],
-                          uint8=True)
+        arrays = read_image_files(files)
+        return ImageBatch(torch.from_numpy(arrays).float() / 255.0, kind, names=[f.name for f in files], uint8=True)
     try:
         if kind == "npy":
             x, u8 = _from_array(np.load(path, allow_pickle=False), str(path))
@@ -158,8 +172,11 @@ def atomic_write(path: str | Path, write: Callable, *, overwrite: bool = False) 
         raise
 
 
-def _write_folder(path: Path, names: list[str], images: np.ndarray, *, overwrite: bool) -> None:
+def _write_folder(path: Path, names: list[str], images: np.ndarray, *, overwrite: bool,
+                  labels: list[int] | None = None) -> None:
     Image = require("PIL.Image", "writing a folder of images")
+    order = sorted(range(len(names)), key=lambda i: names[i])
+    labels_txt = None if labels is None else "".join(f"{labels[i]}\n" for i in order).encode()
 
     def save(folder: Path, name: str, arr: np.ndarray, replace: bool) -> None:
         fmt = "PNG" if Path(name).suffix.lower() == ".png" else "JPEG"  # the name's suffix; the temp file has none
@@ -175,6 +192,8 @@ def _write_folder(path: Path, names: list[str], images: np.ndarray, *, overwrite
         # files the purification did not write (think --output . --overwrite).
         for name, arr in zip(names, arrays):
             save(path, name, arr, True)
+        if labels_txt is not None:
+            atomic_write(path / "labels.txt", lambda f: f.write(labels_txt), overwrite=True)
         return
     # A new folder is built as a temporary sibling and renamed into place once every image is written.
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,6 +202,8 @@ def _write_folder(path: Path, names: list[str], images: np.ndarray, *, overwrite
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates it 0700; give it mkdir's permissions
         for name, arr in zip(names, arrays):
             save(tmp, name, arr, False)
+        if labels_txt is not None:
+            atomic_write(tmp / "labels.txt", lambda f: f.write(labels_txt))
         os.rename(tmp, path)  # fails (rather than merging) if path appeared meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -195,13 +216,13 @@ def write_images(path: str | Path, batch: ImageBatch, x: torch.Tensor, *, overwr
     path = Path(path)
     x = x.detach().cpu().float()
     if batch.kind == "folder":
-        _write_folder(path, batch.names, _to_uint8(x), overwrite=overwrite)
+        _write_folder(path, batch.names, _to_uint8(x), overwrite=overwrite, labels=batch.labels)
         return
     if batch.kind == "npy":
         arr = _to_uint8(x) if batch.uint8 else x.numpy()
         atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False), overwrite=overwrite)
     elif batch.kind == "npz":
-        arrays = {batch.key: _to_uint8(x) if batch.uint8 else x.numpy()}
+        arrays = {batch.key: _to_uint8(x) if batch.uint8 else x.numpy(), **batch.extra}
         atomic_write(path, lambda f: np.savez(f, **arrays), overwrite=overwrite)
     else:
         t = torch.from_numpy(_to_uint8(x)) if batch.uint8 else x
