@@ -327,8 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "eval reads them), cifar10:ROOT[:test|:train], digits:SPLIT, an .npy/.npz array (N, C, H, W) or "
                    "a .pt tensor")
     p.add_argument("--output", required=True, help="where to write: a folder for a folder (the same relative file "
-                   "names, and labels.txt when the input had one), an .npz (x, y, index) for cifar10:/digits:, "
-                   "else the input's kind (.npy, .npz, .pt)")
+                   "names, as PNG unless --image-format keep, and labels.txt when the input had one), an .npz (x, y, "
+                   "index) for cifar10:/digits:, else the array kind its extension names (.npy, .npz, .pt; an .npz "
+                   "input's other arrays are kept, so it is written as .npz)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (outputs are always written "
                    "to a temporary file and renamed into place, so an interrupted run leaves no partial file)")
     p.add_argument("--method", default="diffpure", choices=tuple(METHODS),
@@ -340,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the range of a float input's values, kept in the output (default 0 1; e.g. 0 255 for "
                         "float images in 0..255); uint8 arrays and image files are always 0..255")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--image-format", default="png", choices=("png", "keep"), help="a folder's output files: png "
+                   "(default; lossless, a.jpg is written as a.png) or keep (each input's name and format)")
+    p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality 1..95 of --image-format keep for JPEG "
+                   "inputs (default 95)")
     _add_defense_args(p)
     _add_selection_args(p, range_flags=True)
     _add_solver_args(p, steps_default=None, t_star_default=None)
@@ -458,7 +463,9 @@ def _purify_input(args):
         if batch.kind != "npz":
             raise ValueError(f"--subset/--start/--n-images: a selection of a .{batch.kind} input would be written "
                              f"without saying which rows it holds; use an .npz input (written with an 'index' array)")
-        batch.extra = {"index": np.asarray(idx, dtype=np.int64)}
+        n = len(batch.x)   # the input's other arrays of one row per image follow the selection
+        batch.extra = {**{k: v[idx] if v.ndim and len(v) == n else v for k, v in batch.extra.items()},
+                       "index": np.asarray(idx, dtype=np.int64)}
     x = batch.x
     return (lambda pos: x[[idx[p] for p in pos]]), batch, idx, src
 
@@ -477,8 +484,10 @@ def _cmd_purify(args) -> int:
         raise FileExistsError(f"{dst}: exists; pass --overwrite to replace it")
     get, batch, idx, src = _purify_input(args)
     out_kind = kind_of(dst) if dst.suffix else "folder"
-    if out_kind != batch.kind:
-        raise ValueError(f"--output: the input is a {batch.kind}, so the output must be one too, got {dst}")
+    if (out_kind == "folder") != (batch.kind == "folder"):
+        raise ValueError(f"--output: the input is {'a folder' if batch.kind == 'folder' else 'an array'}, so the "
+                         f"output must be {'a folder' if batch.kind == 'folder' else 'a .npy, .npz or .pt file'}, "
+                         f"got {dst}")
     if args.value_range is not None and batch.uint8:
         raise ValueError(f"--value-range: {src} holds 0..255 integers (uint8 or image files), read as [0, 1] and "
                          f"written back as 0..255; --value-range is for float inputs")
@@ -507,7 +516,8 @@ def _cmd_purify(args) -> int:
             if k == 0:   # every batch makes the same number of calls: the total is known after the first
                 bar.total = calls.calls * len(starts)
                 bar.refresh()
-    write_images(dst, batch, torch.cat(outs), overwrite=args.overwrite)
+    write_images(dst, batch, torch.cat(outs), overwrite=args.overwrite, image_format=args.image_format,
+                 jpeg_quality=args.jpeg_quality)
     return 0
 
 

@@ -112,7 +112,9 @@ def read_images(path: str | Path) -> ImageBatch:
                 if key is None:
                     raise ValueError(f"{path}: expected one array or one named 'x', found {keys}")
                 x, u8 = _from_array(z[key], f"{path}[{key!r}]")
-            return ImageBatch(x, kind, key=key, uint8=u8)
+                # every other array (labels, indices, metadata) is written back beside the purified images
+                extra = {k: z[k] for k in keys if k != key}
+            return ImageBatch(x, kind, key=key, uint8=u8, extra=extra)
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         from .models.loading import refused_object
@@ -172,15 +174,39 @@ def atomic_write(path: str | Path, write: Callable, *, overwrite: bool = False) 
         raise
 
 
+IMAGE_FORMATS = ("png", "keep")
+
+
+def output_names(names: list[str], image_format: str) -> list[str]:
+    """The file names a folder output gets: ``"png"`` (default) renames every image to ``.png`` (lossless: a
+    purified image re-encoded as JPEG would carry JPEG's compression artifacts), ``"keep"`` keeps each input's
+    name and format. Two inputs that would land on one name (``a.jpg`` and ``a.png``) are an error."""
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"--image-format: expected one of {IMAGE_FORMATS}, got {image_format!r}")
+    out = names if image_format == "keep" else [str(Path(n).with_suffix(".png")) for n in names]
+    seen: dict[str, str] = {}
+    for n, o in zip(names, out):
+        if o in seen:
+            raise ValueError(f"--image-format: {seen[o]} and {n} would both be written as {o}; use --image-format "
+                             f"keep")
+        seen[o] = n
+    return out
+
+
 def _write_folder(path: Path, names: list[str], images: np.ndarray, *, overwrite: bool,
-                  labels: list[int] | None = None) -> None:
+                  labels: list[int] | None = None, jpeg_quality: int = 95) -> None:
     Image = require("PIL.Image", "writing a folder of images")
     order = sorted(range(len(names)), key=lambda i: names[i])
     labels_txt = None if labels is None else "".join(f"{labels[i]}\n" for i in order).encode()
 
     def save(folder: Path, name: str, arr: np.ndarray, replace: bool) -> None:
-        fmt = "PNG" if Path(name).suffix.lower() == ".png" else "JPEG"  # the name's suffix; the temp file has none
-        atomic_write(folder / name, lambda f: Image.fromarray(arr).save(f, format=fmt), overwrite=replace)
+        # the name's suffix decides (the temp file has none); JPEG only where the input was JPEG and kept
+        if Path(name).suffix.lower() == ".png":
+            write = lambda f: Image.fromarray(arr).save(f, format="PNG")  # noqa: E731
+        else:
+            write = lambda f: Image.fromarray(arr).save(f, format="JPEG", quality=jpeg_quality)  # noqa: E731
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / name, write, overwrite=replace)
 
     arrays = [img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0) for img in images]
     if path.exists():
@@ -210,19 +236,34 @@ def _write_folder(path: Path, names: list[str], images: np.ndarray, *, overwrite
         raise
 
 
-def write_images(path: str | Path, batch: ImageBatch, x: torch.Tensor, *, overwrite: bool = False) -> None:
-    """Write x (N, C, H, W) in [0, 1] to ``path`` in the input's kind (folder/npy/npz/pt) and dtype, atomically
-    (see :func:`atomic_write`); an existing output is replaced only with ``overwrite=True``."""
+def write_images(path: str | Path, batch: ImageBatch, x: torch.Tensor, *, overwrite: bool = False,
+                 image_format: str = "png", jpeg_quality: int = 95) -> None:
+    """Write x (N, C, H, W) in [0, 1] to ``path`` in the input's dtype, atomically (see :func:`atomic_write`); an
+    existing output is replaced only with ``overwrite=True``.
+
+    A folder input is written as a folder: PNG files by default (``image_format="png"``: ``a.jpg`` becomes
+    ``a.png``), or each input's own name and format (``"keep"``; JPEG at ``jpeg_quality``, 1..95). An array input
+    (.npy/.npz/.pt) is written as the kind ``path``'s extension names: an .npz keeps every other array the input
+    .npz had (labels, indices); a kind that cannot hold them (.npy, .pt) is refused rather than dropping them."""
     path = Path(path)
     x = x.detach().cpu().float()
     if batch.kind == "folder":
-        _write_folder(path, batch.names, _to_uint8(x), overwrite=overwrite, labels=batch.labels)
+        if not 1 <= jpeg_quality <= 95:   # PIL's documented useful range; above 95 only grows the file
+            raise ValueError(f"--jpeg-quality: expected an int in 1..95, got {jpeg_quality}")
+        _write_folder(path, output_names(batch.names, image_format), _to_uint8(x), overwrite=overwrite,
+                      labels=batch.labels, jpeg_quality=jpeg_quality)
         return
-    if batch.kind == "npy":
+    kind = kind_of(path)
+    if kind == "folder":
+        raise ValueError(f"--output: {path} has no array extension; an array input is written as .npy, .npz or .pt")
+    if batch.extra and kind != "npz":
+        raise ValueError(f"--output: the input holds other arrays too ({', '.join(sorted(batch.extra))}), which a "
+                         f".{kind} file cannot keep; write an .npz")
+    if kind == "npy":
         arr = _to_uint8(x) if batch.uint8 else x.numpy()
         atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False), overwrite=overwrite)
-    elif batch.kind == "npz":
-        arrays = {batch.key: _to_uint8(x) if batch.uint8 else x.numpy(), **batch.extra}
+    elif kind == "npz":
+        arrays = {batch.key or "x": _to_uint8(x) if batch.uint8 else x.numpy(), **batch.extra}
         atomic_write(path, lambda f: np.savez(f, **arrays), overwrite=overwrite)
     else:
         t = torch.from_numpy(_to_uint8(x)) if batch.uint8 else x

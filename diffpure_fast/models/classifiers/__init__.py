@@ -226,6 +226,23 @@ def _frozen(m: nn.Module) -> nn.Module:
     return m
 
 
+def _import_user_module(name: str):
+    """Import the module of a ``module:function`` spec, from the current directory too: ``python -m`` puts it on
+    ``sys.path``, the installed ``diffpure-fast`` script does not, and a user's ``my_models.py`` next to their data
+    is the common case. The directory is added for this import only."""
+    import sys
+
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(name)
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+
 def load_module(spec, *, what: str, device, load_digits=None) -> nn.Module:
     """An ``nn.Module`` from a plain spec: a module (which must be in eval mode: its mode is the caller's),
     ``"digits"`` (``load_digits(device)``), a TorchScript file, or ``package.module:function`` (called with no
@@ -249,9 +266,10 @@ def load_module(spec, *, what: str, device, load_digits=None) -> nn.Module:
     if ":" in spec and not path.exists():
         mod_name, _, fn_name = spec.partition(":")
         try:
-            mod = importlib.import_module(mod_name)
+            mod = _import_user_module(mod_name)
         except ImportError as e:
-            raise OptionError(what, f"cannot import module {mod_name!r} ({e})") from None
+            raise OptionError(what, f"cannot import module {mod_name!r} ({e}); it is looked for in the current "
+                                    f"directory ({os.getcwd()}) and on PYTHONPATH") from None
         fn = getattr(mod, fn_name, None)
         if not callable(fn):
             raise OptionError(what, f"{mod_name!r} has no callable {fn_name!r}")
