@@ -15,6 +15,7 @@ from PIL import Image
 
 from diffpure_fast._validate import OptionError
 from diffpure_fast.eval.datasets import load_data, select_indices
+from diffpure_fast.eval.records import merge_records
 
 SYNSETS = ("n01443537", "n01440764", "n01484850")   # deliberately not in sorted order
 
@@ -131,7 +132,7 @@ PURIFY_FAST = ["--model", "digits", "--steps", "1", "--t-star", "0.05", "--no-pr
 
 
 def _records(out):
-    return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    return merge_records(out)
 
 
 def _digit_folders(tmp_path):
