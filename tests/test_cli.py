@@ -97,7 +97,7 @@ def test_purify_errors_are_one_line(tmp_path, capsys):
         (["--input", tmp_path / "rgb.npy", "--output", tmp_path / "o.npy"], "takes 1 channels"),
         (["--input", tmp_path / "small.npy", "--output", tmp_path / "o.npy"], "16x16"),
         (["--input", tmp_path / "ok.npy", "--output", tmp_path / "exists.npy"], "--overwrite"),
-        (["--input", tmp_path / "ok.npy", "--output", tmp_path / "o.pt"], "must be one too"),
+        (["--input", tmp_path / "ok.npy", "--output", tmp_path / "outdir"], "must be a .npy, .npz or .pt file"),
         (["--input", tmp_path / "broken.pt", "--output", tmp_path / "o.pt"], "not a readable"),
         (["--input", tmp_path / "imgs", "--output", tmp_path / "o"], "takes 1 channels"),
         (["--input", tmp_path / "bad", "--output", tmp_path / "o2"], "not a readable image"),
