@@ -9,12 +9,13 @@ network's parameters.
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from .chain import Chain, Noise, forward_diffuse, model_eps, reverse_solve, run_chain
+from .chain import Chain, Noise, forward_diffuse, model_eps, reverse_solve, run_chain, state_alpha_bar
 from .config import AUTOCAST_MODES, GRAD_MODES, GUIDANCE_GRADS, PurifyConfig
 from .cuda_graphs import ChainGraphs
 from .grad import differentiable_chain
@@ -24,7 +25,7 @@ from .noise import check_seed
 from .schedule import DIFFPURE_SCHEDULE, VPSchedule
 
 __all__ = ["AUTOCAST_MODES", "GRAD_MODES", "GUIDANCE_GRADS", "METHODS", "Noise", "Purifier", "PurifyConfig",
-           "forward_diffuse", "model_eps", "purify", "reverse_solve"]
+           "Trajectory", "forward_diffuse", "model_eps", "purify", "reverse_solve"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,10 +222,50 @@ def purify(x: torch.Tensor, model: ScoreModel, *, method: str = "diffpure", seed
     return _purify(x, model, cfg, seed=seed, noise_ids=noise_ids, forward_noise=forward_noise, increments=increments)
 
 
-def _purify(x, model, cfg: PurifyConfig, *, seed, noise_ids, forward_noise=None, increments=None) -> torch.Tensor:
+@dataclass
+class Trajectory:
+    """A purification with chosen intermediate states (``Purifier.trajectory``).
+
+    output: (B, C, H, W) the purified images in the value range. states: the states x_k (B, C, H, W) in [-1, 1]
+    before global steps ``steps`` (differentiable in x with grad_mode "full": the exact adjoint); alpha_bar: the
+    forward marginal's alpha_bar at each state's level or time (``chain.state_alpha_bar``); start_noise: the start
+    noise z_r (B, C, H, W) of each state's round (zeros for a round that draws none); x_unit: the input in [-1, 1].
+    """
+
+    output: torch.Tensor
+    states: list[torch.Tensor]
+    steps: tuple[int, ...]
+    alpha_bar: tuple[float, ...]
+    start_noise: list[torch.Tensor]
+    x_unit: torch.Tensor
+
+
+def _state_steps(chain: Chain, every: int) -> tuple[int, ...]:
+    """Global indices of every ``every``-th state of each round after its start (the start itself is the diffused
+    input, not a reconstruction)."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every: expected an int >= 1, got {every!r}")
+    return tuple(rnd.first_step + j for rnd in chain.rounds for j in range(every, len(rnd.plan), every))
+
+
+def _trajectory(chain: Chain, cfg: PurifyConfig, noise: Noise, x_unit: torch.Tensor, out: torch.Tensor,
+                steps: tuple[int, ...], states: list[torch.Tensor]) -> Trajectory:
+    rounds = {k: r for r, rnd in enumerate(chain.rounds) for k in range(rnd.first_step, rnd.first_step + len(rnd.plan))}
+    with torch.no_grad():
+        z = {r: (noise.start(r, x_unit.detach()) if chain.rounds[r].noise_scale != 0.0
+                 else torch.zeros_like(x_unit)) for r in sorted({rounds[k] for k in steps})}
+    all_steps = [st for rnd in chain.rounds for st in rnd.plan.steps]
+    return Trajectory(out, states, steps, tuple(state_alpha_bar(all_steps[k], cfg.schedule) for k in steps),
+                      [z[rounds[k]] for k in steps], x_unit)
+
+
+def _purify(x, model, cfg: PurifyConfig, *, seed, noise_ids, forward_noise=None, increments=None,
+            states_every: int | None = None):
+    """purify's work; with ``states_every`` a ``Trajectory`` (every states_every-th state of each round)."""
     model = as_score_model(model)
     chain = cfg.chain(x.dtype if isinstance(x, torch.Tensor) else torch.float32)
     _check_inputs(x, model, cfg, chain, forward_noise, increments, noise_ids)
+    expose = () if states_every is None else _state_steps(chain, states_every)
     if cfg.cuda_graph:
         _check_graph_seed(seed)
     seed = secrets.randbits(63) if seed is None else check_seed(seed)
@@ -243,17 +284,31 @@ def _purify(x, model, cfg: PurifyConfig, *, seed, noise_ids, forward_noise=None,
     # Captured graphs apply cfg.autocast inside the capture; the eager path wraps the network here.
     graphs = ChainGraphs(model, cfg) if cfg.cuda_graph else None
     net = with_autocast(model, cfg.autocast)
+    if states_every is not None and (cfg.cuda_graph or (wants_graph and cfg.grad_mode != "full")):
+        raise ValueError(f"grad_mode: intermediate states are given with grad_mode='full' (their exact gradient) or "
+                         f"without a graph, and without cuda_graph; got grad_mode={cfg.grad_mode!r}"
+                         + (", cuda_graph=True" if cfg.cuda_graph else ""))
+    states = None
     if not wants_graph or cfg.grad_mode == "bpda":
         with torch.no_grad():
-            out = run_chain(x_unit, net, chain, noise) if graphs is None else graphs.run(x_unit, chain, noise)
+            if expose:
+                out, all_states = run_chain(x_unit, net, chain, noise, keep_states=True)
+                states = [all_states[k] for k in expose]
+            else:
+                out = run_chain(x_unit, net, chain, noise) if graphs is None else graphs.run(x_unit, chain, noise)
         if wants_graph:
             # BPDA (DiffPure's BPDA+EOT): the purification's value, the identity's gradient d out / d x = I.
             out = x_unit + (out - x_unit.detach())
     elif graphs is not None:
         out = graphs.differentiable(x_unit, chain, noise, x_user=x)
+    elif expose:
+        out, *states = differentiable_chain(x_unit, net, chain, noise, cfg, x_user=x, expose=expose)
     else:
         out = differentiable_chain(x_unit, net, chain, noise, cfg, x_user=x)
-    return out if (lo, hi) == (-1.0, 1.0) else (out + 1.0) * scale + lo
+    out = out if (lo, hi) == (-1.0, 1.0) else (out + 1.0) * scale + lo
+    if states_every is None:
+        return out
+    return _trajectory(chain, cfg, noise, x_unit, out, expose, states or [])
 
 
 class Purifier(nn.Module):
@@ -292,6 +347,13 @@ class Purifier(nn.Module):
 
     def forward(self, x: torch.Tensor, *, noise_ids=None) -> torch.Tensor:
         return _purify(x, self.model, self.config, seed=self.seed, noise_ids=noise_ids)
+
+    def trajectory(self, x: torch.Tensor, *, noise_ids=None, every: int = 1) -> Trajectory:
+        """``forward(x)`` with every ``every``-th intermediate state of each round after its start (a
+        ``Trajectory``), for losses on the reverse chain's states (DiffAttack's deviated reconstruction). The
+        states are differentiable in x with ``grad_mode="full"`` (the exact adjoint returns them as outputs, in the
+        same memory); other gradient modes and ``cuda_graph`` are refused (ValueError naming grad_mode)."""
+        return _purify(x, self.model, self.config, seed=self.seed, noise_ids=noise_ids, states_every=every)
 
     def extra_repr(self) -> str:
         c = self.config

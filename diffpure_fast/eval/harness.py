@@ -4,12 +4,12 @@ For each sample (global index i of the data set):
 
 1. clean: the defense classifies x ``n_eval`` times, evaluation e with seed ``derive_seed(seed, 'eval', e)`` and
    noise id i;
-2. attack: PGD-EOT (``pgd-eot``), DiffPure's BPDA+EOT (``bpda-eot``: PGD-EOT through ``grad_mode="bpda"``, 50
-   steps of 2/255, 15 EOT draws averaged in logits), APGD-EOT (``apgd-eot``) or AutoAttack (``autoattack``, native
-   or as released) attacks *every* sample, whatever one clean evaluation said, and leaves one candidate per run
-   (restart, ensemble member); when there are several, the candidate misclassified most often by ``n_select``
-   fresh-noise evaluations is kept (``attacks.selection``). The clean input is never a candidate: only AutoAttack
-   as released can return it, and the report flags every sample judged at distance 0;
+2. attack: one of ``eval.attacks.ATTACKS`` (PGD-EOT, DiffPure's BPDA+EOT, APGD-EOT, DiffAttack, DiffHammer, the
+   unrestricted LF, PPGD and StAdv, AutoAttack native or as released) attacks *every* sample, whatever one clean
+   evaluation said, and leaves one candidate per run (restart, target class, ensemble member); when there are
+   several, the candidate misclassified most often by ``n_select`` fresh-noise evaluations is kept
+   (``attacks.selection``). The clean input is never a candidate: only AutoAttack as released can return it, and the
+   report flags every sample judged at distance 0;
 3. judge: the defense classifies x_adv ``n_eval`` times with the clean evaluations' noise (the same seeds and ids:
    common random numbers, so robust and clean accuracy differ by the perturbation, not by the draws), which the
    attack and the selection never saw.
@@ -37,31 +37,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..attacks import CallCountedModel, DefendedClassifier, derive_seed, pgd_eot
-from ..attacks.apgd import apgd_eot
-from ..attacks.pgd import EOT_REDUCTIONS, LOSSES, NORMS
-from ..attacks.selection import Candidate, select_candidates
+from ..attacks import DefendedClassifier, derive_seed
+from ..attacks.pgd import EOT_REDUCTIONS, LOSSES, NORMS, TARGETED_LOSSES
+from ..attacks.selection import select_candidates
 from . import records as rec
+from .attacks import ATTACK_SPECS, ATTACKS, AttackRun, noise_seed
 from .defenses import describe_defense
 
-__all__ = ["ATTACKS", "BPDA_EOT_SETTINGS", "EvalConfig", "evaluate", "evaluate_batch"]
+__all__ = ["ATTACKS", "ATTACK_OPTIONS", "EvalConfig", "evaluate", "evaluate_batch"]
 
-ATTACKS = ("pgd-eot", "bpda-eot", "apgd-eot", "autoattack")
-# DiffPure's BPDA+EOT (bpda_eot/bpda_eot_attack.py): identity backward, 50 steps of 2/255, 15 EOT, logits averaged
-BPDA_EOT_SETTINGS = {"steps": 50, "step_size": 2 / 255, "eot": 15, "eot_reduce": "logits"}
-PGD_EOT_DEFAULTS = {"steps": 20, "step_size": None, "eot": 20, "eot_reduce": "loss"}
-# APGD-EOT: AutoAttack's 100 iterations and its rand version's 20 EOT draws
-APGD_EOT_DEFAULTS = {"steps": 100, "eot": 20, "eot_reduce": "loss"}
-# The options each attack takes (with its defaults); any other attack option given is an error naming it.
-_PGD_LIKE = ("steps", "step_size", "random_start", "restarts", "loss", "eot", "eot_reduce", "n_select")
-ATTACK_OPTIONS = {
-    "pgd-eot": _PGD_LIKE,
-    "bpda-eot": _PGD_LIKE,
-    "apgd-eot": ("steps", "restarts", "loss", "eot", "eot_reduce", "n_select"),
-    ("autoattack", "native"): ("steps", "restarts", "eot", "n_select", "aa_version", "aa_package", "aa_mode",
-                               "aa_queries"),
-    ("autoattack", "as-released"): ("aa_version", "aa_package", "aa_mode"),
-}
+# The options each attack takes (``AttackSpec.options``); AutoAttack as released takes fewer. Any other attack
+# option given is an error naming it.
+ATTACK_OPTIONS = {name: spec.options for name, spec in ATTACK_SPECS.items()}
+_AS_RELEASED_OPTIONS = ("eps", "norm", "aa_version", "aa_package", "aa_mode")
+# Options added after records existed: recorded only when they change a run (None or False is left out), so that
+# earlier evaluation folders still resume.
+_OPTIONAL_RECORDED = ("fixed_noise", "n_targets")
 # Test hooks: exit hard (as a kill would) after this many blocks were written; sleep this long after each block
 # (so that a test's SIGKILL lands between two known blocks).
 STOP_ENV = "DIFFPURE_FAST_EVAL_STOP_AFTER"
@@ -72,31 +63,42 @@ PAUSE_ENV = "DIFFPURE_FAST_EVAL_PAUSE_S"
 class EvalConfig:
     """Every option that decides an evaluation's numbers (written to ``config.json``).
 
-    attack: ``"pgd-eot"``, ``"bpda-eot"`` (DiffPure's BPDA+EOT settings), ``"apgd-eot"`` (``attacks.apgd``) or
-    ``"autoattack"``. eps in [0, 1] pixel units (L-inf 8/255 and L2 0.5 are CIFAR-10's usual radii).
-    The attack options default to the attack's own settings when None, and an option the attack does not take is an
-    error naming it (``ATTACK_OPTIONS``):
+    attack: one of ``ATTACKS`` (``eval.attacks``): ``"pgd-eot"``, ``"bpda-eot"`` (DiffPure's BPDA+EOT settings),
+    ``"apgd-eot"`` (``attacks.apgd``), ``"diffattack"``, ``"diffhammer"``, ``"lf"``, ``"ppgd"``, ``"stadv"`` or
+    ``"autoattack"``. The attack options default to the attack's own settings when None, and an option the attack does
+    not take is an error naming it (``ATTACK_OPTIONS``):
 
+    * threat model: the L-p attacks (pgd-eot, bpda-eot, apgd-eot, diffattack, diffhammer, autoattack) take ``norm``
+      ("linf") and ``eps`` in [0, 1] pixel units (8/255; L-inf 8/255 and L2 0.5 are CIFAR-10's usual radii); the
+      unrestricted ones take ``bound`` instead: an LPIPS distance for lf and ppgd (0.5, Laidlaw et al.'s AlexNet
+      bound on CIFAR-10) over the network ``lpips`` (required: ``"digits"``, ``"alexnet:PATH"``, ``"vgg16:PATH"``
+      or ``"module:function"``, ``attacks.perceptual``), the flow's size for stadv (0.05, grid_sample units);
     * pgd-eot: steps 20 of step_size 2.5 eps / steps, eot 20, eot_reduce "loss", restarts 1, loss "ce", random start;
       bpda-eot: 50 steps of 2/255, eot 15 averaged in logits;
     * apgd-eot: steps 100, eot 20, restarts 1, loss "ce" (its step size adapts from 2 eps; it always starts at a
-      random point);
+      random point); diffattack: the same with dev_weight 1.0 (lambda) and dev_every 1 (every state of the chain);
+      diffhammer: steps 50, eot 10 (the N paths), restarts 3;
+    * lf: steps 100 of step_size 0.01, lf_factor 4; ppgd: steps 10; stadv: steps 100 of step_size 0.01, smoothness
+      0.05; all three eot 20 and loss "cw";
     * autoattack: aa_mode "native" (every sample attacked, each run's best iterate kept, the candidate chosen by
       fresh-noise evaluations; ``attacks.autoattack``) or "as-released" (the unpatched package: its single noisy
       evaluation decides which samples are attacked and falls back to the clean input; labelled so in the report);
       aa_version "rand" (APGD-CE + APGD-DLR, 20 EOT) or "standard"; aa_package "auto"; in the native mode steps
       (100), eot (rand 20, standard 1), restarts (1) and aa_queries (Square's, standard only: 5000) may be set.
 
+    loss: "ce", "dlr", "cw", or a targeted loss ("dlr-targeted", "cw-targeted") run against each of the top
+    ``n_targets`` classes (default 9, AutoAttack's; more than K - 1 is an error). fixed_noise: the attack optimises
+    against one fixed set of eot draws per sample (the judge's noise stays fresh; ``eval.attacks``), default False.
     n_select: fresh-noise evaluations that choose among a sample's candidates when an attack leaves several
-    (restarts, the runs of AutoAttack's ensemble; ``attacks.selection``); default n_eval.
+    (restarts, targets, the runs of AutoAttack's ensemble; ``attacks.selection``); default n_eval.
     n_eval: fresh-noise evaluations that judge each sample; n_images: samples from index ``start`` (None: to the
     end); batch_size: samples per block; chunk_size: at most this many image copies per purifier call (memory
     budget; None: a whole block's eot * batch_size).
     """
 
     attack: str = "pgd-eot"
-    norm: str = "linf"
-    eps: float = 8 / 255
+    norm: str | None = None
+    eps: float | None = None
     steps: int | None = None
     step_size: float | None = None
     random_start: bool | None = None
@@ -104,6 +106,14 @@ class EvalConfig:
     loss: str | None = None
     eot: int | None = None
     eot_reduce: str | None = None
+    fixed_noise: bool | None = None
+    n_targets: int | None = None
+    dev_weight: float | None = None
+    dev_every: int | None = None
+    bound: float | None = None
+    lpips: str | None = None
+    lf_factor: int | None = None
+    smoothness: float | None = None
     aa_version: str | None = None
     aa_package: str | None = None
     aa_mode: str | None = None
@@ -120,14 +130,6 @@ class EvalConfig:
     def __post_init__(self):
         if self.attack not in ATTACKS:
             raise ValueError(f"attack: expected one of {ATTACKS}, got {self.attack!r}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm: expected one of {NORMS}, got {self.norm!r}")
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not (
-                math.isfinite(self.eps) and self.eps >= 0):
-            raise ValueError(f"eps: expected a float >= 0, got {self.eps!r}")
-        if self.norm == "linf" and self.eps > 1:
-            raise ValueError(f"eps: an L-inf radius is in [0, 1] pixel units, got {self.eps} (did you mean "
-                             f"{self.eps}/255?)")
         if self.attack == "autoattack":
             from ..attacks.autoattack import AA_MODES, AA_PACKAGES, AA_VERSIONS
 
@@ -144,13 +146,27 @@ class EvalConfig:
                 raise ValueError(f"{name}: not an option of attack={self.attack!r}"
                                  + (f" with aa_mode={self.aa_mode!r}" if self.attack == "autoattack" else "")
                                  + f" (its options: {', '.join(takes)})")
+        if self.n_targets is not None and self.loss not in TARGETED_LOSSES:
+            raise ValueError(f"n_targets: the number of target classes of a targeted loss {TARGETED_LOSSES}, given "
+                             f"with loss={self.loss!r}")
         self._resolve_defaults()
-        if self.loss is not None and self.loss not in LOSSES:
-            raise ValueError(f"loss: expected one of {LOSSES}, got {self.loss!r}")
+        if self.norm is not None and self.norm not in NORMS:
+            raise ValueError(f"norm: expected one of {NORMS}, got {self.norm!r}")
+        if self.eps is not None:
+            if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not (
+                    math.isfinite(self.eps) and self.eps >= 0):
+                raise ValueError(f"eps: expected a float >= 0, got {self.eps!r}")
+            if self.norm == "linf" and self.eps > 1:
+                raise ValueError(f"eps: an L-inf radius is in [0, 1] pixel units, got {self.eps} (did you mean "
+                                 f"{self.eps}/255?)")
+        losses = LOSSES + (TARGETED_LOSSES if "n_targets" in takes else ())
+        if self.loss is not None and self.loss not in losses:
+            raise ValueError(f"loss: expected one of {losses}, got {self.loss!r}")
         if self.eot_reduce is not None and self.eot_reduce not in EOT_REDUCTIONS:
             raise ValueError(f"eot_reduce: expected one of {EOT_REDUCTIONS}, got {self.eot_reduce!r}")
         for name, lo in (("steps", 0), ("restarts", 1), ("eot", 1), ("n_eval", 1), ("n_select", 1), ("start", 0),
-                         ("seed", 0), ("batch_size", 1), ("grid_images", 0), ("aa_queries", 1)):
+                         ("seed", 0), ("batch_size", 1), ("grid_images", 0), ("aa_queries", 1), ("n_targets", 1),
+                         ("dev_every", 1), ("lf_factor", 1)):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
                 raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
@@ -158,46 +174,67 @@ class EvalConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name}: expected an int >= 1 or None, got {v!r}")
-        if self.step_size is not None and not (isinstance(self.step_size, (int, float)) and self.step_size > 0):
-            raise ValueError(f"step_size: expected a float > 0 or None, got {self.step_size!r}")
-        if self.random_start is not None and not isinstance(self.random_start, bool):
-            raise ValueError(f"random_start: expected a bool, got {self.random_start!r}")
+        for name, strict in (("step_size", True), ("bound", True), ("dev_weight", False), ("smoothness", False)):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                  or v < 0 or (strict and v == 0)):
+                raise ValueError(f"{name}: expected a float {'>' if strict else '>='} 0, got {v!r}")
+        for name in ("random_start", "fixed_noise"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, bool):
+                raise ValueError(f"{name}: expected a bool, got {v!r}")
+        if self.spec.threat != "lp" and self.steps == 0:
+            raise ValueError(f"steps: attack={self.attack!r} needs at least one step (its start is the clean image)")
+        if self.spec.threat == "lpips" and not isinstance(self.lpips, str):
+            raise ValueError(f"lpips: attack={self.attack!r} is bounded in LPIPS and needs its network: 'digits', "
+                             f"'alexnet:PATH' or 'vgg16:PATH' (a local torchvision state dict; nothing is "
+                             f"downloaded), or 'module:function'; got {self.lpips!r}")
 
     def _resolve_defaults(self) -> None:
         """The attack's own settings for the options left None (recorded as used)."""
         from ..attacks.autoattack import AA_SETTINGS
 
-        if self.attack in ("pgd-eot", "bpda-eot"):
-            defaults = dict(BPDA_EOT_SETTINGS if self.attack == "bpda-eot" else PGD_EOT_DEFAULTS, restarts=1,
-                            loss="ce", random_start=True)
-        elif self.attack == "apgd-eot":
-            defaults = dict(APGD_EOT_DEFAULTS, restarts=1, loss="ce")
-        elif self.aa_mode == "native":
+        defaults = dict(self.spec.defaults)
+        takes = self.attack_options
+        if "eps" in takes:
+            defaults.update(eps=8 / 255, norm="linf")
+        if self.attack == "autoattack" and self.aa_mode == "native":
             s = AA_SETTINGS[self.aa_version]
-            defaults = {k: s[k] for k in ("steps", "eot", "restarts")}
+            defaults.update({k: s[k] for k in ("steps", "eot", "restarts")})
             if self.aa_version == "standard":
                 defaults["aa_queries"] = s["queries"]
             elif self.aa_queries is not None:
                 raise ValueError("aa_queries: Square's query count is an option of aa_version='standard' (rand runs "
                                  "no Square attack)")
-        else:
-            defaults = {}
-        if "n_select" in self.attack_options:
+        if "fixed_noise" in takes:
+            defaults["fixed_noise"] = False
+        if "n_select" in takes:
             defaults["n_select"] = self.n_eval
+        loss = self.loss if self.loss is not None else defaults.get("loss")
+        if "n_targets" in takes and loss in TARGETED_LOSSES:
+            defaults["n_targets"] = 9
         for k, v in defaults.items():
             if getattr(self, k) is None:
                 object.__setattr__(self, k, v)
 
     @property
+    def spec(self):
+        return ATTACK_SPECS[self.attack]
+
+    @property
     def attack_options(self) -> tuple[str, ...]:
         """The names of the options this attack (and AutoAttack mode) takes."""
-        return ATTACK_OPTIONS[(self.attack, self.aa_mode) if self.attack == "autoattack" else self.attack]
+        if self.attack == "autoattack" and self.aa_mode == "as-released":
+            return _AS_RELEASED_OPTIONS
+        return ATTACK_OPTIONS[self.attack]
 
     @property
     def resolved_step_size(self) -> float | None:
-        if self.attack not in ("pgd-eot", "bpda-eot"):
-            return None
-        return self.step_size if self.step_size is not None else 2.5 * self.eps / max(self.steps, 1)
+        """PGD's step size (2.5 eps / steps unless given); the unrestricted attacks' own (always given); None
+        otherwise."""
+        if self.attack in ("pgd-eot", "bpda-eot"):
+            return self.step_size if self.step_size is not None else 2.5 * self.eps / max(self.steps, 1)
+        return self.step_size
 
     @property
     def package_batches(self) -> bool:
@@ -212,6 +249,9 @@ class EvalConfig:
         d["step_size"] = self.resolved_step_size
         for k in set().union(*ATTACK_OPTIONS.values()) - set(self.attack_options):
             d.pop(k)
+        for k in _OPTIONAL_RECORDED:
+            if k in d and d[k] in (None, False):
+                d.pop(k)
         if self.attack == "autoattack" and self.aa_mode == "native" and self.aa_version == "rand":
             d.pop("aa_package")  # the native rand version runs no package code
         if not self.package_batches:
@@ -248,75 +288,32 @@ def _encode_image(img: torch.Tensor) -> dict:
     return {"shape": list(a.shape), "uint8_b64": base64.b64encode(a.tobytes()).decode()}
 
 
-@dataclass
-class _AttackRun:
-    """An attack's output for a batch: candidates to choose among (None: AutoAttack as released, whose ``x_adv``
-    is judged as it is), and the EOT prediction/loss traces (runs, S + 1, B) for the success curve, if any."""
-
-    candidates: list[Candidate] | None = None
-    x_adv: torch.Tensor | None = None
-    pred_trace: torch.Tensor | None = None
-    loss_trace: torch.Tensor | None = None
-
-
-def _attack(defended: DefendedClassifier, x, y, ids, cfg: EvalConfig, progress) -> _AttackRun:
-    """Run cfg.attack on the batch (every sample, whatever one noisy clean evaluation said)."""
-    found = torch.ones(x.shape[0], dtype=torch.bool)
-    if cfg.attack in ("pgd-eot", "bpda-eot"):
-        res = pgd_eot(defended, x, y, ids, eps=cfg.eps, steps=cfg.steps, norm=cfg.norm,
-                      step_size=cfg.resolved_step_size, random_start=cfg.random_start, restarts=cfg.restarts,
-                      loss=cfg.loss, eot=cfg.eot, eot_reduce=cfg.eot_reduce, seed=cfg.seed,
-                      chunk_size=cfg.chunk_size, progress=progress)
-        names = [cfg.attack] if cfg.restarts == 1 else [f"{cfg.attack}:r{r}" for r in range(cfg.restarts)]
-        return _AttackRun([Candidate(n, res.finals[r], found) for r, n in enumerate(names)], None, res.pred_trace,
-                          res.loss_trace)
-    if cfg.attack == "apgd-eot":
-        runs = [apgd_eot(defended, x, y, ids, eps=cfg.eps, steps=cfg.steps, norm=cfg.norm, loss=cfg.loss, eot=cfg.eot,
-                         eot_reduce=cfg.eot_reduce, seed=derive_seed(cfg.seed, "apgd-eot", cfg.loss, r),
-                         chunk_size=cfg.chunk_size, progress=progress) for r in range(cfg.restarts)]
-        names = ["apgd-eot"] if cfg.restarts == 1 else [f"apgd-eot:r{r}" for r in range(cfg.restarts)]
-        return _AttackRun([Candidate(n, res.x_best, found) for n, res in zip(names, runs)], None,
-                          torch.stack([res.pred_trace for res in runs]), torch.stack([res.loss_trace for res in runs]))
-    from ..attacks.autoattack import autoattack_native, run_autoattack
-
-    block_seed = derive_seed(cfg.seed, "autoattack", int(ids[0]))
-    if cfg.aa_mode == "as-released":
-        model = CallCountedModel(defended, block_seed)
-        x_adv = run_autoattack(model, x, y, norm=cfg.norm, eps=cfg.eps, version=cfg.aa_version,
-                               seed=block_seed % (1 << 31), batch_size=x.shape[0], package=cfg.aa_package,
-                               device=x.device).detach()
-        if progress is not None:
-            progress(1)
-        return _AttackRun(None, x_adv)
-    # the native version's APGD runs are per sample (seeded by cfg.seed and the global index); only FAB and Square
-    # (standard) draw from the block
-    seed = block_seed if cfg.package_batches else derive_seed(cfg.seed, "autoattack")
-    native = autoattack_native(defended, x, y, ids, version=cfg.aa_version, norm=cfg.norm, eps=cfg.eps,
-                               steps=cfg.steps, eot=cfg.eot, restarts=cfg.restarts, seed=seed,
-                               package=cfg.aa_package, queries=cfg.aa_queries or 0, chunk_size=cfg.chunk_size,
-                               progress=progress)
-    return _AttackRun(native.candidates, None, torch.stack(native.pred_traces), torch.stack(native.loss_traces))
-
-
 def evaluate_batch(defended: DefendedClassifier, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor,
-                   cfg: EvalConfig, *, positions=None, progress=None) -> list[dict]:
+                   cfg: EvalConfig, *, positions=None, progress=None, resources: dict | None = None) -> list[dict]:
     """Attack and judge one batch; returns one record (dict) per sample (see ``evaluate``).
 
     x: (B, C, H, W) in [0, 1] on the defense's device; y: (B,) int64; sample_ids: (B,) int64 global indices (all
     noise and attack randomness derive from them and ``cfg.seed``). positions: each sample's position in the
     evaluated selection (samples at positions < cfg.grid_images carry their images for the report's grid).
-    progress: called with 1 per attack step.
+    progress: called with 1 per attack step. resources: what the attack prepared once (``AttackSpec.prepare``;
+    prepared here when None).
     """
     t0 = time.perf_counter()
     ids = sample_ids.to(x.device)
+    spec = cfg.spec
+    if resources is None:
+        resources = spec.prepare(cfg, x.device) if spec.prepare is not None else {}
     clean, _ = _predict_n(defended, x, ids, cfg, "eval")
-    run = _attack(defended, x, y, ids, cfg, progress)
+    run: AttackRun = spec.run(defended, x, y, ids, cfg, progress, resources)
+    measure = None
     if run.candidates is None:  # AutoAttack as released: the package's own output, judged as it is
         x_adv, chosen = run.x_adv, None
     else:
         sel = select_candidates(defended, y, ids, run.candidates, seed=cfg.seed, n_select=cfg.n_select,
                                 chunk_size=cfg.chunk_size)
         x_adv, chosen = sel.x_adv, sel
+        if run.candidates[0].measure is not None:  # the bound's quantity of the judged candidate
+            measure = torch.stack([c.measure.double().cpu() for c in run.candidates])[sel.chosen, torch.arange(len(y))]
     adv, purified = _predict_n(defended, x_adv, ids, cfg, "eval", keep_first=True)
     delta = (x_adv - x).flatten(1).double().cpu()
     per_sample_s = (time.perf_counter() - t0) / x.shape[0]
@@ -327,6 +324,10 @@ def evaluate_batch(defended: DefendedClassifier, x: torch.Tensor, y: torch.Tenso
              "seeds": {"base": cfg.seed}}
         if cfg.attack in ("pgd-eot", "bpda-eot"):
             r["seeds"]["attack_start"] = derive_seed(cfg.seed, "start", 0, int(sample_ids[b]))
+        if cfg.fixed_noise:
+            r["seeds"]["fixed_noise"] = noise_seed(cfg)
+        if measure is not None:
+            r[{"lpips": "lpips", "flow": "flow_linf"}[spec.threat]] = float(measure[b])
         if chosen is not None:
             r["candidate"] = run.candidates[int(chosen.chosen[b])].name
             if len(run.candidates) > 1:  # what the selection saw: misclassified draws and mean margin per run
@@ -432,6 +433,10 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
     clf = load_classifier_spec(classifier, device)
     if defense is not None:
         defense = defense.to(device)
+        if cfg.attack == "diffattack" and defense.config.grad_mode != "full":
+            raise ValueError(f"attack: 'diffattack' differentiates the chain's intermediate states through the exact "
+                             f"adjoint; the defense has grad_mode={defense.config.grad_mode!r} (build it with "
+                             f"grad_mode='full')")
         if cfg.attack == "bpda-eot" and defense.config.grad_mode != "bpda":
             raise ValueError(f"attack: 'bpda-eot' is PGD-EOT through grad_mode='bpda' (DiffPure's BPDA+EOT); the "
                              f"defense has grad_mode={defense.config.grad_mode!r} (build it with grad_mode='bpda', or "
@@ -439,7 +444,11 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
         if defense.config.grad_mode == "none":
             raise ValueError("defense: grad_mode='none' gives the attack no gradient; build it with 'full', "
                              "'adjoint', 'bpda' or 'surrogate'")
+    if defense is None and cfg.attack == "diffattack":
+        raise ValueError("defense: 'diffattack' attacks a purification chain's states; the undefended classifier has "
+                         "none")
     defended = DefendedClassifier(defense, clf)
+    resources = cfg.spec.prepare(cfg, device) if cfg.spec.prepare is not None else {}
     source = load_data(data, labels=labels)
     end = len(source) if cfg.n_images is None else cfg.start + cfg.n_images
     if end > len(source) or cfg.start >= len(source):
@@ -469,14 +478,7 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
     position = {i: k for k, i in enumerate(indices)}
     stop_after = int(os.environ.get(STOP_ENV, "0"))
     pause = float(os.environ.get(PAUSE_ENV, "0"))
-    if cfg.attack != "autoattack":
-        steps_per_block = cfg.restarts * (cfg.steps + 1)
-    elif cfg.aa_mode == "native":
-        from ..attacks.autoattack import autoattack_units
-
-        steps_per_block = autoattack_units(cfg.aa_version, steps=cfg.steps, restarts=cfg.restarts)
-    else:
-        steps_per_block = 1
+    steps_per_block = cfg.spec.units(cfg)
 
     from tqdm.auto import tqdm
 
@@ -488,7 +490,7 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
         for k, blk in enumerate(mine):
             x, y = source.get(blk)
             recs = evaluate_batch(defended, x.to(device), y.to(device), torch.tensor(blk), cfg,
-                                  positions=[position[i] for i in blk], progress=bar.update)
+                                  positions=[position[i] for i in blk], progress=bar.update, resources=resources)
             for r in recs:
                 r["rank"] = rank
             writer.write(recs)
