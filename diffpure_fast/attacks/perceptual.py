@@ -187,7 +187,7 @@ def lpips_project(lpips: LPIPS, x: torch.Tensor, x_adv: torch.Tensor, bound: flo
     with torch.no_grad():
         phi_x = lpips.features(x)
         d = lpips(x, x_adv, phi1=phi_x)
-        outside = d > bound
+        outside = d.double() > bound  # in float64: float32(bound) can lie above the bound
         if not bool(outside.any()):
             return x_adv, d, torch.ones_like(d)
         lo = torch.zeros_like(d)
@@ -197,7 +197,7 @@ def lpips_project(lpips: LPIPS, x: torch.Tensor, x_adv: torch.Tensor, bound: flo
         for _ in range(steps):
             mid = (lo + hi) / 2
             dm = lpips(x, x + mid.reshape(shape) * (x_adv - x), phi1=phi_x)
-            ok = dm <= bound
+            ok = dm.double() <= bound
             lo, d_lo = torch.where(ok, mid, lo), torch.where(ok, dm, d_lo)
             hi = torch.where(ok, hi, mid)
         # the same expression as the measured points, so a projected image is exactly one whose distance was measured

@@ -210,6 +210,11 @@ def stadv_attack(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.T
     x = x.detach()
     alpha = 2.5 * bound / steps if step_size is None else float(step_size)
     flow = torch.zeros((x.shape[0], *x.shape[2:], 2), dtype=x.dtype, device=x.device)
+    # the largest value of the flow's dtype that is <= bound (float32(0.05) is above 0.05)
+    limit = torch.tensor(bound, dtype=x.dtype)
+    if float(limit) > bound:
+        limit = torch.nextafter(limit, torch.zeros_like(limit))
+    limit = float(limit)
 
     def step(x_adv, grad, s):
         nonlocal flow
@@ -217,7 +222,7 @@ def stadv_attack(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.T
         with torch.enable_grad():
             objective = (warp(x, fg) * grad).sum() - smoothness * flow_smoothness(fg).sum()
             g_f = torch.autograd.grad(objective, fg)[0]
-        flow = (flow + alpha * g_f.sign()).clamp(-bound, bound)
+        flow = (flow + alpha * g_f.sign()).clamp(-limit, limit)
         with torch.no_grad():
             return warp(x, flow), flow.abs().flatten(1).amax(1)
 
