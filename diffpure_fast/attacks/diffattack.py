@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 
 from .apgd import GradientOracle
-from .pgd import LOSSES, TARGETED_LOSSES, _chunks, _copy_sum, attack_loss
-from .randomness import attack_seed, eot_noise_ids
+from .pgd import LOSSES, TARGETED_LOSSES, _chunks, _copy_sum, attack_loss, eot_copies
+from .randomness import attack_seed
 
 __all__ = ["DIFFATTACK_SETTINGS", "deviation_loss", "diffattack_oracle"]
 
@@ -63,9 +63,7 @@ def diffattack_oracle(defended, y: torch.Tensor, sample_ids: torch.Tensor, *, se
     if defended.purifier is not None and defended.grad_mode != "full":
         raise ValueError(f"grad_mode: DiffAttack differentiates the chain's intermediate states, which needs the exact "
                          f"adjoint (grad_mode='full'); the defense has grad_mode={defended.grad_mode!r}")
-    y_rep = y.repeat(eot)
-    t_rep = None if target is None else target.repeat(eot)
-    ids = eot_noise_ids(sample_ids, eot).to(y.device)
+    y_rep, t_rep, ids = eot_copies(y, target, sample_ids, eot)
 
     def oracle(x_k: torch.Tensor, k: int):
         b = x_k.shape[0]

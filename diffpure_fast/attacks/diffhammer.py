@@ -36,8 +36,8 @@ from __future__ import annotations
 import torch
 
 from .apgd import GradientOracle
-from .pgd import LOSSES, NORMS, TARGETED_LOSSES, _chunks, _copy_sum, attack_loss
-from .randomness import attack_seed, eot_noise_ids
+from .pgd import LOSSES, NORMS, TARGETED_LOSSES, _chunks, _copy_sum, attack_loss, eot_copies
+from .randomness import attack_seed
 
 __all__ = ["DIFFHAMMER_SETTINGS", "diffhammer_oracle", "em_weights", "graft_gradient", "representative_path"]
 
@@ -105,9 +105,7 @@ def diffhammer_oracle(defended, y: torch.Tensor, sample_ids: torch.Tensor, *, se
     for name, v, lo in (("paths", paths, 1), ("em_steps", em_steps, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
-    y_rep = y.repeat(paths)
-    t_rep = None if target is None else target.repeat(paths)
-    ids = eot_noise_ids(sample_ids, paths).to(y.device)
+    y_rep, t_rep, ids = eot_copies(y, target, sample_ids, paths)
     state = {"avg": None}
 
     def oracle(x_k: torch.Tensor, k: int):

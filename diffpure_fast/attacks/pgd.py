@@ -106,6 +106,15 @@ def _copy_sum(per_copy: torch.Tensor, eot: int) -> torch.Tensor:
     return total
 
 
+def eot_copies(y: torch.Tensor, target: torch.Tensor | None, sample_ids: torch.Tensor, eot: int):
+    """The labels, targets (or None) and noise ids of ``eot`` copies of a batch laid out copy-major (``randomness.
+    eot_noise_ids``): ((eot * B,), (eot * B,) or None, (eot * B,) on y's device)."""
+    from .randomness import eot_noise_ids
+
+    return (y.repeat(eot), None if target is None else target.repeat(eot),
+            eot_noise_ids(sample_ids, eot).to(y.device))
+
+
 def _chunks(n: int, chunk: int | None):
     step = n if chunk is None else chunk
     return [(i, min(i + step, n)) for i in range(0, n, step)]
@@ -129,8 +138,6 @@ def eot_gradient(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.T
     global indices; seed: the purifier seed of this step; target: (B,) int64 target classes of a targeted loss.
     Returns: (grad (B, C, H, W) or None without need_grad, mean logits (B, K), loss (B,) of the EOT estimate).
     """
-    from .randomness import eot_noise_ids
-
     if loss not in LOSSES + TARGETED_LOSSES:
         raise ValueError(f"loss: expected one of {LOSSES + TARGETED_LOSSES}, got {loss!r}")
     if (target is not None) != (loss in TARGETED_LOSSES):
@@ -140,9 +147,7 @@ def eot_gradient(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.T
         raise ValueError(f"eot_reduce: expected one of {EOT_REDUCTIONS}, got {eot_reduce!r}")
     b = x.shape[0]
     x = x.detach()
-    ids = eot_noise_ids(sample_ids, eot).to(x.device)
-    y_rep = y.repeat(eot)
-    t_rep = None if target is None else target.repeat(eot)
+    y_rep, t_rep, ids = eot_copies(y, target, sample_ids, eot)
 
     def copy_loss(logits, c0, c1):
         return attack_loss(logits, y_rep[c0:c1], loss, None if t_rep is None else t_rep[c0:c1])
