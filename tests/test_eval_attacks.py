@@ -142,7 +142,11 @@ def test_cli_attacks_and_the_study_report(tmp_path, capsys, one_thread):
         assert main(base + extra + ["--output", str(tmp_path / "study" / name)]) == 0, capsys.readouterr().err
     rep = json.loads((tmp_path / "study" / "diffhammer" / "report.json").read_text())
     assert "FIXED" in rep["noise"] and rep["configuration"]["eval"]["fixed_noise"] is True
+    (tmp_path / "study" / "running").mkdir()   # an evaluation that has written its configuration, no sample yet
+    (tmp_path / "study" / "running" / "config.json").write_text(
+        (tmp_path / "study" / "stadv" / "config.json").read_text())
     assert main(["report", str(tmp_path / "study"), "--quiet"]) == 0
+    assert "No finished samples yet in: running." in (tmp_path / "study" / "report.md").read_text()
     md = (tmp_path / "study" / "report.md").read_text()
     assert "| diffhammer | diffpure | diffhammer | fixed | linf eps = 0.1 | 2 |" in md
     assert "| stadv | diffpure | stadv | fresh | spatial: flow field" in md

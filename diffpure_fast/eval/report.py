@@ -298,7 +298,9 @@ def write_study_report(folder: str | Path) -> dict:
     subs = study_folders(folder)
     if not subs:
         raise FileNotFoundError(f"{folder}: no {rec.CONFIG_FILE} and no evaluation sub-folders (folders holding one)")
-    reps = {sub.name: write_report(sub) for sub in subs}
+    # an evaluation still running its first block has nothing to report yet: listed, not a failure
+    pending = [sub.name for sub in subs if not rec.read_records(sub)]
+    reps = {sub.name: write_report(sub) for sub in subs if sub.name not in pending}
     rows = []
     for name, rep in reps.items():
         ev, defense = rep["configuration"]["eval"], rep["configuration"]["defense"]
@@ -307,7 +309,7 @@ def write_study_report(folder: str | Path) -> dict:
                      "n": rep["n_samples"], "n_eval": rep["n_eval"], "clean": rep["clean"], "robust": rep["robust"],
                      "attack_curve": rep["attack_curve"], "time_s": rep["time_s"]["sum_over_samples"],
                      "complete": rep["complete"], "warnings": rep["warnings"]})
-    study = {"evaluations": rows}
+    study = {"evaluations": rows, "pending": pending}
     (folder / "report.json").write_text(json.dumps(study, indent=2))
     lines = [f"# Study: {len(rows)} evaluations in {folder}", "",
              "Robust accuracy with 95% Wilson intervals; each sample judged N times with noise the attack never saw "
@@ -321,6 +323,8 @@ def write_study_report(folder: str | Path) -> dict:
                      f"{_pct(r['robust']['worst_of_n'])} | {_pct(r['robust']['majority_vote'])} | {r['time_s']:.0f} |")
     warned = [(r["folder"], w) for r in rows for w in r["warnings"]]
     lines += [""] + [f"**Warning ({f}): {w}**\n" for f, w in warned]
+    if pending:
+        lines += [f"No finished samples yet in: {', '.join(pending)}.", ""]
     if any(r["attack_curve"] for r in rows):
         lines += ["", "![robust accuracy against attack step, every evaluation](curve.png)", ""]
     (folder / "report.md").write_text("\n".join(lines) + "\n")
