@@ -68,16 +68,19 @@ def noise_seed(cfg) -> int | None:
     return derive_seed(cfg.seed, "fixed-noise") if cfg.fixed_noise else None
 
 
+def _target_plan(defended, x, y, ids, cfg) -> list[tuple]:
+    """[(name tag, target (B,) or None, seed path)]: one entry per target class of a targeted loss (the top
+    ``n_targets``, ranked with the attack's noise), else one untargeted entry."""
+    if cfg.loss not in TARGETED_LOSSES:
+        return [("", None, ())]
+    targets = ranked_targets(defended, x, y, ids, seed=attack_seed(cfg.seed, noise_seed(cfg), "targets"),
+                             eot=cfg.eot, n_targets=cfg.n_targets, chunk_size=cfg.chunk_size)
+    return [(f":t{j + 1}", targets[:, j], (j + 1,)) for j in range(cfg.n_targets)]
+
+
 def _runs(defended, x, y, ids, cfg, name: str):
     """(candidate name, target (B,) or None, run seed) of every run of an attack (see the module docstring)."""
-    fixed = noise_seed(cfg)
-    if cfg.loss in TARGETED_LOSSES:
-        targets = ranked_targets(defended, x, y, ids, seed=attack_seed(cfg.seed, fixed, "targets"), eot=cfg.eot,
-                                 n_targets=cfg.n_targets, chunk_size=cfg.chunk_size)
-        plan = [(f":t{j + 1}", targets[:, j], (j + 1,)) for j in range(cfg.n_targets)]
-    else:
-        plan = [("", None, ())]
-    for tag, target, path in plan:
+    for tag, target, path in _target_plan(defended, x, y, ids, cfg):
         for r in range(cfg.restarts):
             yield (name + tag + (f":r{r}" if cfg.restarts > 1 else ""), target,
                    derive_seed(cfg.seed, name, cfg.loss, *path, r))
@@ -101,20 +104,14 @@ def _pgd_step_size(cfg) -> float:
 
 
 def _run_pgd(defended, x, y, ids, cfg, progress, resources):
-    targeted = cfg.loss in TARGETED_LOSSES
-    fixed = noise_seed(cfg)
-    plan = [("", None, cfg.seed)]
-    if targeted:
-        targets = ranked_targets(defended, x, y, ids, seed=attack_seed(cfg.seed, fixed, "targets"), eot=cfg.eot,
-                                 n_targets=cfg.n_targets, chunk_size=cfg.chunk_size)
-        plan = [(f":t{j + 1}", targets[:, j], derive_seed(cfg.seed, cfg.attack, cfg.loss, j + 1))
-                for j in range(cfg.n_targets)]
     results = []
-    for tag, target, seed in plan:
+    for tag, target, path in _target_plan(defended, x, y, ids, cfg):
+        # pgd_eot runs the restarts itself; untargeted, it keeps the evaluation's seed (as before targets existed)
+        seed = derive_seed(cfg.seed, cfg.attack, cfg.loss, *path) if path else cfg.seed
         res = pgd_eot(defended, x, y, ids, eps=cfg.eps, steps=cfg.steps, norm=cfg.norm,
                       step_size=_pgd_step_size(cfg), random_start=cfg.random_start, restarts=cfg.restarts,
                       loss=cfg.loss, target=target, eot=cfg.eot, eot_reduce=cfg.eot_reduce, seed=seed,
-                      noise_seed=fixed, chunk_size=cfg.chunk_size, progress=progress)
+                      noise_seed=noise_seed(cfg), chunk_size=cfg.chunk_size, progress=progress)
         for r in range(cfg.restarts):
             name = cfg.attack + tag + (f":r{r}" if cfg.restarts > 1 else "")
             results.append((name, res.finals[r], None, res.pred_trace[r], res.loss_trace[r]))
