@@ -1,20 +1,21 @@
 """One step of every attack of the harness: network calls and wall time per sample, on the embedded digits model.
 
-For each attack and defense, the attack runs with S_lo and S_hi steps on the same batch; one step costs
-``(t(S_hi) - t(S_lo)) / (S_hi - S_lo)`` (each t the fastest of ``--repeats`` runs: on a shared machine the minimum is
-the run least disturbed by other jobs) and the network calls the same difference of counts, taken by hooks on the
-networks: score-network forwards and backwards (VJPs), classifier forwards and LPIPS-network forwards, in image
-evaluations per sample. pgd-eot, apgd-eot and fixed-noise apgd cost the same per step (one EOT gradient of N draws);
-DiffHammer's row against them is its claim: N purifications without a graph and one with the gradient, against N with
-the gradient.
+For each attack and defense, the attack runs ``--repeats`` times with S_hi steps on the same batch; one step's wall
+time is the median interval between the attack's progress calls (one after each step), which leaves out the set-up
+and the last evaluation; the network calls per step are the difference of the counts of a run of S_hi and one of S_lo
+steps, divided by S_hi - S_lo, taken by hooks on the networks: score-network forwards and backwards (VJPs),
+classifier forwards and LPIPS-network forwards, in image evaluations per sample. pgd-eot, apgd-eot and fixed-noise
+apgd cost the same per step (one EOT gradient of N draws); DiffHammer's row against them is its claim: N
+purifications without a graph and one with the gradient, against N with the gradient.
 
-    python benchmarks/bench_attacks.py                 # batch 8, N = 8 draws, DiffPure 5 steps and GDMP
+    python benchmarks/bench_attacks.py                 # batch 8, N = 8 draws, the study's DiffPure and GDMP
     python benchmarks/bench_attacks.py --quick         # a smoke run: batch 2, N = 2, 1 solver step, DiffPure only
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,12 +39,14 @@ ATTACKS = ("pgd-eot", "apgd-eot", "diffattack", "diffhammer", "lf", "ppgd", "sta
 
 
 class Counter:
-    """Image evaluations through a module: forwards (every call) and backwards (gradients flowing out of it)."""
+    """Image evaluations through a module: forwards (every call) and, with ``backward``, backwards (gradients flowing
+    out of it; the module must return a tensor)."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, backward: bool = True):
         self.forward = self.backward = 0
         module.register_forward_pre_hook(self._fwd)
-        module.register_full_backward_hook(self._bwd)
+        if backward:
+            module.register_full_backward_hook(self._bwd)
 
     def _fwd(self, module, args):
         self.forward += args[0].shape[0]
@@ -56,42 +59,43 @@ class Counter:
 
 
 def runner(attack: str, d, x, y, ids, *, eot: int, eps: float, lpips):
-    """fn(steps) running ``attack`` for that many steps on the batch."""
+    """fn(steps, progress) running ``attack`` for that many steps on the batch."""
     common = dict(eot=eot, seed=1)
     if attack == "pgd-eot":
-        return lambda s: pgd_eot(d, x, y, ids, eps=eps, steps=s, **common)
+        return lambda s, p: pgd_eot(d, x, y, ids, eps=eps, steps=s, progress=p, **common)
     if attack in ("apgd-eot", "diffattack", "diffhammer"):
-        def run(s):
+        def run(s, p):
             oracle = None
             if attack == "diffattack":
                 oracle = diffattack_oracle(d, y, ids, seed=1, eot=eot)
             elif attack == "diffhammer":
                 oracle = diffhammer_oracle(d, y, ids, seed=1, paths=eot, eps=eps)
-            return apgd_eot(d, x, y, ids, eps=eps, steps=s, oracle=oracle, **common)
+            return apgd_eot(d, x, y, ids, eps=eps, steps=s, oracle=oracle, progress=p, **common)
         return run
     if attack == "lf":
-        return lambda s: lf_attack(d, x, y, ids, lpips=lpips, bound=1.0, steps=s, step_size=0.05, **common)
+        return lambda s, p: lf_attack(d, x, y, ids, lpips=lpips, bound=1.0, steps=s, step_size=0.05, progress=p,
+                                      **common)
     if attack == "ppgd":
-        return lambda s: ppgd_attack(d, x, y, ids, lpips=lpips, bound=1.0, steps=s, **common)
-    return lambda s: stadv_attack(d, x, y, ids, bound=0.05, steps=s, **common)
+        return lambda s, p: ppgd_attack(d, x, y, ids, lpips=lpips, bound=1.0, steps=s, progress=p, **common)
+    return lambda s, p: stadv_attack(d, x, y, ids, bound=0.05, steps=s, progress=p, **common)
 
 
 def measure(fn, counters: dict, lo: int, hi: int, repeats: int):
-    """(seconds per step, {name: (forwards, backwards) per step}) from runs of lo and hi steps."""
-    times, counts = {}, {}
-    fn(lo)  # warm-up: first calls allocate and pick kernels
+    """(seconds per step, {name: (forwards, backwards) per step}): the median interval between progress calls over
+    ``repeats`` runs of hi steps, and the difference of the counts of a run of hi and one of lo steps."""
+    counts, intervals = {}, []
     for s in (lo, hi):
-        best = float("inf")
-        for _ in range(repeats):
-            before = {k: c.snapshot() for k, c in counters.items()}
-            t0 = time.perf_counter()
-            fn(s)
-            best = min(best, time.perf_counter() - t0)
-            after = {k: c.snapshot() for k, c in counters.items()}
-        times[s] = best
+        before = {k: c.snapshot() for k, c in counters.items()}
+        fn(s, None)
+        after = {k: c.snapshot() for k, c in counters.items()}
         counts[s] = {k: (after[k][0] - before[k][0], after[k][1] - before[k][1]) for k in counters}
+    for _ in range(repeats):
+        stamps: list[float] = []
+        fn(hi, lambda n, log=stamps: log.append(time.perf_counter()))
+        # the steps between progress calls, the last one (an evaluation without a gradient) left out
+        intervals += [b - a for a, b in zip(stamps[:-2], stamps[1:-1])]
     per = {k: tuple((counts[hi][k][i] - counts[lo][k][i]) / (hi - lo) for i in range(2)) for k in counters}
-    return (times[hi] - times[lo]) / (hi - lo), per
+    return statistics.median(intervals), per
 
 
 def defenses(args, model):
@@ -122,12 +126,12 @@ def main(argv=None) -> list[str]:
     if args.quick:
         args.batch, args.eot, args.repeats, args.defenses = 2, 2, 1, "diffpure"
     torch.set_num_threads(args.threads)
-    lo, hi = (1, 2) if args.quick else (1, 3)
+    lo, hi = (1, 3) if args.quick else (2, 5)
     model, clf = dpf.load_score_model("digits"), dpf.load_classifier("digits")
     lpips = load_lpips("digits")
     x, y = load_digits_dataset("test")
     x, y, ids = x[:args.batch], y[:args.batch], torch.arange(args.batch)
-    counters = {"score": Counter(model.net), "classifier": Counter(clf), "lpips": Counter(lpips.net)}
+    counters = {"score": Counter(model.net), "classifier": Counter(clf), "lpips": Counter(lpips.net, backward=False)}
     rows = ["| defense | attack | wall per sample per step (ms) | vs pgd-eot | score-net forwards | score-net "
             "backwards | classifier forwards | LPIPS-net forwards |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for dname, pur in defenses(args, model).items():
@@ -147,7 +151,8 @@ def main(argv=None) -> list[str]:
     lines = ["# One attack step per attack (cpu)", "", header(command.strip()),
              f"Embedded digits NCSN++ and CNN, batch {args.batch} of 1x16x16, N = {args.eot} EOT draws (DiffHammer: "
              f"paths) per step, eps 0.1, LPIPS bound 1.0 over the digits classifier's features, StAdv bound 0.05; "
-             f"defenses {args.defenses} (grad_mode='full'). Per step = difference of runs of {lo} and {hi} steps. "
+             f"defenses {args.defenses} (grad_mode='full'). Wall time: the median step of {args.repeats} runs of {hi} "
+             f"steps; counts: the difference of runs of {lo} and {hi} steps. "
              "Network calls: image evaluations per sample per step (a backward is one VJP through the network).",
              "", "Provisional: measured under load on a shared machine; times vary by 2-3x between runs.", "", *rows,
              ""]
