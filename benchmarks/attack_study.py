@@ -88,7 +88,8 @@ def main(argv=None) -> None:
                "gdmp; wait; python benchmarks/attack_study.py --report-only")
     sizes = [f"- `{k}`: " + ", ".join(f"{a}={v}" for a, v in s.items()) for k, s in STUDY_ATTACKS.items()]
     defs = [f"- `{k}`: " + ", ".join(f"{a}={v}" for a, v in s.items()) for k, s in STUDY_DEFENSES.items()]
-    table = (out / "report.md").read_text().split("\n", 2)[2]
+    # the study report's table and plot, the plot renamed as it is copied next to the results file
+    table = (out / "report.md").read_text().split("\n", 2)[2].replace("](curve.png)", "](attack_study_curve.png)")
     lines = ["# Attack comparison on the digits model (cpu)", "", header(command.strip()),
              f"First {args.n_images} test digits; every sample attacked; each adversarial image judged "
              f"{PROTOCOL['n_eval']} times with noise the attack never saw (seed {PROTOCOL['seed']}); 95% Wilson "
@@ -97,8 +98,7 @@ def main(argv=None) -> None:
              "", f"Time: {minutes:.0f} min summed over the evaluations (the records' per-sample times; DiffPure and "
              "GDMP ran as two one-thread processes side by side). Provisional: measured under load on a shared "
              "machine.",
-             "", table,
-             "![robust accuracy against attack step](attack_study_curve.png)", ""]
+             "", table]
     write_results("attack_study_cpu.md", lines)
     shutil.copyfile(out / "curve.png", RESULTS / "attack_study_curve.png")
     print(f"{len(study['evaluations'])} evaluations, {minutes:.0f} min")

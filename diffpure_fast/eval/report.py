@@ -342,9 +342,11 @@ def _study_curve(folder: Path, rows: list[dict]) -> None:
     if not curves:
         return
     fig, ax = plt.subplots(figsize=(6.4, 4), dpi=120)
-    for r in curves:
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours; the line style changes after them
+    for i, r in enumerate(curves):
         acc = [100 * a["accuracy"] for a in r["attack_curve"]]
-        ax.plot(range(len(acc)), acc, marker="o", ms=2, label=r["folder"])
+        ax.plot(range(len(acc)), acc, marker="o", ms=2, label=r["folder"], color=colors[i % 20],
+                linestyle=("-", "--", ":")[i // 20 % 3])
     ax.set_xlabel("attack step")
     ax.set_ylabel("robust accuracy (%), attack's EOT prediction")
     ax.set_ylim(0, 100)
