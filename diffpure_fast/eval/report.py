@@ -97,7 +97,7 @@ def compute_report(folder: str | Path) -> dict:
         "n_samples": len(records),
         "complete": expected is None or len(records) == expected,
         "n_eval": ev["n_eval"],
-        "attack": attack_description(ev),
+        "attack": describe_attack(ev),
         "bound": describe_threat(ev),
         "gradient": _gradient(config),
         "noise": _noise_mode(config),
@@ -128,11 +128,6 @@ def _perturbation(ev: dict, records: list[dict]) -> dict:
         out[f"max_{key}"] = max(r[key] for r in records)
         out["bound"] = ev["bound"]
     return out
-
-
-def attack_description(ev: dict) -> str:
-    """The attack of an evaluation's options (``config.json``'s ``eval``), in words."""
-    return describe_attack(ev)
 
 
 def _warnings(rep: dict) -> list[str]:
