@@ -15,7 +15,8 @@ SOURCES := setup.py pyproject.toml requirements-dev.txt diffpure_fast/_build.py 
 GPUS   := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
 CUDA_BUILD := $(if $(filter-out 0,$(GPUS)),FORCE_CUDA=1,)
 
-.PHONY: install build demo test lint cpp-test cuda-check pytest bench bench-suite bench-scaling bench-gpu plots clean
+.PHONY: install build demo test lint cpp-test cuda-check pytest bench bench-suite bench-scaling bench-gpu plots clean \
+        gpu-wheels gpu-check
 
 install: $(STAMP)
 
@@ -65,6 +66,17 @@ bench-scaling: $(STAMP)
 bench-gpu: $(STAMP)
 	$(PY) benchmarks/bench_gpu.py
 	$(PY) benchmarks/plot_results.py
+
+# The GPU machine has its own python3 (torch 2.11 + CUDA 13.0, Triton 3.6), no internet and no torchsde: fetch
+# torchsde's wheels here (pure Python; its METADATA needs numpy, scipy, torch, there already, and trampoline), carry
+# .whl with the call, and run scripts/gpu_check.sh there (README, "GPU path"). QUICK=1: the under-3-minute form.
+GPU_WHEELS := $(shell grep -m1 '^torchsde==' requirements-dev.txt) trampoline==0.1.2
+gpu-wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 -d .whl $(GPU_WHEELS)
+
+gpu-check:
+	PYTHON=$(PYTHON) scripts/gpu_check.sh $(if $(QUICK),--quick,)
 
 plots: $(STAMP)
 	$(PY) benchmarks/plot_results.py

@@ -79,7 +79,7 @@ setup(
     extras_require={
         "triton": ["triton"],
         "torchvision": ["torchvision"],
-        "dev": ["pytest", "ruff", "torchsde", "ninja", "cmake"],
+        "dev": ["pytest", "ruff", "torchsde", "torchdiffeq", "ninja", "cmake"],
     },
     entry_points={"console_scripts": ["diffpure-fast=diffpure_fast.cli:main"]},
     ext_modules=[_extension()],

@@ -96,9 +96,10 @@ def run_isolated(script: Path, args: list[str]) -> str:
     return out.stdout
 
 
-def write_results(filename: str, lines: list[str]) -> None:
-    """Write a results file under benchmarks/results/ and echo it."""
-    out = RESULTS / filename
+def write_results(filename: str, lines: list[str], *, quick: bool = False) -> None:
+    """Write a results file under benchmarks/results/ (a ``--quick`` smoke run's under out/bench_quick/) and echo
+    it."""
+    out = (ROOT / "out" / "bench_quick" if quick else RESULTS) / filename
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     print("\n".join(lines))

@@ -54,9 +54,8 @@ def bench_eot(model, clf, batch: int, solver_steps: int, repeats: int) -> list[s
     rows = ["| EOT | copies per step | batched (s) | looped (s) | batched net-evals/s | looped net-evals/s | "
             "speed-up |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for eot in (1, 4, 16, 64):
-        reps = repeats if eot <= 16 else max(1, repeats - 1)
-        tb = min_time(lambda e=eot: eot_gradient(d, x, y, ids, seed=1, eot=e), reps)
-        tl = min_time(lambda e=eot: eot_gradient(d, x, y, ids, seed=1, eot=e, batched=False), reps)
+        tb = min_time(lambda e=eot: eot_gradient(d, x, y, ids, seed=1, eot=e), repeats)
+        tl = min_time(lambda e=eot: eot_gradient(d, x, y, ids, seed=1, eot=e, batched=False), repeats)
         evals = eot * batch * solver_steps
         rows.append(f"| {eot} | {eot * batch} | {tb:.3f} | {tl:.3f} | {evals / tb:.0f} | {evals / tl:.0f} | "
                     f"{tl / tb:.2f}x |")

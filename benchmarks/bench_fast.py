@@ -39,7 +39,6 @@ import diffpure_fast as dpf
 from benchmarks._common import header, peak_rss_since_reset, reset_peak_rss, run_isolated, write_results
 from diffpure_fast.models.ncsnpp import NCSNpp
 from diffpure_fast.testing.nets import TinyEpsNet
-from diffpure_fast.testing.torchsde_reference import torchsde_purify
 
 
 def build(net: str) -> dpf.EpsModel:
@@ -77,6 +76,9 @@ def compile_worker(net: str, batch: int, cache: str) -> dict:
 
 
 def main() -> None:
+    # torchsde is a dev dependency: imported here, so that importing this module (the tests do) needs none.
+    from diffpure_fast.testing.torchsde_reference import torchsde_purify
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5, help="interleaved runs per engine (medians reported)")
     p.add_argument("--batch", type=int, default=4, help="images per batch")

@@ -31,7 +31,6 @@ import diffpure_fast as dpf
 from benchmarks._common import RESULTS, header
 from diffpure_fast.models.base import ScoreModel
 from diffpure_fast.models.ncsnpp import NCSNpp
-from diffpure_fast.testing.torchsde_reference import RevVPSDE, torchsde_ts
 
 
 def bench_model(device) -> dpf.EpsModel:
@@ -60,6 +59,9 @@ class TimedModel(ScoreModel):
 
 
 def main() -> None:
+    # torchsde is a dev dependency: imported here, so that importing this module (the tests do) needs none.
+    from diffpure_fast.testing.torchsde_reference import RevVPSDE, torchsde_ts
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=7, help="interleaved runs per engine (median reported)")
     p.add_argument("--batch", type=int, default=4, help="images per batch")

@@ -13,10 +13,13 @@ GB/s counts the bytes a fused kernel must move: 3 tensors (x, eps read; out writ
 providers, 4 (z read too) for the z-given ones. The unfused torch expressions move more than that (temporaries,
 the materialised noise); their GB/s is the same effective figure, so every row compares time on the same work.
 On CUDA the timing is triton.testing.do_bench (median, 20th/80th percentiles) or CUDA events after a synchronize,
-and the table adds % of the GPU's peak DRAM bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s).
+and the table adds % of the GPU's peak DRAM bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s). Every GPU row times the
+kernels alone: the CUDA op checks no sample ids on the host (no synchronisation inside a timed call), like Triton's.
+The default GPU sizes put each tensor at 4x and 16x the L2 (64M and 256M float32 elements on an H200): smaller ones
+would time the L2, not DRAM.
 
     python benchmarks/bench_sde_step.py                       # CPU, 1M/4M/16M float32 -> results/sde_step_cpu.md
-    python benchmarks/bench_sde_step.py --device cuda         # -> results/sde_step_cuda.md
+    python benchmarks/bench_sde_step.py --device cuda         # beyond L2 -> results/sde_step_cuda.md
 """
 
 from __future__ import annotations
@@ -48,6 +51,27 @@ def peak_gbps(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_GBPS.items() if k in name), None)
+
+
+def l2_bytes(device: torch.device) -> int | None:
+    """The GPU's L2 cache in bytes (None on CPU, or when torch does not report it)."""
+    if device.type != "cuda":
+        return None
+    return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", None) or None
+
+
+def beyond_l2_sizes(device: torch.device, element_size: int, factors=(4, 16)) -> list[int]:
+    """Element counts whose tensor is ``factors`` x the GPU's L2, rounded up to a power of two, so that a timed
+    call streams from DRAM, not from L2 (an H200's 60 MB L2: 64M and 256M float32 elements; 64K and 1M elements,
+    the suite's CPU default, would sit in it). Without a reported L2 size, 64M and 256M."""
+    l2 = l2_bytes(device) or 60 * 10 ** 6
+    return [1 << max(0, (f * l2 // element_size - 1).bit_length()) for f in factors]
+
+
+def parse_sizes(text: str) -> list[int]:
+    """Comma-separated element counts with optional K (2^10) / M (2^20) suffixes: "64K,1M,16M"."""
+    scale = {"K": 1 << 10, "M": 1 << 20}
+    return [int(s[:-1]) * scale[s[-1]] if s[-1] in scale else int(s) for s in text.split(",")]
 
 
 def providers(x, eps, z, ids, with_reference: bool):
@@ -91,7 +115,8 @@ def time_ms(fn, device: torch.device, repeats: int, budget_s: float) -> tuple[fl
         t0 = time.perf_counter()
         fn()  # warm-up; also sizes the repeat count to the time budget
         first = time.perf_counter() - t0
-        repeats = max(3, min(repeats, int(budget_s / max(first, 1e-9))))
+        # the time budget lowers the count to no fewer than 3 calls, never above --repeats (documented: at most)
+        repeats = min(repeats, max(3, int(budget_s / max(first, 1e-9))))
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -104,7 +129,9 @@ def time_ms(fn, device: torch.device, repeats: int, budget_s: float) -> tuple[fl
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    parser.add_argument("--sizes", default="1M,4M,16M", help="comma-separated element counts (K/M suffixes)")
+    parser.add_argument("--sizes", default="auto",
+                        help="comma-separated element counts (K/M suffixes); auto: 1M,4M,16M on CPU, on a GPU 4x and "
+                             "16x its L2 per tensor (DRAM bandwidth, not L2's)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per point on CPU (at most)")
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of timed calls per point on CPU")
@@ -118,13 +145,13 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    scale = {"K": 1 << 10, "M": 1 << 20}
-
-    def count(s: str) -> int:
-        return int(s[:-1]) * scale[s[-1]] if s[-1] in scale else int(s)
-
-    sizes = [count(s) for s in args.sizes.split(",")]
-    reference_max = count(args.reference_max)
+    if args.sizes != "auto":
+        sizes = parse_sizes(args.sizes)
+    elif device.type == "cuda":
+        sizes = beyond_l2_sizes(device, torch.empty((), dtype=dtype).element_size())
+    else:
+        sizes = parse_sizes("1M,4M,16M")
+    (reference_max,) = parse_sizes(args.reference_max)
     out_path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"sde_step_{device.type}.md"
     peak = peak_gbps(device)
 

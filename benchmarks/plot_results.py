@@ -6,7 +6,8 @@ Reads, in --results (default benchmarks/results/), whichever of these exist, and
                                          -> purify_vs_steps_<dev>.png   time per purification vs steps, per grad_mode
                                          -> memory_vs_steps_<dev>.png   peak extra memory vs steps, per grad_mode
   sde_step_<dev>.csv (bench_sde_step.py) -> sde_step_<dev>.png          fused-step GB/s per provider and size
-  gpu.csv            (bench_gpu.py)      -> gpu_throughput.png          images/s vs batch per variant, per network
+  gpu.csv            (bench_gpu.py)      -> gpu_throughput.png          images/s (at the full step count) vs batch
+                                                                        per variant, per network
 
 Each plot's title names the machine (and, for the scaling runs, the load average during them) from the CSV.
 
@@ -133,8 +134,9 @@ def plot_gpu(csv_path: Path) -> list[Path]:
         for variant, rs in by_variant.items():
             rs.sort(key=lambda r: int(r["batch"]))
             ax.plot([int(r["batch"]) for r in rs], [float(r["images_per_s"]) for r in rs], "o-", label=variant)
+        full = next(r.get("full_steps") or r["steps"] for r in rows if r["net"] == net)
         ax.set(xlabel="batch size", ylabel="images / s", xscale="log", yscale="log",
-               title=f"{net}, {rows[0]['steps']} steps")
+               title=f"{net}, at {full} steps")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return [_save(fig, csv_path.parent / "gpu_throughput.png")]

@@ -41,7 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import diffpure_fast as dpf
 from benchmarks._common import header, write_results
 from benchmarks.bench_fast import build, problem
-from diffpure_fast.testing.torchsde_reference import torchsde_purify
 
 # Operator names (profiler keys) per category; the first category whose test matches takes the operator. Only
 # self times are summed, so a parent (aten::conv2d) never counts its child (aten::mkldnn_convolution) twice.
@@ -68,6 +67,9 @@ def breakdown(fn, calls: int) -> dict[str, float]:
 
 
 def main() -> None:
+    # torchsde is a dev dependency: imported here, so that importing this module (the tests do) needs none.
+    from diffpure_fast.testing.torchsde_reference import torchsde_purify
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--calls", type=int, default=20, help="network calls per engine per timing round, and profiled")
     p.add_argument("--rounds", type=int, default=3, help="timing rounds (medians over rounds)")

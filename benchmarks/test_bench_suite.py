@@ -5,9 +5,11 @@ synchronises, so a round covers the GPU work too.
     pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/micro_cpu.json   # (make bench-suite)
     DPF_BENCH_SIZES=1M,16M pytest benchmarks --benchmark-only -k sde_step                   # larger steps only
 
-Defaults are small (fused step on 64K and 1M float32 elements; purifications on the digits model) so that the whole
-suite takes one to two minutes on the 2-core VM; bench_sde_step.py / bench_purify.py / bench_grad.py remain the
-committed, interleaved measurements. Plain ``pytest`` does not collect this folder.
+Defaults are small (fused step on 64K and 1M float32 elements on CPU; purifications on the digits model) so that the
+whole suite takes one to two minutes on the 2-core VM; bench_sde_step.py / bench_purify.py / bench_grad.py remain
+the committed, interleaved measurements. On a GPU the fused step runs on tensors 4x and 16x its L2 (64M and 256M
+elements on an H200: 64K and 1M would sit in its 60 MB L2 and time the cache, not DRAM). Plain ``pytest`` does not
+collect this folder.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import torch
 
 import diffpure_fast as dpf
 from benchmarks.bench_purify import bench_model
-from benchmarks.bench_sde_step import providers
+from benchmarks.bench_sde_step import beyond_l2_sizes, parse_sizes, providers
 
 PROVIDERS = ("torch_randn", "torch_z", "reference", "cpp", "cpp_z", "cuda", "cuda_z", "triton", "triton_z")
-SCALE = {"K": 1 << 10, "M": 1 << 20}
-SIZES = [int(s[:-1]) * SCALE[s[-1]] if s[-1] in SCALE else int(s)
-         for s in os.environ.get("DPF_BENCH_SIZES", "64K,1M").split(",")]
+# The device as conftest's fixture picks it (parametrisation happens before fixtures exist).
+_DEVICE = torch.device(os.environ.get("DPF_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+SIZES = (parse_sizes(os.environ["DPF_BENCH_SIZES"]) if os.environ.get("DPF_BENCH_SIZES")
+         else beyond_l2_sizes(_DEVICE, 4) if _DEVICE.type == "cuda" else parse_sizes("64K,1M"))
 GRAD_MODES = ("none", "bpda", "full", "adjoint", "surrogate")
 
 

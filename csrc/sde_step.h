@@ -17,6 +17,8 @@ namespace diffpure_fast {
 
 // Elements per sample: Philox's first counter word holds e >> 2, so e < 2^34 (noise.MAX_ELEMENTS_PER_SAMPLE).
 constexpr int64_t kMaxElementsPerSample = int64_t{1} << 34;
+// The largest sample id: the ids fill a 32-bit word of the noise counter.
+constexpr int64_t kMaxSampleId = int64_t{0xFFFFFFFF};
 
 // x_next = (a*x + b*eps) + c*z with a, b, c rounded to opmath_t (the tensor dtype, float for half/bfloat16) and
 // every product and sum rounded to scalar_t, in the order torch evaluates `x * a + eps * b + z * c`. Bit-exact
@@ -110,10 +112,11 @@ inline int64_t check_philox_args(const at::Tensor& x, int64_t seed, const at::Te
   return per_sample;
 }
 
-// The ids fill a 32-bit word of the noise counter: a larger or negative id would wrap (the kernels) or give
-// non-finite noise (the reference), so every implementation rejects it. lo, hi: the smallest and largest id.
+// The ids fill a 32-bit word of the noise counter: a larger or negative id would wrap onto another id's noise, so
+// the CPU kernel rejects it (the CUDA kernels, which cannot raise without a synchronisation, write NaN for that
+// sample instead). lo, hi: the smallest and largest id.
 inline void check_sample_id_range(int64_t lo, int64_t hi) {
-  TORCH_CHECK_VALUE(lo >= 0 && hi <= int64_t{0xFFFFFFFF},
+  TORCH_CHECK_VALUE(lo >= 0 && hi <= kMaxSampleId,
                     "sde_step: sample_ids must be in [0, 2^32) (they fill a 32-bit word of the noise counter); "
                     "got values in [", lo, ", ", hi, "]");
 }

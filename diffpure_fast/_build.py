@@ -1,4 +1,5 @@
-"""Build-time decisions of setup.py: whether to compile the CUDA kernels and for which GPU architectures.
+"""Build-time decisions of setup.py: whether to compile the CUDA kernels and for which GPU architectures; and the
+C++ standard torch's extension builder compiles with (for scripts/check_cuda_compile.sh).
 
 Kept free of torch and setuptools (the facts about the machine are arguments) so that tests can check every case
 without building; setup.py loads this file by path, since the package cannot be imported while it is being built.
@@ -6,9 +7,11 @@ without building; setup.py loads this file by path, since the package cannot be 
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from typing import Mapping
 
-__all__ = ["DEFAULT_ARCH_LIST", "cuda_arch_list", "flag", "use_cuda"]
+__all__ = ["DEFAULT_ARCH_LIST", "cuda_arch_list", "cxx_standard", "flag", "use_cuda"]
 
 # The targets of a CUDA build with no GPU to read them from: sm_80 (A100) and sm_90 (H100) machine code, plus
 # compute_90 PTX that the driver JIT-compiles on newer GPUs (sm_100, sm_120), which would otherwise get "no kernel
@@ -47,3 +50,19 @@ def cuda_arch_list(user_value: str | None, *, gpu_visible: bool) -> str | None:
     if user_value is not None and user_value.strip():
         return user_value
     return None if gpu_visible else DEFAULT_ARCH_LIST
+
+
+def cxx_standard(cpp_extension_source: str) -> str:
+    """The C++ standard ("c++17", "c++20") that torch.utils.cpp_extension passes to every compiler of an extension,
+    read from that module's source (torch has no API for it): torch 2.11 builds extensions as C++17, torch 2.13
+    as C++20, and a compile check must use the flag of the torch it checks against.
+
+    The flag BuildExtension appends when none is given (``cpp_flag_prefix + 'c++NN'``); else the most frequent
+    quoted ``'-std=c++NN'``. ValueError when the source names none."""
+    found = re.search(r"cpp_flag_prefix\s*\+\s*['\"](c\+\+\d+)['\"]", cpp_extension_source)
+    if found:
+        return found.group(1)
+    counts = Counter(re.findall(r"['\"]-std=(c\+\+\d+)['\"]", cpp_extension_source))
+    if not counts:
+        raise ValueError("cpp_extension_source: names no -std=c++NN flag (not torch.utils.cpp_extension's source?)")
+    return counts.most_common(1)[0][0]

@@ -7,7 +7,9 @@ from the previous round's output ``y_{r-1}`` (``y_{-1}`` is the input ``x_in`` i
     x_{k+1} = a_k x_k + b_k eps(x_k, t_k) + c_k z_k + G_k(x_k, eps(x_k), x_in)
 
 and its last state is ``y_r``. ``G_k`` is the method's guidance term (zero where a step has none); it may itself be
-a gradient (of a distance between the predicted clean image and ``x_in``), computed with autograd inside the step.
+a gradient (of a distance between the predicted clean image and ``x_in``), computed with autograd inside the step,
+and it carries whatever part of a step is not of the fused form: DiffPure's Langevin runner's pull toward x_in,
+guided-diffusion's clipped x0 and its noise scaled by the network's learned variance (``needs_variance``).
 The same functions run the forward pass here and the recompute of the exact adjoint (``diffpure_fast.grad``), so
 what is differentiated is what ran.
 
@@ -25,7 +27,7 @@ import torch
 
 from . import ops
 from .models.base import ScoreModel
-from .noise import STREAM_FORWARD
+from .noise import STREAM_FORWARD, STREAM_REVERSE
 from .schedule import VPSchedule
 from .solvers.base import Plan, Step
 
@@ -56,6 +58,14 @@ class Noise:
         return ops.sde_step(zero, zero, 0.0, 0.0, 1.0, seed=self.seed, sample_ids=self.sample_ids, step=step,
                             stream=stream)
 
+    def unit(self, k: int, like: torch.Tensor) -> torch.Tensor:
+        """Step k's standard normal draw z_k: the caller's ``increments[k]`` (standard normals for the ancestral
+        samplers) or the counter draw the fused op makes for step k, for a guidance term that scales the step's
+        noise itself (guided-diffusion's learned variance)."""
+        if self.increments is not None:
+            return self.increments[k]
+        return self.draw(k, STREAM_REVERSE, like)
+
     def start(self, r: int, like: torch.Tensor) -> torch.Tensor:
         """The start noise z_r of round r."""
         if r == 0 and self.forward is not None:
@@ -74,22 +84,29 @@ class Noise:
 class Guidance:
     """A per-step additive term ``G_k(x_k, eps_k, x_in)`` of a guided chain.
 
-    Subclasses set the two flags and implement ``active`` and ``term``.
+    Subclasses set the flags and implement ``active`` and ``term``.
 
     needs_autograd: ``term`` differentiates something with respect to ``x`` (then ``x`` arrives requiring grad).
     needs_eps_graph: ``term`` uses ``eps`` as a function of ``x`` (the network's graph), not only its value.
+    needs_variance: ``term`` reads the network's learned-variance channels (``var``; guided-diffusion's
+        ``learn_sigma`` output, from ``ScoreModel.eps_and_variance``); otherwise ``var`` is None.
+    accepts_given_noise: the chain can run caller-given noise (``purify(forward_noise=..., increments=...)``) as
+        given: the term draws no noise of its own, or reads the step's own draw (``Noise.unit``).
     """
 
     needs_autograd: bool = False
     needs_eps_graph: bool = False
+    needs_variance: bool = False
+    accepts_given_noise: bool = False
 
     def active(self, k: int) -> bool:
         """Whether global step k has a guidance term."""
         raise NotImplementedError
 
     def term(self, k: int, step: Step, x: torch.Tensor, eps: torch.Tensor, ref: torch.Tensor, noise: Noise, *,
-             create_graph: bool) -> torch.Tensor:
-        """G_k, (B, C, H, W). x: the state x_k; eps: eps(x_k); ref: the input x_in in [-1, 1].
+             create_graph: bool, var: torch.Tensor | None = None) -> torch.Tensor:
+        """G_k, (B, C, H, W). x: the state x_k; eps: eps(x_k); ref: the input x_in in [-1, 1]; var: the learned-
+        variance channels at x_k (``needs_variance``), else None.
 
         create_graph: keep the graph of any inner gradient, so that G_k can itself be differentiated (the exact
         adjoint's recompute); False in the forward pass."""
@@ -124,12 +141,23 @@ class Chain:
         return sum(len(r.plan) for r in self.rounds)
 
 
-def model_eps(model: ScoreModel, x: torch.Tensor, step: Step) -> torch.Tensor:
-    """The network's epsilon at one step: (B, C, H, W)."""
+def _time_args(x: torch.Tensor, step: Step):
     b = x.shape[0]
     t = torch.full((b,), step.t, dtype=x.dtype, device=x.device)
     levels = None if step.level is None else torch.full((b,), step.level, dtype=torch.int64, device=x.device)
-    return model.eps(x, t, levels)
+    return t, levels
+
+
+def model_eps(model: ScoreModel, x: torch.Tensor, step: Step) -> torch.Tensor:
+    """The network's epsilon at one step: (B, C, H, W)."""
+    return model.eps(x, *_time_args(x, step))
+
+
+def _network(model: ScoreModel, x: torch.Tensor, step: Step, variance: bool):
+    """(eps, var) at one step; var (the learned-variance channels) only when asked for, else None."""
+    if variance:
+        return model.eps_and_variance(x, *_time_args(x, step))
+    return model_eps(model, x, step), None
 
 
 def start_state(y: torch.Tensor, rnd: Round, r: int, noise: Noise, like: torch.Tensor) -> torch.Tensor:
@@ -170,22 +198,23 @@ def step_terms(model: ScoreModel, guidance: Guidance | None, k: int, step: Step,
         # G_k differentiates through the network (retaining its graph for the adjoint's own VJP), and the exact
         # adjoint differentiates G_k again: a compiled network supports neither, so these calls run eagerly.
         model = model.eager_model()
+    variance = active and guidance.needs_variance
     if create_graph:
-        eps = model_eps(model, x, step)
-        return eps, (guidance.term(k, step, x, eps, ref, noise, create_graph=True) if active else None)
+        eps, var = _network(model, x, step, variance)
+        return eps, (guidance.term(k, step, x, eps, ref, noise, create_graph=True, var=var) if active else None)
     if not active:
         return model_eps(model, x, step), None
     if not guidance.needs_autograd:
-        eps = model_eps(model, x, step)
-        return eps, guidance.term(k, step, x, eps, ref, noise, create_graph=False)
+        eps, var = _network(model, x, step, variance)
+        return eps, guidance.term(k, step, x, eps, ref, noise, create_graph=False, var=var)
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         if guidance.needs_eps_graph:
-            eps = model_eps(model, xg, step)
+            eps, var = _network(model, xg, step, variance)
         else:
             with torch.no_grad():
-                eps = model_eps(model, x, step)
-        g = guidance.term(k, step, xg, eps, ref.detach(), noise, create_graph=False)
+                eps, var = _network(model, x, step, variance)
+        g = guidance.term(k, step, xg, eps, ref.detach(), noise, create_graph=False, var=var)
     return eps.detach(), g.detach()
 
 

@@ -1,7 +1,10 @@
 """``diffpure-fast`` (also ``python -m diffpure_fast``): demo | purify | eval | report | info.
 
 Errors in what the user gave (missing or unreadable files, wrong shapes or channel counts, a checkpoint of the
-wrong family, an output that exists) print one line and exit with status 2, never a traceback.
+wrong family, an output that exists, a missing optional package) print one line and exit with status 2, never a
+traceback. An error of the Python API (``OptionError``) is printed in the command line's words: its arguments as
+this command's flags (``--t-star`` for ``t_star``, through ``_FLAGS``), so a remedy never names an option the
+command line does not have.
 """
 
 from __future__ import annotations
@@ -14,9 +17,53 @@ from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
-from .methods import GUIDANCE_GRADS, METHODS
+from ._optional import missing_module
+from ._validate import FlagSpelling, OptionError
+from .methods import DIFFUSION_TYPES, GUIDANCE_GRADS, METHODS
+from .solvers.ddpm import VAR_TYPES
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError)
+MODELS = ("digits", "score_sde", "guided_diffusion", "celebahq_ddpm")
+
+# The one table between API keywords and flags: where a flag is not "--" + the keyword with "-" for "_" (those
+# are found in each sub-command's parser). Keys (scope, keyword): scope None holds in every sub-command; the
+# others where one keyword means another flag (EvalConfig's steps are the attack's, --attack-steps).
+_FLAGS = {
+    (None, "family"): "--model", (None, "scale"): "--guidance-scale", (None, "random_start"): "--no-random-start",
+    (None, "folder"): "FOLDER", ("purify", "x"): "--input", ("eval", "x"): "--data", ("eval", "method"): "--defense",
+    ("eval", "defense"): "--defense", ("attack", "steps"): "--attack-steps", ("runner", "step_size"): "--dt",
+}
+# Flags that set their keyword to False when given.
+_NEGATED = frozenset({"random_start"})
+
+
+class _CommandLine(FlagSpelling):
+    """The spelling of one sub-command: an API keyword is its flag there (``_FLAGS``, else the parser's
+    ``--keyword-with-dashes``); a keyword the sub-command has no flag for is said to be the Python API's."""
+
+    def __init__(self, parser: argparse.ArgumentParser, command: str, scope: str | None = None):
+        super().__init__(negated=_NEGATED)
+        self.command, self.scope = command, scope
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+        self.actions = sub._option_string_actions
+
+    def name(self, key: str) -> str:
+        for scope in (self.scope, self.command, None):
+            if (scope, key) in _FLAGS:
+                return _FLAGS[(scope, key)]
+        flag = super().name(key)
+        if flag in self.actions:
+            return flag
+        return f"{key} (a Python API option with no flag in diffpure-fast {self.command})"
+
+
+def _message(exc: BaseException, command: str) -> str:
+    """The one-line message of a user error, in the command line's words."""
+    if isinstance(exc, OptionError):
+        msg = exc.render(_CommandLine(build_parser(), command, getattr(exc, "cli_scope", None)))
+    else:
+        msg = str(exc) or type(exc).__name__
+    return msg.splitlines()[0]
 
 
 def _add_solver_args(p: argparse.ArgumentParser, *, steps_default, t_star_default) -> None:
@@ -26,7 +73,8 @@ def _add_solver_args(p: argparse.ArgumentParser, *, steps_default, t_star_defaul
     g.add_argument("--steps", type=int, default=steps_default,
                    help="solver steps (euler: equal steps over [1e-5, t*]; ddpm: respaced levels)"
                         + (f" (default {steps_default})" if steps_default else ""))
-    g.add_argument("--dt", type=float, default=None, help="Euler step size instead of --steps (DiffPure: 1e-3)")
+    g.add_argument("--dt", type=float, default=None, help="Euler step size instead of --steps (DiffPure: 1e-3; "
+                   "--diffusion-type ode: its step_size, 1e-3; ldsde: 1e-2)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; a sample's noise depends on the seed and its "
                    "index only, not on the batch size (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="images per purification batch (default 64)")
@@ -42,6 +90,30 @@ def _add_agdm_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--guidance-scale", type=float, default=None, help="the guidance scale s (default: AGDM's)")
     a.add_argument("--distance", default=None, choices=("feature_mse", "logit_mse", "kl"),
                    help="the latent distance D (default feature_mse)")
+
+
+def _add_runner_args(p: argparse.ArgumentParser) -> None:
+    r = p.add_argument_group("DiffPure's official runners (--method/--defense diffpure)")
+    r.add_argument("--diffusion-type", default=None, choices=DIFFUSION_TYPES,
+                   help="the official --diffusion_type: sde (default: reverse SDE), ode (probability-flow ODE), "
+                   "ldsde (Langevin dynamics around the input), ddpm (guided-diffusion's sampler; a learned-variance "
+                   "model), celebahq-ddpm (SDEdit's sampler)")
+    r.add_argument("--sigma2", type=float, default=None, help="ldsde: sigma2 (default 1e-3)")
+    r.add_argument("--lambda-ld", type=float, default=None, help="ldsde: lambda_ld (default 1e-2)")
+    r.add_argument("--eta", type=float, default=None, help="ldsde: eta (default 5)")
+    r.add_argument("--var-type", default=None, choices=VAR_TYPES,
+                   help="celebahq-ddpm: the fixed variance (default fixedsmall, celeba.yml's)")
+
+
+# The flags of each DiffPure runner and the option each sets (--t-star: t*; --dt: the step size).
+RUNNER_FLAGS = {
+    "sde": {"--t-star": "t_star", "--steps": "steps", "--dt": "dt", "--solver": "solver"},
+    "ode": {"--t-star": "t_star", "--dt": "step_size"},
+    "ldsde": {"--t-star": "t_star", "--dt": "dt", "--sigma2": "sigma2", "--lambda-ld": "lambda_ld", "--eta": "eta"},
+    "ddpm": {"--t-star": "t_star"},
+    "celebahq-ddpm": {"--t-star": "t_star", "--var-type": "var_type"},
+}
+_RUNNER_ONLY = ("--diffusion-type", "--sigma2", "--lambda-ld", "--eta", "--var-type")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {dc.guided_images})")
     d.add_argument("--n-eval", type=int, default=dc.n_eval,
                    help=f"fresh-noise judgements of each adaptive adversarial image (default {dc.n_eval})")
+    d.add_argument("--ode-images", type=int, default=None,
+                   help=f"images for the ODE-vs-SDE rows (the paper's noise-injection ablation; at most "
+                        f"--adaptive-images); 0 skips them (default {dc.ode_images}, or every adaptive image when "
+                        "fewer)")
     d.add_argument("--guided-eot", type=int, default=dc.guided_eot,
                    help=f"EOT noise draws per adaptive step for the guided methods (default {dc.guided_eot})")
     d.add_argument("--full-steps", action="store_true",
@@ -81,10 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("purify", help="purify images from a folder, .npy/.npz or .pt, written back in the same kind",
                        description="Purify a batch of images in [0, 1] (uint8 arrays and image files are read as "
                        "0..255) with DiffPure and write them back in the same kind.")
-    p.add_argument("--model", required=True, choices=("digits", "score_sde", "guided_diffusion"),
+    p.add_argument("--model", required=True, choices=MODELS,
                    help="score model: the embedded digits model, or an official checkpoint family")
-    p.add_argument("--checkpoint", default=None, help="checkpoint path (score_sde, guided_diffusion); never "
-                   "downloaded")
+    p.add_argument("--checkpoint", default=None, help="checkpoint path (score_sde, guided_diffusion, "
+                   "celebahq_ddpm); never downloaded")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="read a .pt/.pth checkpoint with the full unpickler. By default only tensors, numbers, "
                    "containers and the NumPy scalars of official score_sde checkpoints are unpickled, because a "
@@ -96,10 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "to a temporary file and renamed into place, so an interrupted run leaves no partial file)")
     p.add_argument("--method", default="diffpure", choices=tuple(METHODS),
                    help="purification method, at its released defaults (default diffpure); --t-star, --steps, "
-                        "--dt and --solver are DiffPure's options (--t-star and --steps also AGDM's)")
+                        "--dt, --solver and the runner flags are DiffPure's options (--t-star and --steps also "
+                        "AGDM's)")
     p.add_argument("--solver", default=None, choices=("euler", "ddpm"), help="reverse solver (default euler)")
+    p.add_argument("--value-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="the range of a float input's values, kept in the output (default 0 1; e.g. 0 255 for "
+                        "float images in 0..255); uint8 arrays and image files are always 0..255")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_solver_args(p, steps_default=None, t_star_default=None)
+    _add_runner_args(p)
     _add_agdm_args(p)
 
     i = sub.add_parser("info", help="versions, device, and the active kernel implementations",
@@ -124,16 +205,25 @@ def _cmd_info(args) -> int:
 
 
 def _method_options(args, method: str) -> dict:
-    """DiffPure's solver options from --t-star/--steps/--dt/--solver; AGDM's from --auxiliary, --t-star, --steps,
+    """DiffPure's options from --diffusion-type and the flags of that runner (RUNNER_FLAGS: --t-star, --steps, --dt,
+    --solver; --sigma2, --lambda-ld, --eta; --var-type); AGDM's from --auxiliary, --t-star, --steps,
     --guidance-scale and --distance; GDMP and MimicDiffusion run at their released defaults, so those flags are an
     error with them."""
     given = {"--t-star": args.t_star, "--steps": args.steps, "--dt": args.dt, "--solver": args.solver,
-             "--auxiliary": args.auxiliary, "--guidance-scale": args.guidance_scale, "--distance": args.distance}
+             "--auxiliary": args.auxiliary, "--guidance-scale": args.guidance_scale, "--distance": args.distance,
+             **{f: getattr(args, f[2:].replace("-", "_"), None) for f in _RUNNER_ONLY}}
     if method == "diffpure":
-        options = dict(t_star=0.1 if args.t_star is None else args.t_star, steps=args.steps,
-                       dt=args.dt if args.dt is not None else (1e-3 if args.steps is None else None),
-                       solver=args.solver or "euler")
-        own = ("--t-star", "--steps", "--dt", "--solver")
+        kind = args.diffusion_type or "sde"
+        flags = RUNNER_FLAGS[kind]
+        options = {"diffusion_type": kind} if args.diffusion_type else {}
+        # only what was given: the runner's options dataclass holds the defaults (sde: t* 0.1, dt 1e-3 for Euler
+        # without --steps) and refuses what a run could not honour (--dt with --solver ddpm)
+        options.update({opt: given[flag] for flag, opt in flags.items() if given[flag] is not None})
+        own = ("--diffusion-type", *flags)
+        wrong = [f for f in (*RUNNER_FLAGS["sde"], *_RUNNER_ONLY) if given[f] is not None and f not in own]
+        if wrong:
+            raise ValueError(f"{wrong[0]}: not an option of --diffusion-type {kind} (its flags: {', '.join(flags)})")
+        _check_runner_options(options, flags)
     elif method == "agdm":
         from .eval.classifiers import load_auxiliary_spec
 
@@ -153,6 +243,18 @@ def _method_options(args, method: str) -> dict:
     return options
 
 
+def _check_runner_options(options: dict, flags: dict) -> None:
+    """Validate a runner's options (and its chain) now, before any model is loaded; an error names the flag that set
+    the value (``--dt`` for the ODE's step_size: the "runner" scope of ``_FLAGS``)."""
+    from .config import PurifyConfig
+
+    try:
+        PurifyConfig.build("diffpure", **options)
+    except OptionError as e:
+        e.cli_scope = "runner"
+        raise
+
+
 def _cmd_purify(args) -> int:
     import torch
     from tqdm.auto import tqdm
@@ -168,20 +270,27 @@ def _cmd_purify(args) -> int:
     out_kind = kind_of(dst) if dst.suffix else "folder"
     if out_kind != batch.kind:
         raise ValueError(f"--output: the input is a {batch.kind}, so the output must be one too, got {dst}")
+    if args.value_range is not None and batch.uint8:
+        raise ValueError(f"--value-range: {src} holds 0..255 integers (uint8 or image files), read as [0, 1] and "
+                         f"written back as 0..255; --value-range is for float inputs")
     if args.model != "digits" and args.checkpoint is None:
         raise ValueError(f"--checkpoint: --model {args.model} needs a checkpoint path (nothing is downloaded)")
     model = load_score_model(args.model, args.checkpoint, device=args.device,
                              trust_checkpoint=args.trust_checkpoint)
     x = batch.x.to(args.device)
     options = _method_options(args, args.method)
+    if args.value_range is not None:
+        options["value_range"] = tuple(args.value_range)
     outs = []
     for i in tqdm(range(0, len(x), args.batch_size), desc="purify", disable=args.no_progress):
         ids = torch.arange(i, min(i + args.batch_size, len(x)), device=x.device)
         try:
             outs.append(purify(x[i:i + args.batch_size], model, method=args.method, seed=args.seed, noise_ids=ids,
                                **options).cpu())
-        except (ValueError, TypeError) as e:  # purify's checks (channels, size, range) name x: say which file
-            raise ValueError(f"{src}: {e}") from None
+        except OptionError as e:
+            if e.option == "x":   # purify's checks of the images (channels, size, range): name the file
+                e.where = str(src)
+            raise
     write_images(dst, batch, torch.cat(outs), overwrite=args.overwrite)
     return 0
 
@@ -189,10 +298,18 @@ def _cmd_purify(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(n_images=args.n_images, adaptive_images=args.adaptive_images or args.n_images,
-                     t_star=args.t_star, steps=None if (args.full_steps or args.dt) else args.steps, eps=args.eps,
+    if args.full_steps and args.dt is not None:
+        raise ValueError("--full-steps: means DiffPure's --dt 0.001; give --full-steps or --dt, not both")
+    full = args.full_steps or args.dt is not None
+    # the ODE rows' default: DemoConfig's count, or all adaptive images when there are fewer (a default, not a cap:
+    # an explicit --ode-images above --adaptive-images is an error of DemoConfig)
+    adaptive = args.n_images if args.adaptive_images is None else args.adaptive_images
+    ode_images = min(DemoConfig.ode_images, adaptive) if args.ode_images is None else args.ode_images
+    cfg = DemoConfig(n_images=args.n_images, adaptive_images=args.adaptive_images, t_star=args.t_star,
+                     steps=None if full else args.steps, dt=args.dt, eps=args.eps,
                      pgd_steps=args.pgd_steps, adaptive_steps=args.adaptive_steps, eot=args.eot, seed=args.seed,
                      guided_images=args.guided_images, guided_eot=args.guided_eot, n_eval=args.n_eval,
+                     ode_images=ode_images,
                      batch_size=args.batch_size, device=args.device)
     command = "diffpure-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = run_demo(args.output, cfg, overwrite=args.overwrite, command=command)
@@ -202,8 +319,17 @@ def _cmd_demo(args) -> int:
 
 
 def _check_common(args) -> None:
-    """Options purify/demo share that torch would otherwise reject with a RuntimeError (a traceback)."""
+    """Options purify/demo share that torch would otherwise reject with a RuntimeError (a traceback), and a
+    forced kernel implementation (DIFFPURE_FAST_IMPL) that cannot run here (triton not installed, no CUDA kernels),
+    which would fail only at the first solver step."""
     import torch
+
+    from . import ops
+
+    forced = ops.forced_impl()
+    if forced is not None and args.command != "info" and not ops.available(forced):
+        raise ValueError(f"{ops.IMPL_ENV}={forced}: that implementation is not available on this machine (for "
+                         f"triton: pip install triton); unset {ops.IMPL_ENV} to use the default one")
 
     if getattr(args, "threads", None) is not None:
         if args.threads < 1:
@@ -248,9 +374,10 @@ def _add_eval_parsers(sub) -> None:
                        "same command) and shardable (torchrun --nproc-per-node K -m diffpure_fast eval ...).")
     e.add_argument("--defense", default="diffpure", choices=(*DEFENSES, "none"),
                    help="purification method, or none for the undefended classifier (default diffpure)")
-    e.add_argument("--model", default="digits", choices=("digits", "score_sde", "guided_diffusion"),
+    e.add_argument("--model", default="digits", choices=MODELS,
                    help="score model (default: the embedded digits model)")
-    e.add_argument("--checkpoint", default=None, help="checkpoint path for score_sde / guided_diffusion")
+    e.add_argument("--checkpoint", default=None, help="checkpoint path for score_sde / guided_diffusion / "
+                   "celebahq_ddpm")
     e.add_argument("--classifier", default="digits", help="digits, a TorchScript file, or module:function "
                    "returning an nn.Module (inputs in [0, 1])")
     e.add_argument("--data", default="digits:test", help="digits:test, cifar10:FOLDER[:test|:train], an image "
@@ -324,6 +451,7 @@ def _add_eval_parsers(sub) -> None:
     e.add_argument("--overwrite", action="store_true", help="discard records of another configuration there")
     e.add_argument("--quiet", action="store_true", help="no progress bar, no report on stdout")
     _add_solver_args(e, steps_default=None, t_star_default=None)
+    _add_runner_args(e)
     _add_agdm_args(e)
     e.set_defaults(batch_size=16)
 
@@ -339,16 +467,20 @@ def _cmd_eval(args) -> int:
     from .models.loading import load_score_model
 
     grad_mode = args.grad_mode or ("bpda" if args.attack == "bpda-eot" else "full")
-    cfg = EvalConfig(attack=args.attack, norm=args.norm, eps=args.eps, steps=args.attack_steps,
-                     step_size=args.step_size, random_start=False if args.no_random_start else None,
-                     restarts=args.restarts, loss=args.loss, eot=args.eot, eot_reduce=args.eot_reduce,
-                     aa_version=args.aa_version, aa_package=args.aa_package, aa_mode=args.aa_mode,
-                     aa_queries=args.aa_queries, n_select=args.n_select, n_eval=args.n_eval,
-                     fixed_noise=True if args.fixed_noise else None, n_targets=args.n_targets,
-                     dev_weight=args.dev_weight, dev_every=args.dev_every, bound=args.bound, lpips=args.lpips,
-                     lf_factor=args.lf_factor, smoothness=args.smoothness,
-                     n_images=args.n_images, start=args.start, seed=args.seed, batch_size=args.batch_size,
-                     chunk_size=args.chunk_size)
+    try:
+        cfg = EvalConfig(attack=args.attack, norm=args.norm, eps=args.eps, steps=args.attack_steps,
+                         step_size=args.step_size, random_start=False if args.no_random_start else None,
+                         restarts=args.restarts, loss=args.loss, eot=args.eot, eot_reduce=args.eot_reduce,
+                         aa_version=args.aa_version, aa_package=args.aa_package, aa_mode=args.aa_mode,
+                         aa_queries=args.aa_queries, n_select=args.n_select, n_eval=args.n_eval,
+                         fixed_noise=True if args.fixed_noise else None, n_targets=args.n_targets,
+                         dev_weight=args.dev_weight, dev_every=args.dev_every, bound=args.bound, lpips=args.lpips,
+                         lf_factor=args.lf_factor, smoothness=args.smoothness,
+                         n_images=args.n_images, start=args.start, seed=args.seed, batch_size=args.batch_size,
+                         chunk_size=args.chunk_size)
+    except OptionError as e:
+        e.cli_scope = "attack"   # EvalConfig's steps are the attack's: --attack-steps
+        raise
     defense = None
     if args.defense != "none":
         if args.model != "digits" and args.checkpoint is None:
@@ -357,11 +489,8 @@ def _cmd_eval(args) -> int:
         defense = build_defense(model, method=args.defense, grad_mode=grad_mode, guidance_grad=args.guidance_grad,
                                 surrogate_steps=args.surrogate_steps, **_method_options(args, args.defense))
     command = "diffpure-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    try:
-        report = evaluate(defense, args.classifier, args.data, args.output, config=cfg, labels=args.labels,
-                          device=args.device, progress=not args.quiet, overwrite=args.overwrite, command=command)
-    except ImportError as e:  # a missing optional AutoAttack package: the message says what to install
-        raise ValueError(str(e)) from None
+    report = evaluate(defense, args.classifier, args.data, args.output, config=cfg, labels=args.labels,
+                      device=args.device, progress=not args.quiet, overwrite=args.overwrite, command=command)
     if report is not None and not args.quiet:
         print((Path(args.output) / "report.md").read_text())
     return 0
@@ -390,7 +519,12 @@ def main(argv: list[str] | None = None) -> int:
         return {"info": _cmd_info, "purify": _cmd_purify, "demo": _cmd_demo, "eval": _cmd_eval,
                 "report": _cmd_report}[args.command](args)
     except USER_ERRORS as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"diffpure-fast {args.command}: error: {_message(e, args.command)}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # a missing optional package (scikit-learn, Pillow, AutoAttack, ...): a user error
+        msg = missing_module(e)
+        if msg is None:
+            raise
         print(f"diffpure-fast {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -7,14 +7,14 @@ options (DiffPure's ``t_star``/``dt``/``steps``/``solver``, GDMP's ``purify_step
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 import torch
 
+from ._validate import OptionError, OptionTypeError, check_bool, check_choice, check_int, check_value_range
 from .chain import Chain
 from .methods import GUIDANCE_GRADS, Method, MethodOptions, get_method
-from .methods.base import check_int, ddpm_surrogate_chain
+from .methods.base import ddpm_surrogate_chain
 from .schedule import DIFFPURE_SCHEDULE, VPSchedule
 from .solvers import Plan
 
@@ -55,42 +55,37 @@ class PurifyConfig:
     def __post_init__(self):
         m = get_method(self.method)
         if self.options is None:
-            object.__setattr__(self, "options", m.Options())
+            object.__setattr__(self, "options", m.options())
         elif not isinstance(self.options, m.Options):
             raise TypeError(f"options: expected {m.Options.__name__} for method={self.method!r}, got "
                             f"{type(self.options).__name__}")
-        vr = self.value_range
         # finite too (found by the property tests): an infinite range turned every output into NaN, silently
-        if (not isinstance(vr, (tuple, list)) or len(vr) != 2
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vr)
-                or not all(math.isfinite(v) for v in vr) or not vr[0] < vr[1]):
-            raise ValueError(f"value_range: expected a finite pair (low, high) with low < high, got {vr!r}")
-        object.__setattr__(self, "value_range", (float(vr[0]), float(vr[1])))
-        if self.grad_mode not in GRAD_MODES:
-            raise ValueError(f"grad_mode: expected one of {GRAD_MODES}, got {self.grad_mode!r}")
+        object.__setattr__(self, "value_range", check_value_range("value_range", self.value_range))
+        check_choice("grad_mode", self.grad_mode, GRAD_MODES)
         if self.guidance_grad not in m.guidance_grads:
-            raise ValueError(f"guidance_grad: method={self.method!r} takes one of {m.guidance_grads}, got "
-                             f"{self.guidance_grad!r}")
-        check_int("surrogate_steps", self.surrogate_steps)
-        check_int("grad_cache_steps", self.grad_cache_steps, low=0)
-        if not isinstance(self.param_grads, bool):
-            raise TypeError(f"param_grads: expected a bool, got {type(self.param_grads).__name__}")
+            raise OptionError("guidance_grad", lambda s: f"{s.setting('method', self.method)} takes one of "
+                                                         f"{m.guidance_grads}, got {self.guidance_grad!r}")
+        object.__setattr__(self, "surrogate_steps", check_int("surrogate_steps", self.surrogate_steps))
+        object.__setattr__(self, "grad_cache_steps", check_int("grad_cache_steps", self.grad_cache_steps, low=0))
+        check_bool("param_grads", self.param_grads)
         if self.param_grads and self.grad_mode != "full":
-            raise ValueError(f"param_grads: score-network parameter gradients come with grad_mode='full' only, got "
-                             f"grad_mode={self.grad_mode!r}")
-        if self.grad_mode == "adjoint" and not (
-                m.has_continuous_adjoint and self.options.solver == "euler" and self.options.steps is None):
-            raise ValueError("grad_mode: 'adjoint' is torchsde's adjoint of DiffPure's Euler–Maruyama solve; it needs "
-                             "method='diffpure', solver='euler' with dt (not steps)")
+            raise OptionError("param_grads", lambda s: f"score-network parameter gradients come with "
+                                                       f"{s.setting('grad_mode', 'full')} only, got "
+                                                       f"{s.setting('grad_mode', self.grad_mode)}")
+        if self.grad_mode == "adjoint":
+            m.check_adjoint(self.options)
         if self.autocast not in AUTOCAST_MODES:
-            raise ValueError(f"autocast: expected one of {AUTOCAST_MODES} (the score network's reduced precision; "
-                             f"the solver state keeps the input's dtype), got {self.autocast!r}")
-        if not isinstance(self.cuda_graph, bool):
-            raise TypeError(f"cuda_graph: expected a bool, got {type(self.cuda_graph).__name__}")
+            raise OptionError("autocast", f"expected one of {AUTOCAST_MODES} (the score network's reduced precision; "
+                                          f"the solver state keeps the input's dtype), got {self.autocast!r}")
+        check_bool("cuda_graph", self.cuda_graph)
+        if not isinstance(self.schedule, VPSchedule):
+            raise OptionTypeError("schedule", f"expected a VPSchedule, got {type(self.schedule).__name__}")
         # Chains per state dtype, built once (purify runs every attack step with the same config): not a field,
         # so equality and the repr are those of the options.
         object.__setattr__(self, "_chains", {})
         self.chain(torch.float32)  # builds (and so validates) the step plan once
+        if self.grad_mode == "surrogate":
+            self.surrogate_chain(torch.float32)  # validates surrogate_steps against the surrogate level
         if self.cuda_graph:
             self._check_cuda_graph()
 
@@ -101,9 +96,9 @@ class PurifyConfig:
                              "continuous adjoint draws Brownian bridges step by step on the host; use 'full', the "
                              "exact gradient, or cuda_graph=False)")
         if self.chain(torch.float32).guidance is not None:
-            raise ValueError(f"cuda_graph: captures unguided chains only (method='diffpure'), got "
-                             f"method={self.method!r}, whose guidance runs autograd and host-side set-up inside each "
-                             "step; use cuda_graph=False")
+            raise ValueError(f"cuda_graph: captures chains without a per-step term only (method='diffpure' with "
+                             f"diffusion_type 'sde', 'ode' or 'celebahq-ddpm'), got {self.describe()}, whose step term "
+                             "runs autograd or host-side set-up inside each step; use cuda_graph=False")
         if self.param_grads:
             raise ValueError("cuda_graph: the captured per-step VJP is with respect to the state only; "
                              "param_grads=True needs cuda_graph=False")
@@ -129,8 +124,37 @@ class PurifyConfig:
         return rounds[0].plan
 
     def surrogate_chain(self, dtype: torch.dtype) -> Chain:
-        t = self.method_impl.surrogate_t_star(self.options, self.schedule)
+        """grad_mode="surrogate"'s chain: exactly ``surrogate_steps`` DDPM steps from the method's surrogate level;
+        more steps than that level has levels is an error naming ``surrogate_steps`` (never capped)."""
+        m = self.method_impl
+        t = m.surrogate_t_star(self.options, self.schedule)
+        level = self.schedule.level_of(t)
+        if self.surrogate_steps > level:
+            origin = m.surrogate_origin(self.options)
+
+            def detail(s):
+                why = (f"set by {s.setting(*origin)}" if origin is not None
+                       else f"the constant of {s.setting('method', self.method)}")
+                return (f"expected at most {level}: the surrogate DDPM chain starts at level {level} = "
+                        f"round({self.schedule.num_levels} x {t:g}) ({why}), one step per level at most, got "
+                        f"{self.surrogate_steps}")
+            raise OptionError("surrogate_steps", detail)
         return ddpm_surrogate_chain(self.schedule, t, self.surrogate_steps, dtype)
 
+    def resolved(self) -> dict:
+        """The values a run uses where options are rounded or derived: the diffusion level the chain starts from
+        (DiffPure's round(N t*)), its rounds and total solver steps, and with ``grad_mode="surrogate"`` the
+        surrogate chain's level and steps. Recorded with the options (``describe``, evaluation records)."""
+        chain = self.chain(torch.float32)
+        out = {"level": self.method_impl.start_level(self.options, self.schedule), "rounds": len(chain.rounds),
+               "steps": len(chain)}
+        if self.grad_mode == "surrogate":
+            sur = self.surrogate_chain(torch.float32)
+            out["surrogate_level"] = self.schedule.level_of(
+                self.method_impl.surrogate_t_star(self.options, self.schedule))
+            out["surrogate_steps"] = len(sur)
+        return out
+
     def describe(self) -> str:
-        return f"method={self.method!r}, " + self.method_impl.describe(self.options)
+        used = ", ".join(f"{k} {v}" for k, v in self.resolved().items())
+        return f"method={self.method!r}, " + self.method_impl.describe(self.options) + f" (used: {used})"

@@ -49,7 +49,7 @@ from . import ops
 from .chain import Chain, Noise, solve_round, start_state
 from .config import PurifyConfig
 from .grad import GraphGuard
-from .models.base import ScoreModel, with_autocast
+from .models.base import ScoreModel, network_vjp, with_autocast
 from .solvers.base import Step
 
 __all__ = ["BACKENDS", "MAX_GRAPHS_PER_MODEL", "ChainGraphs", "clear_cuda_graphs", "graph_count"]
@@ -91,6 +91,35 @@ def _copy_into(static, fresh) -> None:
             _copy_into(s, f)
 
 
+# One side stream per device index for every warm-up and capture: cuBLAS keeps a workspace per stream it ran on, so a
+# fresh stream per capture would leave one workspace behind per stream of torch's pool.
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _capture(fn: Callable, device: torch.device, warmup: int):
+    """(graph, outputs): ``fn`` warmed up ``warmup`` times on a side stream of ``device``, then captured on that
+    same stream.
+
+    Warm-up on a side stream, as torch.cuda.graphs asks: lazy initialisation, cuDNN/cuBLAS workspace and algorithm
+    choice and Triton's JIT happen there, not during capture. The capture is given that stream explicitly: without
+    ``stream=``, ``torch.cuda.graph`` uses one class-wide capture stream created on the device that captured first,
+    so a later capture for cuda:1 would run on cuda:0's stream."""
+    with torch.cuda.device(device):
+        index = torch.cuda.current_device()
+        side = _SIDE_STREAMS.get(index)
+        if side is None:
+            side = _SIDE_STREAMS[index] = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            outputs = fn()
+    return graph, outputs
+
+
 class _Captured:
     """``fn()`` captured once and replayed: it reads static inputs it closes over, and ``outputs`` (what it
     returned at capture) are rewritten by every ``replay()``."""
@@ -101,18 +130,7 @@ class _Captured:
             with torch.no_grad():
                 self.outputs = fn()
             return
-        with torch.cuda.device(device):
-            # Warm-up on a side stream, as torch.cuda.graphs asks: lazy initialisation, cuDNN/cuBLAS workspace and
-            # algorithm choice and Triton's JIT happen here, not during capture.
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(warmup):
-                    fn()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.outputs = fn()
+        self.graph, self.outputs = _capture(fn, device, warmup)
 
     def replay(self):
         if self.backend == "emulate":
@@ -130,20 +148,22 @@ class _ChainRunner:
 
     def __init__(self, model: ScoreModel, autocast: str | None, chain: Chain, seed: int, like: torch.Tensor,
                  keep_states: bool, backend: str):
-        self.x = torch.zeros_like(like, memory_format=torch.contiguous_format)
+        # The body closes over these tensors, never over self: a runner -> captured -> body -> runner cycle would
+        # keep an evicted or cleared graph (its memory pool, the states buffer) alive until the cycle collector ran.
+        self.x = x = torch.zeros_like(like, memory_format=torch.contiguous_format)
         self.ids = torch.zeros(like.shape[0], dtype=torch.int64, device=like.device)
-        self.states = (torch.zeros((len(chain), *like.shape), dtype=like.dtype, device=like.device)
-                       if keep_states else None)
+        self.states = states = (torch.zeros((len(chain), *like.shape), dtype=like.dtype, device=like.device)
+                                if keep_states else None)
         model_ref = weakref.ref(model)
         noise = Noise(seed=seed, sample_ids=self.ids)
 
         def body():
             net = with_autocast(model_ref(), autocast)
-            sink = _StateSink(self.states) if keep_states else None
+            sink = None if states is None else _StateSink(states)
             with torch.no_grad():
-                y = self.x
+                y = x
                 for r, rnd in enumerate(chain.rounds):
-                    y = solve_round(start_state(y, rnd, r, noise, self.x), net, rnd, noise, states=sink)
+                    y = solve_round(start_state(y, rnd, r, noise, x), net, rnd, noise, states=sink)
             return y
 
         self.captured = _Captured(body, like.device, backend)
@@ -173,17 +193,18 @@ class _VJPRunner:
 
     def __init__(self, model: ScoreModel, autocast: str | None, like: torch.Tensor, with_levels: bool,
                  backend: str):
-        self.x = torch.zeros_like(like, memory_format=torch.contiguous_format).requires_grad_(True)
-        self.t = torch.zeros(like.shape[0], dtype=like.dtype, device=like.device)
-        self.levels = torch.zeros(like.shape[0], dtype=torch.int64, device=like.device) if with_levels else None
-        self.v = torch.zeros_like(self.x, requires_grad=False)
+        # Closes over the tensors, not over self (see _ChainRunner).
+        self.x = x = torch.zeros_like(like, memory_format=torch.contiguous_format).requires_grad_(True)
+        self.t = t = torch.zeros(like.shape[0], dtype=like.dtype, device=like.device)
+        self.levels = levels = (torch.zeros(like.shape[0], dtype=torch.int64, device=like.device) if with_levels
+                                else None)
+        self.v = v = torch.zeros_like(x, requires_grad=False)
         model_ref = weakref.ref(model)
 
         def body():
             net = with_autocast(model_ref(), autocast)
             with torch.enable_grad():
-                eps = net.eps(self.x, self.t, self.levels)
-                (vjp,) = torch.autograd.grad(eps, self.x, self.v)
+                (vjp,) = network_vjp(net, net.eps(x, t, levels), x, v)
             return vjp
 
         self.captured = _Captured(body, like.device, backend)

@@ -11,7 +11,12 @@ On a fixed subset of the digits test split it measures, each with a 95% Wilson i
    evaluation harness (``diffpure_fast.eval``); each adversarial image is judged ``n_eval`` times with fresh noise
    the attack never saw (single-shot, worst-of-N and majority-vote accuracies);
 
-5. the same for the guided methods (GDMP, MimicDiffusion, AGDM) on the first ``guided_images`` images, with the
+5. the paper's noise-injection ablation: DiffPure's probability-flow ODE (``diffusion_type="ode"``, the same
+   forward diffusion, then no noise) against the SDE on the first ``ode_images`` images, under the same adaptive
+   attack (the SDE's numbers are those of item 4's attack on those images; every sample's attack randomness
+   derives from its index, so they are what the attack gives on that subset alone);
+
+6. the same for the guided methods (GDMP, MimicDiffusion, AGDM) on the first ``guided_images`` images, with the
    settings of ``GUIDED_SETTINGS`` (fewer steps than released, to fit the demo's time): clean defended accuracy,
    transfer, and adaptive PGD-EOT under each gradient the method admits (exact through the guidance; detached, as
    the released evaluations; for MimicDiffusion, whose exact gradient is zero, the declared straight-through
@@ -34,12 +39,15 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from ._optional import available
+from ._validate import OptionError, check_float, check_int
 from .attacks import DefendedClassifier, pgd_linf
-from .engine import purify
+from .engine import PurifyConfig, purify
 from .eval import Accuracy, protocol_metrics
 from .eval.defenses import build_defense, jsonable_option
 from .eval.harness import EvalConfig, evaluate_batch
 from .info import info
+from .methods import DiffPureOptions
 from .models.auxiliary import load_auxiliary
 
 __all__ = ["DemoConfig", "REPORT_FILES", "guided_kwargs", "run_demo"]
@@ -50,7 +58,7 @@ REPORT_FILES = ("report.md", "report.json", "grid.png")
 @dataclass(frozen=True)
 class DemoConfig:
     n_images: int = 200            # test images for items 1-3
-    adaptive_images: int = 200     # of those, how many the adaptive attack (item 4) runs on
+    adaptive_images: int | None = None  # of those, how many the adaptive attack (item 4) runs on (None: all)
     t_star: float = 0.1            # DiffPure's CIFAR-10 setting
     steps: int | None = 20         # Euler steps over [1e-5, t*]; None: DiffPure's dt = 1e-3 (100 steps at t* 0.1)
     eps: float = 0.1               # L-inf radius in [0, 1] pixel units
@@ -64,11 +72,46 @@ class DemoConfig:
                                    # rows take 270 of make demo's 605 s on the 2-core VM
     guided_eot: int = 2            # noise draws per adaptive step for the guided methods
     n_eval: int = 5                # fresh-noise judgements of each adaptive adversarial image (worst-of-N, vote)
+    dt: float | None = None        # Euler step size instead of steps (None with steps=None: DiffPure's 1e-3)
+    ode_images: int = 32           # images for the ODE-vs-SDE rows (0: none); the ODE's adaptive attack is the
+                                   # SDE's (adaptive_steps x eot), so it costs ode_images / adaptive_images of it
+
+    def __post_init__(self):
+        # every option honoured exactly or refused here, before any work (errors name the field)
+        if self.adaptive_images is None:
+            object.__setattr__(self, "adaptive_images", self.n_images)
+        for name, low in (("n_images", 1), ("adaptive_images", 1), ("pgd_steps", 0), ("adaptive_steps", 0),
+                          ("eot", 1), ("seed", 0), ("batch_size", 1), ("guided_images", 0), ("guided_eot", 1),
+                          ("n_eval", 1), ("ode_images", 0)):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), low=low))
+        for name in ("adaptive_images", "guided_images"):
+            if getattr(self, name) > self.n_images:
+                raise OptionError(name, lambda s, name=name: f"expected at most {s.setting('n_images', self.n_images)}"
+                                                             f", got {getattr(self, name)}")
+        object.__setattr__(self, "eps", check_float("eps", self.eps, low=0.0, high=1.0))
+        # the purification options, checked as purify checks them
+        opts = DiffPureOptions(**self.purify_kwargs)
+        object.__setattr__(self, "t_star", opts.t_star)
+        object.__setattr__(self, "steps", opts.steps)
+        object.__setattr__(self, "dt", None if self.steps is not None else opts.dt)
+        if self.ode_images > self.adaptive_images:
+            raise OptionError("ode_images", lambda s: f"expected at most "
+                                                      f"{s.setting('adaptive_images', self.adaptive_images)}, got "
+                                                      f"{self.ode_images}")
+        if self.ode_images:
+            PurifyConfig.build(**self.ode_kwargs)   # the ODE rows' options (t* a multiple of 1/1000), before any work
+
+    @property
+    def ode_kwargs(self) -> dict:
+        """The probability-flow ODE with as many Euler steps as the SDE (torchdiffeq's grid: step t* / steps), or
+        the SDE's dt as its step size."""
+        return {"diffusion_type": "ode", "t_star": self.t_star,
+                "step_size": self.t_star / self.steps if self.steps is not None else self.dt}
 
     @property
     def purify_kwargs(self) -> dict:
         """The purification every part of the demo uses (attacked and evaluated alike)."""
-        return {"t_star": self.t_star, "steps": self.steps, "dt": None if self.steps is not None else 1e-3}
+        return {"t_star": self.t_star, "steps": self.steps, "dt": self.dt}
 
 
 # The guided methods on 1x16x16 digits (our settings, not the authors'): guidance strength per pixel matched to the
@@ -129,10 +172,11 @@ def _purify_all(x, model, cfg: DemoConfig, seed: int, desc: str, progress: bool,
 
 
 def _adaptive_attack(x, y, model, clf, cfg: DemoConfig, seed: int, kwargs: dict, grad_kwargs: dict, eot: int,
-                     desc: str, progress: bool) -> dict:
+                     desc: str, progress: bool, per_image: list | None = None) -> dict:
     """PGD-EOT through the purifier on the evaluation harness (``diffpure_fast.eval``), then ``cfg.n_eval``
     fresh-noise judgements of each adversarial image. Returns the four protocol accuracies (single-shot, mean,
-    worst-of-N, majority vote) and the largest L-inf perturbation."""
+    worst-of-N, majority vote) and the largest L-inf perturbation; ``per_image`` (a list) receives each image's
+    record."""
     defended = DefendedClassifier(build_defense(model, **kwargs, **grad_kwargs), clf)
     ecfg = EvalConfig(attack="pgd-eot", eps=cfg.eps, steps=cfg.adaptive_steps, eot=eot, n_eval=cfg.n_eval, seed=seed,
                       batch_size=cfg.batch_size, grid_images=0)
@@ -143,13 +187,21 @@ def _adaptive_attack(x, y, model, clf, cfg: DemoConfig, seed: int, kwargs: dict,
         xb, yb = x[i:i + cfg.batch_size], y[i:i + cfg.batch_size]
         records += evaluate_batch(defended, xb, yb, torch.arange(i, i + len(xb)), ecfg, progress=bar.update)
     bar.close()
+    if per_image is not None:
+        per_image.extend(records)
+    return _protocol(y, records)
+
+
+def _protocol(y: torch.Tensor, records: list) -> dict:
+    """The protocol accuracies of the harness records of the images y (in order) and their largest L-inf
+    perturbation."""
     metrics = protocol_metrics(y.cpu().tolist(), [r["adv_pred"] for r in records])
     return {**{k: a.as_dict() for k, a in metrics.items()}, "linf": max(r["linf"] for r in records)}
 
 
 def _grid_png(path: Path, rows: list[tuple[str, torch.Tensor, torch.Tensor]], labels: torch.Tensor) -> None:
     """A grid: one row per (title, images (n, 1, H, W) in [0, 1], predictions (n,)); red labels are wrong."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw  # optional: run_demo checks it is installed before the work starts
 
     scale, pad, text_h, title_w = 4, 4, 12, 92
     n, _, h, w = rows[0][1].shape
@@ -195,6 +247,18 @@ def _markdown(report: dict) -> str:
     lines = ["# diffpure-fast demo: DiffPure and guided purification on handwritten digits", "",
              f"Command: `{report['command']}`", "", *_TABLE]
     lines += [_row(name, r[key]) for name, key in rows]
+    ode = r.get("ode_vs_sde")
+    if ode:
+        lines += ["", f"## Noise injection: the probability-flow ODE against the SDE (first {ode['images']} images, "
+                  f"the same adaptive attack; ODE settings {ode['settings']})", "", *_TABLE]
+        for what, key in (("Clean, defended", "clean_defended"), ("Defended, on the PGD examples (transfer)",
+                                                                  "pgd_transfer_defended"),
+                          (f"Defended, adaptive PGD-EOT ({s['adaptive_steps']} steps x {s['eot']} EOT, exact "
+                           "gradients)", "adaptive")):
+            lines += [_row(f"{what}: SDE (diffusion_type sde)", ode["sde"][key]),
+                      _row(f"{what}: ODE (diffusion_type ode)", ode["ode"][key])]
+        lines += ["", "The ODE shares the SDE's forward diffusion but adds no noise on the way back: the attack "
+                  "faces only the forward noise's randomness (DiffPure's ablation: noise injection matters)."]
     for method, g in r.get("guided", {}).items():
         n = g["clean_defended"]["total"]
         lines += ["", f"## {method} (first {n} images; settings {g['settings']})", "", *_TABLE,
@@ -215,7 +279,7 @@ def _markdown(report: dict) -> str:
                   "network. The exact rows differentiate through the guidance (second order through the auxiliary "
                   "network, and through its view of the attacked input); the detached rows treat the guidance as a "
                   "constant."]
-    steps = s["steps"] if s["steps"] is not None else "dt=1e-3"
+    steps = s["steps"] if s["steps"] is not None else f"dt={s['dt']:g}"
     lines += ["", "Settings: " + ", ".join(f"{k}={v}" for k, v in s.items()), "",
               f"Purification: forward diffusion to t*={s['t_star']}, reverse VP-SDE by Euler–Maruyama ({steps} "
               "steps), embedded NCSN++ digits score model; classifier: embedded CNN. eps is in [0, 1] pixel units: "
@@ -224,6 +288,8 @@ def _markdown(report: dict) -> str:
               "", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings_s"].items()),
               "", f"Machine: {report['machine']['platform']}, torch {report['machine']['torch']}, diffpure_fast "
               f"{report['machine']['diffpure_fast']}, fused step {report['machine']['fused_step']}", ""]
+    if report.get("grid", "grid.png") != "grid.png":
+        lines += [report["grid"], ""]
     return "\n".join(lines)
 
 
@@ -237,19 +303,15 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, overwrite: b
     existing = [f for f in REPORT_FILES if (out / f).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{out}: already holds {', '.join(existing)}; pass --overwrite to replace them")
-    if not 1 <= cfg.adaptive_images <= cfg.n_images:
-        raise ValueError(f"adaptive_images: expected 1..n_images ({cfg.n_images}), got {cfg.adaptive_images}")
-    if not 0 <= cfg.guided_images <= cfg.n_images:
-        raise ValueError(f"guided_images: expected 0..n_images ({cfg.n_images}), got {cfg.guided_images}")
-    if cfg.guided_eot < 1:
-        raise ValueError(f"guided_eot: expected >= 1, got {cfg.guided_eot}")
     dev = torch.device(cfg.device)
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
 
     x_all, y_all = load_digits_dataset("test")
     if cfg.n_images > len(x_all):
-        raise ValueError(f"n_images: the digits test split has {len(x_all)} images, got {cfg.n_images}")
+        raise OptionError("n_images", f"the digits test split has {len(x_all)} images, got {cfg.n_images}")
+    # The grid needs Pillow (optional): without it the demo runs all the same and its report says so.
+    grid_note = None if available("PIL") else "grid.png not written: Pillow is not installed; pip install pillow"
     x, y = x_all[:cfg.n_images].to(dev), y_all[:cfg.n_images].to(dev)
     model = load_digits_score_model(dev)
     clf = load_digits_classifier(dev)
@@ -275,16 +337,38 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, overwrite: b
 
     # Adaptive PGD-EOT with exact gradients through the whole purification.
     t0 = time.perf_counter()
-    n_ad = cfg.adaptive_images
+    n_ad, sde_records = cfg.adaptive_images, []
     adaptive = _adaptive_attack(x[:n_ad], y[:n_ad], model, clf, cfg, seeds["adaptive"], dict(cfg.purify_kwargs),
-                                dict(grad_mode="full"), cfg.eot, "adaptive PGD-EOT", progress)
+                                dict(grad_mode="full"), cfg.eot, "adaptive PGD-EOT", progress, sde_records)
     timings["adaptive"] = time.perf_counter() - t0
 
     def acc(pred, labels):
         return Accuracy(int((pred == labels).sum()), len(labels))
 
+    # The ODE against the SDE on the first ode_images images: the same attack and seeds.
+    ode_vs_sde, grid_rows, no = None, [], cfg.ode_images
+    if no:
+        t0 = time.perf_counter()
+        kw = cfg.ode_kwargs
+        x_tr = _purify_all(x_adv[:no], model, cfg, seeds["purify_transfer"], "ODE PGD", progress, kw)
+        pred_tr = _predict(clf, x_tr, cfg.batch_size)
+        ode_vs_sde = {
+            "images": no, "settings": kw,
+            "sde": {"clean_defended": acc(pred_clean_def[:no], y[:no]).as_dict(),
+                    "pgd_transfer_defended": acc(pred_adv_def[:no], y[:no]).as_dict(),
+                    "adaptive": _protocol(y[:no], sde_records[:no])},
+            "ode": {"clean_defended": acc(_predict(clf, _purify_all(x[:no], model, cfg, seeds["purify_clean"],
+                                                                    "ODE clean", progress, kw), cfg.batch_size),
+                                          y[:no]).as_dict(),
+                    "pgd_transfer_defended": acc(pred_tr, y[:no]).as_dict(),
+                    "adaptive": _adaptive_attack(x[:no], y[:no], model, clf, cfg, seeds["adaptive"], kw,
+                                                 dict(grad_mode="full"), cfg.eot, "ODE adaptive PGD-EOT", progress)},
+        }
+        grid_rows.append(("ode", x_tr, pred_tr))
+        timings["ode_vs_sde"] = time.perf_counter() - t0
+
     # The guided methods: the same protocol on the first guided_images images.
-    guided, grid_rows, ng = {}, [], cfg.guided_images
+    guided, ng = {}, cfg.guided_images
     for method in GUIDED_SETTINGS if ng else ():
         t0 = time.perf_counter()
         kw = dict(guided_kwargs(method, cfg), method=method)
@@ -311,6 +395,7 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, overwrite: b
         "pgd_transfer_defended": acc(pred_adv_def, y).as_dict(),
         "adaptive_defended": adaptive,
         "linf_check": {"pgd": float((x_adv - x).abs().max()), "adaptive": adaptive["linf"]},
+        "ode_vs_sde": ode_vs_sde,
         "guided": guided,
     }
     env = info()
@@ -322,6 +407,7 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, overwrite: b
                  "shape": list(x.shape[1:])},
         "results": results,
         "timings_s": timings,
+        "grid": grid_note or "grid.png",
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                     "diffpure_fast": __version__, "fused_step": env["active_implementation"].get(dev.type),
                     "threads": torch.get_num_threads()},
@@ -329,6 +415,9 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, overwrite: b
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(_markdown(report))
+    if grid_note is not None:
+        (out / "grid.png").unlink(missing_ok=True)  # an earlier run's grid would not show this run's images
+        return report
     k = min(10, cfg.n_images)
     _grid_png(out / "grid.png", [("clean", x[:k].cpu(), pred_clean[:k].cpu()),
                                  ("adversarial", x_adv[:k].cpu(), pred_adv[:k].cpu()),

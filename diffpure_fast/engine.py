@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._validate import OptionError, OptionTypeError, check_eval_mode, check_int
 from .chain import Chain, Noise, forward_diffuse, model_eps, reverse_solve, run_chain, state_alpha_bar
 from .config import AUTOCAST_MODES, GRAD_MODES, GUIDANCE_GRADS, PurifyConfig
 from .cuda_graphs import ChainGraphs
@@ -22,7 +23,7 @@ from .grad import differentiable_chain
 from .methods import METHODS
 from .models.base import ScoreModel, as_score_model, with_autocast
 from .noise import check_seed
-from .schedule import DIFFPURE_SCHEDULE, VPSchedule
+from .schedule import VPSchedule
 
 __all__ = ["AUTOCAST_MODES", "GRAD_MODES", "GUIDANCE_GRADS", "METHODS", "Noise", "Purifier", "PurifyConfig",
            "Trajectory", "forward_diffuse", "model_eps", "purify", "reverse_solve"]
@@ -34,20 +35,20 @@ __all__ = ["AUTOCAST_MODES", "GRAD_MODES", "GUIDANCE_GRADS", "METHODS", "Noise",
 
 def _check_image(x) -> None:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x: expected a torch.Tensor (B, C, H, W), got {type(x).__name__}")
+        raise OptionTypeError("x", f"expected a torch.Tensor (B, C, H, W), got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(f"x: expected shape (B, C, H, W) (rank 4), got shape {tuple(x.shape)}")
+        raise OptionError("x", f"expected shape (B, C, H, W) (rank 4), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise TypeError(f"x: expected a floating-point dtype, got {x.dtype}")
+        raise OptionTypeError("x", f"expected a floating-point dtype, got {x.dtype}")
     if x.shape[0] == 0:
-        raise ValueError("x: expected a batch of at least one image, got B = 0")
+        raise OptionError("x", "expected a batch of at least one image, got B = 0")
     if x.device.type == "meta":  # found by the property tests: the range check below reads values
-        raise ValueError("x: is on the meta device, which holds no values; purify needs real data")
+        raise OptionError("x", "is on the meta device, which holds no values; purify needs real data")
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
     if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name}: contains NaN or Inf")
+        raise OptionError(name, "contains NaN or Inf")
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
@@ -62,32 +63,42 @@ def _check_inputs(x, model, cfg: PurifyConfig, chain: Chain, forward_noise, incr
     _check_image(x)
     _check_finite("x", x)
     lo, hi = cfg.value_range
-    x_min, x_max = float(x.detach().min()), float(x.detach().max())
+    x_min, x_max = torch.stack(torch.aminmax(x.detach())).tolist()  # one device-to-host copy, not two
     if x_min < lo or x_max > hi:
-        raise ValueError(f"x: values must lie in value_range={tuple(cfg.value_range)}, got min {x_min:.6g}, "
-                         f"max {x_max:.6g} (nothing is clipped: rescale, or pass value_range)")
+        raise OptionError("x", lambda s: f"values must lie in {s.name('value_range')} {tuple(cfg.value_range)}, got "
+                                         f"min {x_min:.6g}, max {x_max:.6g} (nothing is clipped: rescale them, or "
+                                         f"pass {s.name('value_range')})")
     channels, size = getattr(model, "in_channels", None), getattr(model, "image_size", None)
     if channels is not None and x.shape[1] != channels:
-        raise ValueError(f"x: the model takes {channels} channels, got x with {x.shape[1]} (shape {tuple(x.shape)})")
+        raise OptionError("x", f"the model takes {channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
     if size is not None and tuple(x.shape[2:]) != (size, size):
-        raise ValueError(f"x: the model was built for {size}x{size} images, got {x.shape[2]}x{x.shape[3]} (resize "
-                         f"before purifying; DiffPure's ImageNet pipeline resizes 224 -> 256 and back)")
+        raise OptionError("x", f"the model was built for {size}x{size} images, got {x.shape[2]}x{x.shape[3]} "
+                               f"(resize before purifying; DiffPure's ImageNet pipeline resizes 224 -> 256 and back)")
     dev = _model_device(model)
     if dev is not None and dev != x.device:
-        raise ValueError(f"x: is on {x.device} but the model's parameters are on {dev}; move one of them")
+        raise OptionError("x", f"is on {x.device} but the model's parameters are on {dev}; move one of them")
+    cfg.method_impl.check_model(cfg.options, model)
     cfg.method_impl.check_inputs(cfg.options, x)
     for name, t, shape in (("forward_noise", forward_noise, tuple(x.shape)),
                            ("increments", increments, (len(chain), *x.shape))):
         if t is None:
             continue
-        if len(chain.rounds) != 1 or chain.guidance is not None:
-            raise ValueError(f"{name}: caller-given noise is for single-round unguided chains (method='diffpure'); "
-                             f"method={cfg.method!r} draws its noise from the counter generator (seed, noise_ids)")
+        if len(chain.rounds) != 1 or (chain.guidance is not None and not chain.guidance.accepts_given_noise):
+            raise ValueError(f"{name}: caller-given noise is for single-round chains that draw no noise of their own "
+                             f"(method='diffpure'); method={cfg.method!r} draws its noise from the counter "
+                             "generator (seed, noise_ids)")
+        (rnd,) = chain.rounds
+        if name == "forward_noise" and rnd.noise_scale == 0.0:
+            raise ValueError(f"forward_noise: {cfg.describe()} has no forward diffusion (its chain starts at the "
+                             "input), so it takes no forward noise")
+        if name == "increments" and rnd.plan.increment_meaning is None:
+            raise ValueError(f"increments: {cfg.describe()} draws no noise after the forward diffusion (its solver "
+                             f"{rnd.plan.solver!r} is deterministic), so it takes no increments")
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor of shape {shape}, got {type(t).__name__}")
         if tuple(t.shape) != shape:
-            extra = (f" (one per solver step: {len(chain)} steps of solver={cfg.options.solver!r})"
-                     if name == "increments" else "")
+            extra = (f" (one per solver step: {len(chain)} steps of {rnd.plan.solver!r}: "
+                     f"{rnd.plan.increment_meaning})" if name == "increments" else "")
             raise ValueError(f"{name}: expected shape {shape}{extra}, got {tuple(t.shape)}")
         if t.dtype != x.dtype:
             raise TypeError(f"{name}: expected dtype {x.dtype} (x's), got {t.dtype}")
@@ -145,7 +156,7 @@ def _as_noise_ids(noise_ids, x: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"{what}, got {type(noise_ids).__name__}")
     if ids.shape[0] != x.shape[0]:
         raise ValueError(f"noise_ids: expected {x.shape[0]} ids (one per sample), got {ids.shape[0]}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= 1 << 32):
+    if ids.numel() and not all(0 <= v < 1 << 32 for v in torch.stack(torch.aminmax(ids)).tolist()):
         raise ValueError("noise_ids: expected ids in [0, 2^32)")
     return ids.to(x.device)
 
@@ -153,26 +164,49 @@ def _as_noise_ids(noise_ids, x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _model_schedule(schedule: VPSchedule | None, model: ScoreModel) -> VPSchedule:
+    """The schedule a purification runs on: the score model's own (the one its network was trained on; a loaded
+    checkpoint's comes from its config). An explicit ``schedule`` must equal it: another one would give the
+    network's output a meaning it does not have."""
+    own = model.schedule
+    if schedule is None:
+        return own
+    if not isinstance(schedule, VPSchedule):
+        raise OptionTypeError("schedule", f"expected a VPSchedule or None (the model's), got {type(schedule).__name__}")
+    if schedule != own:
+        raise OptionError("schedule", f"{schedule} contradicts the score model's own {own} (the schedule its network "
+                                      f"was trained on; a loaded checkpoint's comes from its config); leave "
+                                      f"schedule unset, or build the model with this schedule")
+    return schedule
+
+
 def purify(x: torch.Tensor, model: ScoreModel, *, method: str = "diffpure", seed: int | None = None,
            noise_ids=None, forward_noise: torch.Tensor | None = None, increments: torch.Tensor | None = None,
            value_range: tuple[float, float] = (0.0, 1.0), grad_mode: str = "none", guidance_grad: str = "exact",
            surrogate_steps: int = 10, grad_cache_steps: int = 0, param_grads: bool = False,
-           schedule: VPSchedule = DIFFPURE_SCHEDULE, cuda_graph: bool = False, autocast: str | None = None,
+           schedule: VPSchedule | None = None, cuda_graph: bool = False, autocast: str | None = None,
            **options) -> torch.Tensor:
     """Purify a batch with a purification method.
 
     Args:
         x: (B, C, H, W) float tensor with values in ``value_range``.
-        model: a ``ScoreModel`` (``dpf.load_score_model(...)``, or ``dpf.EpsModel(net, time_input=...)``).
+        model: a ``ScoreModel`` (``dpf.load_score_model(...)``, or ``dpf.EpsModel(net, time_input=...)``) with no
+            submodule in training mode (an error otherwise: dropout would make the output random and the gradient
+            wrong; the package never switches a caller's network between modes).
         method: ``"diffpure"`` (Nie et al. 2022: diffuse to t*, solve the reverse SDE), ``"gdmp"`` (Wang et al. 2022:
             guided DDPM rounds pulled toward the noised input), ``"mimic"`` (MimicDiffusion, Song et al. 2024: a
             DDPM chain from pure noise with L1 guidance toward the input), ``"agdm"`` (Lin et al. 2024: DDPM
             steps guided by an adversarially trained auxiliary network; a reconstruction, no code was published).
             See ``diffpure_fast.methods``.
         **options: the method's options (anything else is an error naming it):
-            diffpure: ``t_star`` (0.1), ``dt`` (1e-3, Euler–Maruyama on torchsde's float32 grid), ``steps``
+            diffpure: ``diffusion_type`` (the official runner: ``"sde"`` (default), ``"ode"``, ``"ldsde"``,
+            ``"ddpm"``, ``"celebahq-ddpm"``; see ``diffpure_fast.methods.diffpure``), then that runner's options:
+            sde: ``t_star`` (0.1), ``dt`` (1e-3, Euler–Maruyama on torchsde's float32 grid), ``steps``
             (instead of dt: Euler steps over [1e-5, t*], or DDPM steps, default one per level), ``solver``
             (``"euler"``: DiffPure's reverse SDE, or ``"ddpm"``: ancestral steps on the discrete schedule);
+            ode: ``t_star`` (0.1), ``step_size`` (1e-3, Euler on torchdiffeq's grid); ldsde: ``t_star`` (0.1),
+            ``dt`` (1e-2), ``sigma2`` (1e-3), ``lambda_ld`` (1e-2), ``eta`` (5); ddpm (a learned-variance model):
+            ``t_star`` (0.1); celebahq-ddpm: ``t_star`` (0.5), ``var_type`` ("fixedsmall" | "fixedlarge");
             gdmp: ``purify_step`` (36), ``max_iter`` (4), ``guide_mode`` ("mse" | "ssim"), ``guide_scale`` (60000),
             ``ptb`` (8), ``norm_batch`` (100), ``clip_x0`` (True);
             mimic: ``steps`` (100), ``guidance_window`` ((21, 90)), ``rho`` (3000), ``upsample`` (4),
@@ -186,20 +220,25 @@ def purify(x: torch.Tensor, model: ScoreModel, *, method: str = "diffpure", seed
             gives the same noise for a sample whatever batch it sits in. ``seed=None`` draws a fresh seed from the
             OS (not from torch's RNG); ``noise_ids`` (a 1-D integer list, tuple, NumPy array or tensor of B ids in
             [0, 2^32)) defaults to ``arange(B)``.
-        forward_noise: (B, C, H, W) the z of DiffPure's forward diffusion, used exactly when given.
+        forward_noise: (B, C, H, W) the z of DiffPure's forward diffusion, used exactly when given (not for
+            ``ldsde``, which has none).
         increments: (steps, B, C, H, W) DiffPure's per-step noise used exactly when given: Brownian increments
-            dW_k for ``"euler"``, standard normals for ``"ddpm"``.
+            dW_k for ``"euler"`` and ``ldsde``, standard normals for ``"ddpm"``, ``diffusion_type="ddpm"`` and
+            ``"celebahq-ddpm"`` (one per level, in call order); none for ``ode``.
         value_range: the range of ``x`` and of the output; the chains work in [-1, 1] internally.
         grad_mode: ``"none"`` (no graph), ``"full"`` (exact gradient of this discrete computation, guidance
-            included; stored states, recomputed steps), ``"adjoint"`` (torchsde-style continuous adjoint, DiffPure's
-            Euler solve only), ``"bpda"`` (identity backward), ``"surrogate"`` (exact gradient of an unguided
-            ``surrogate_steps``-step DDPM chain from the method's surrogate level, with the real forward output).
+            included; stored states, recomputed steps), ``"adjoint"`` (the official continuous adjoint: torchsde's
+            for DiffPure's Euler–Maruyama solve, torchdiffeq's ``odeint_adjoint`` for ``diffusion_type="ode"``),
+            ``"bpda"`` (identity backward), ``"surrogate"`` (exact gradient of an unguided ``surrogate_steps``-step
+            DDPM chain from the method's surrogate level, with the real forward output).
         guidance_grad: how ``"full"`` treats guidance terms: ``"exact"``; ``"detached"`` (the guidance as a constant,
             as the released evaluations of GDMP and MimicDiffusion computed); ``"straight_through"`` (mimic: the sign
             in its guidance gets a smooth-L1 derivative in the backward pass only, a declared surrogate).
-        surrogate_steps: the DDPM step count of ``grad_mode="surrogate"``'s gradient chain.
+        surrogate_steps: the DDPM step count of ``grad_mode="surrogate"``'s gradient chain, run exactly: at most the
+            level of the method's surrogate start (e.g. round(1000 t*) for DiffPure), else an error.
         grad_cache_steps: ``grad_mode="full"`` keeps the graphs of this many last steps from the forward pass
-            (memory: one step's activations each) instead of recomputing them in the backward pass.
+            (memory: one step's activations each) instead of recomputing them in the backward pass (a count of at
+            least the chain's steps keeps every step; the gradient is the same whatever the count).
         param_grads: ``grad_mode="full"`` also back-propagates into the score network's parameters that require
             grad (off by default: attacks need d/dx only, and parameter VJPs cost time).
         cuda_graph: replay the chain from CUDA graphs captured once per (chain, shape, dtype, device, seed, model),
@@ -210,15 +249,26 @@ def purify(x: torch.Tensor, model: ScoreModel, *, method: str = "diffpure", seed
         autocast: ``"bf16"`` or ``"fp16"`` runs the score network under ``torch.autocast`` in that precision, its
             eps cast back to x's dtype before the fused step (the state, noise and gradients' accumulation stay in
             x's dtype); ``None`` (default) runs it in the model's own precision.
+        schedule: ``None`` (default): the model's own ``VPSchedule`` (``model.schedule``: DiffPure's beta 0.1..20
+            for the official checkpoints; a score_sde config's ``beta_min``/``beta_max``/``num_scales`` otherwise).
+            An explicit schedule must equal the model's (``ValueError`` naming ``schedule`` otherwise).
+
+    Raises:
+        ValueError (``diffpure_fast._validate.OptionError``, naming the argument): a bad option, a model in
+        training mode, x outside ``value_range``, an option the run cannot honour exactly (e.g. more
+        ``surrogate_steps`` than the surrogate level has levels). Nothing is clipped, capped or rounded silently;
+        rounded quantities (DiffPure's level round(N t*)) are rounded once and recorded
+        (``PurifyConfig.resolved()``).
 
     Returns:
         (B, C, H, W) purified images in ``value_range`` (not clipped: the reverse process can overshoot slightly,
         as in the official code).
     """
+    model = as_score_model(model)
     cfg = PurifyConfig.build(method, value_range=value_range, grad_mode=grad_mode, guidance_grad=guidance_grad,
                              surrogate_steps=surrogate_steps, grad_cache_steps=grad_cache_steps,
-                             param_grads=param_grads, schedule=schedule, cuda_graph=cuda_graph, autocast=autocast,
-                             **options)
+                             param_grads=param_grads, schedule=_model_schedule(schedule, model),
+                             cuda_graph=cuda_graph, autocast=autocast, **options)
     return _purify(x, model, cfg, seed=seed, noise_ids=noise_ids, forward_noise=forward_noise, increments=increments)
 
 
@@ -243,8 +293,7 @@ class Trajectory:
 def _state_steps(chain: Chain, every: int) -> tuple[int, ...]:
     """Global indices of every ``every``-th state of each round after its start (the start itself is the diffused
     input, not a reconstruction)."""
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"every: expected an int >= 1, got {every!r}")
+    every = check_int("every", every)
     return tuple(rnd.first_step + j for rnd in chain.rounds for j in range(every, len(rnd.plan), every))
 
 
@@ -263,6 +312,11 @@ def _purify(x, model, cfg: PurifyConfig, *, seed, noise_ids, forward_noise=None,
             states_every: int | None = None):
     """purify's work; with ``states_every`` a ``Trajectory`` (every states_every-th state of each round)."""
     model = as_score_model(model)
+    # At every call, not only when the config was built: the caller may have switched the network since. Cost:
+    # ~1.6 ms for the 643 modules of DiffPure's CIFAR-10 NCSN++ (2-core VM, under load), against ~25 ms for each
+    # of its 100 network calls there.
+    check_eval_mode("model", model)
+    _model_schedule(cfg.schedule, model)
     chain = cfg.chain(x.dtype if isinstance(x, torch.Tensor) else torch.float32)
     _check_inputs(x, model, cfg, chain, forward_noise, increments, noise_ids)
     expose = () if states_every is None else _state_steps(chain, states_every)
@@ -285,9 +339,9 @@ def _purify(x, model, cfg: PurifyConfig, *, seed, noise_ids, forward_noise=None,
     graphs = ChainGraphs(model, cfg) if cfg.cuda_graph else None
     net = with_autocast(model, cfg.autocast)
     if states_every is not None and (cfg.cuda_graph or (wants_graph and cfg.grad_mode != "full")):
-        raise ValueError(f"grad_mode: intermediate states are given with grad_mode='full' (their exact gradient) or "
-                         f"without a graph, and without cuda_graph; got grad_mode={cfg.grad_mode!r}"
-                         + (", cuda_graph=True" if cfg.cuda_graph else ""))
+        raise OptionError("grad_mode", f"intermediate states are given with grad_mode='full' (their exact gradient) "
+                                       f"or without a graph, and without cuda_graph; got grad_mode={cfg.grad_mode!r}"
+                                       + (", cuda_graph=True" if cfg.cuda_graph else ""))
     states = None
     if not wants_graph or cfg.grad_mode == "bpda":
         with torch.no_grad():
@@ -316,8 +370,10 @@ class Purifier(nn.Module):
 
     A drop-in preprocessing layer (e.g. ``nn.Sequential(Purifier(model, grad_mode="full"), classifier)``) for
     AutoAttack / torchattacks style evaluation: no prints, no files, no global RNG; the score network is a
-    submodule (``.to(device)`` moves it) in eval mode. ``seed=None`` draws fresh noise on every call (a randomized
-    defense); an int makes every call reuse the same noise. Options are validated once, here.
+    submodule (``.to(device)`` moves it) put in eval mode here and kept there by ``.train()``; a call with the
+    network switched back to training mode (``purifier.model.train()``) is an error naming ``model``.
+    ``seed=None`` draws fresh noise on every call (a randomized defense); an int makes every call reuse the same
+    noise. Options are validated once, here.
 
     ``cuda_graph=True`` needs an int seed (it is recorded in the captured graph); pass new ``noise_ids`` to
     ``forward`` for fresh noise per call without recapturing. The captured graphs are cached per model (see
@@ -327,14 +383,18 @@ class Purifier(nn.Module):
     def __init__(self, model: ScoreModel, *, method: str = "diffpure", seed: int | None = None,
                  value_range: tuple[float, float] = (0.0, 1.0), grad_mode: str = "none", guidance_grad: str = "exact",
                  surrogate_steps: int = 10, grad_cache_steps: int = 0, param_grads: bool = False,
-                 schedule: VPSchedule = DIFFPURE_SCHEDULE, cuda_graph: bool = False, autocast: str | None = None,
+                 schedule: VPSchedule | None = None, cuda_graph: bool = False, autocast: str | None = None,
                  **options):
         super().__init__()
+        model = as_score_model(model)
         self.config = PurifyConfig.build(method, value_range=value_range, grad_mode=grad_mode,
                                          guidance_grad=guidance_grad, surrogate_steps=surrogate_steps,
                                          grad_cache_steps=grad_cache_steps, param_grads=param_grads,
-                                         schedule=schedule, cuda_graph=cuda_graph, autocast=autocast, **options)
-        self.model = as_score_model(model).eval()
+                                         schedule=_model_schedule(schedule, model), cuda_graph=cuda_graph,
+                                         autocast=autocast, **options)
+        # The Purifier owns its score network: eval mode now and on every .train() (forward still checks it, since
+        # the network itself can be switched back: purifier.model.train()).
+        self.model = model.eval()
         if cuda_graph:
             _check_graph_seed(seed)
         self.seed = None if seed is None else check_seed(seed)

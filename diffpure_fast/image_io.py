@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._optional import require
+
 __all__ = ["ImageBatch", "read_images", "write_images", "IMAGE_SUFFIXES", "kind_of", "atomic_write"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -63,7 +65,8 @@ def read_images(path: str | Path) -> ImageBatch:
         raise FileNotFoundError(f"{path}: no such file or folder")
     kind = kind_of(path)
     if kind == "folder":
-        from PIL import Image, UnidentifiedImageError
+        Image = require("PIL.Image", "reading a folder of images")
+        UnidentifiedImageError = Image.UnidentifiedImageError
 
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
@@ -156,7 +159,7 @@ def atomic_write(path: str | Path, write: Callable, *, overwrite: bool = False) 
 
 
 def _write_folder(path: Path, names: list[str], images: np.ndarray, *, overwrite: bool) -> None:
-    from PIL import Image
+    Image = require("PIL.Image", "writing a folder of images")
 
     def save(folder: Path, name: str, arr: np.ndarray, replace: bool) -> None:
         fmt = "PNG" if Path(name).suffix.lower() == ".png" else "JPEG"  # the name's suffix; the temp file has none

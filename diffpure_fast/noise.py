@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from ._validate import check_int
+
 __all__ = [
     "MAX_ELEMENTS_PER_SAMPLE",
     "PHILOX_M0",
@@ -53,11 +55,8 @@ MAX_ELEMENTS_PER_SAMPLE = 1 << 34
 
 
 def check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed: expected an int in [0, 2^63), got {type(seed).__name__}")
-    if not 0 <= seed < (1 << 63):
-        raise ValueError(f"seed: expected an int in [0, 2^63), got {seed}")
-    return seed
+    """``seed`` as an int in [0, 2^63) (a Python or NumPy integer; the package's one integer rule)."""
+    return check_int("seed", seed, low=0, high=(1 << 63) - 1)
 
 
 def _mulhilo32(m: int, b: torch.Tensor):
@@ -88,7 +87,8 @@ def gaussian(seed: int, sample_ids: torch.Tensor, step: int, stream: int, numel:
              dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Standard normal noise of shape (len(sample_ids), numel), per the module's specification.
 
-    sample_ids: (B,) integer tensor in [0, 2^32); its device is the output's device.
+    sample_ids: (B,) integer tensor in [0, 2^32) (a sample with an id outside gets NaN); its device is the
+    output's device.
     """
     check_seed(seed)
     if numel > MAX_ELEMENTS_PER_SAMPLE:
@@ -115,6 +115,9 @@ def gaussian(seed: int, sample_ids: torch.Tensor, step: int, stream: int, numel:
         r = torch.sqrt(-2.0 * torch.log(u))
         out += [r * torch.cos(two_pi * v), r * torch.sin(two_pi * v)]
     z = torch.stack(out, dim=-1).reshape(ids.shape[0], 4 * n_quads)[:, :numel]
+    # An id outside [0, 2^32) gives NaN for its sample, as in the CUDA and Triton kernels (checking its range here
+    # would synchronise a GPU; callers that can afford it raise instead).
+    z = torch.where((ids < 0) | (ids > _MASK32), torch.nan, z)
     return z.to(dtype)
 
 

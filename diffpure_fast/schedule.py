@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._validate import OptionError, check_float, check_int
+
 __all__ = ["DIFFPURE_SCHEDULE", "VPSchedule"]
 
 
@@ -25,11 +27,12 @@ class VPSchedule:
     num_levels: int = 1000
 
     def __post_init__(self):
-        if not (0.0 < self.beta_min < self.beta_max):
-            raise ValueError(f"beta_min, beta_max: expected 0 < beta_min < beta_max, "
-                             f"got {self.beta_min}, {self.beta_max}")
-        if self.num_levels < 1:
-            raise ValueError(f"num_levels: expected >= 1, got {self.num_levels}")
+        # stored as the Python float/int they equal, so equal schedules compare (and print) equal
+        object.__setattr__(self, "beta_min", check_float("beta_min", self.beta_min, low=0.0, low_open=True))
+        object.__setattr__(self, "beta_max", check_float("beta_max", self.beta_max))
+        if not self.beta_min < self.beta_max:
+            raise OptionError("beta_max", f"expected a value > beta_min = {self.beta_min}, got {self.beta_max}")
+        object.__setattr__(self, "num_levels", check_int("num_levels", self.num_levels))
 
     # ---- continuous schedule (functions of a float or a tensor of times t in [0, 1]) ----
     def beta(self, t):
@@ -59,7 +62,8 @@ class VPSchedule:
         return torch.cumprod(1.0 - self.discrete_betas(), dim=0)
 
     def level_of(self, t_star: float) -> int:
-        """DiffPure's integer diffusion level for ``t*``: ``round(N t*)`` (``args.t`` in the official code)."""
+        """DiffPure's integer diffusion level for ``t*``: ``round(N t*)`` (``args.t`` in the official code). The
+        one place t* is rounded; a run records the level it used (``PurifyConfig.resolved``)."""
         return int(round(self.num_levels * t_star))
 
 

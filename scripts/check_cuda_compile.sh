@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compile every csrc/**/*.cu with nvcc -c for the architectures setup.py builds without a GPU (sm_80, sm_90 and
-# compute_90 PTX: DEFAULT_ARCH_LIST in diffpure_fast/_build.py) against the venv's torch headers: catches CUDA build
+# compute_90 PTX: DEFAULT_ARCH_LIST in diffpure_fast/_build.py), with the C++ standard that torch's extension builder
+# uses (_build.cxx_standard), against the venv's torch headers (PYTHON=... picks another torch): catches CUDA build
 # errors on a machine without a GPU. ptxas -v then reports every kernel's registers, stack frame and spills: the
 # check fails on any register spill, or on more registers than the launch bound (256 threads a block) allows.
 # Objects go to a temporary directory that is removed on exit.
@@ -49,6 +50,7 @@ mapfile -t INCLUDES < <("$PYTHON" -c "from torch.utils.cpp_extension import incl
 for p in include_paths(): print('-I' + p)")
 PY_INCLUDE="$("$PYTHON" -c "import sysconfig; print(sysconfig.get_paths()['include'])")"
 CXX11_ABI="$("$PYTHON" -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))")"
+TORCH_VERSION="$("$PYTHON" -c "import torch; print(torch.__version__)")"
 
 # setup.py's TORCH_CUDA_ARCH_LIST without a GPU, turned into -gencode flags as torch.utils.cpp_extension does:
 # "9.0+PTX" is sm_90 machine code plus compute_90 PTX. _build.py is loaded by path (no package import).
@@ -65,8 +67,19 @@ for arch in rules.DEFAULT_ARCH_LIST.split(';'):
 " "$ROOT/diffpure_fast/_build.py")
 ARCHS="$(printf '%s\n' "${GENCODE[@]}" | sed 's/.*code=//' | paste -sd, -)"
 
+# The C++ standard of this torch's extension builds (torch 2.11: c++17, torch 2.13: c++20), as _build.py reads it
+# from torch.utils.cpp_extension; CXX_STD=c++NN overrides it.
+CXX_STD="${CXX_STD:-$("$PYTHON" -c "
+import importlib.util, inspect, sys
+import torch.utils.cpp_extension as ext
+spec = importlib.util.spec_from_file_location('build_rules', sys.argv[1])
+rules = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(rules)
+print(rules.cxx_standard(inspect.getsource(ext)))
+" "$ROOT/diffpure_fast/_build.py")}"
+
 # The flags torch.utils.cpp_extension gives a CUDAExtension, plus setup.py's (--fmad=false: see csrc/sde_step.h).
-FLAGS=(-std=c++20 -O3 --fmad=false --expt-relaxed-constexpr -Xcompiler -fPIC
+FLAGS=("-std=$CXX_STD" -O3 --fmad=false --expt-relaxed-constexpr -Xcompiler -fPIC
        -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H "-D_GLIBCXX_USE_CXX11_ABI=$CXX11_ABI"
        -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
        -D__CUDA_NO_HALF2_OPERATORS__
@@ -102,7 +115,7 @@ for src in "${SOURCES[@]}"; do
     status=1
     continue
   fi
-  echo "ok    $rel ($ARCHS) in $(( $(date +%s) - start )) s"
+  echo "ok    $rel ($ARCHS, $CXX_STD, torch $TORCH_VERSION) in $(( $(date +%s) - start )) s"
   # Compiler warnings, without ptxas -v's report (summarised below).
   grep -v -e '^ptxas info' -e 'bytes stack frame' "$log" >&2 || true
   # Demangled kernel names without their argument lists (the template arguments say which instantiation).

@@ -72,6 +72,16 @@ def pytest_runtest_makereport(item, call):
             report.longrepr = f"cuda-marked test skipped on a machine with a GPU: {why}"
 
 
+@pytest.fixture
+def torchsde_ref():
+    """diffpure_fast.testing.torchsde_reference (DiffPure's pipeline over torchsde); the test skips where torchsde is
+    not installed (a GPU machine without its carried wheel), so no test module imports torchsde at collection."""
+    pytest.importorskip("torchsde")
+    from diffpure_fast.testing import torchsde_reference
+
+    return torchsde_reference
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Small networks run fastest on one thread (and keep a shared machine responsive)."""

@@ -49,7 +49,7 @@ def test_apgd_trajectory_equals_autoattack(digits, norm, eps, loss):
     x, y, clf = digits
     ids = torch.arange(x.shape[0])
     x0 = apgd_start(x, ids, norm=norm, eps=eps, seed=5)
-    pkg_model, ours_model = Recorder(clf), Recorder(clf)
+    pkg_model, ours_model = Recorder(clf).eval(), Recorder(clf).eval()
     target = None
     kw = dict(n_iter=30, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, seed=0, device="cpu")
     if loss == "dlr-targeted":

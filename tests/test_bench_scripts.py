@@ -3,14 +3,18 @@ on CPU), one scaling point, the plots, the network profile's categories, the gui
 plain pytest never collects the benchmark suite."""
 
 import csv
+import functools
+import importlib.util
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import diffpure_fast as dpf
+from diffpure_fast.models import NCSNpp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,15 +34,16 @@ def test_bench_gpu_exits_with_a_message_without_a_gpu():
     assert out.returncode != 0 and "no CUDA GPU is visible" in out.stderr and "nothing was measured" in out.stderr
 
 
-def test_bench_gpu_rows_and_table_with_cuda_calls_stubbed(monkeypatch, tmp_path, one_thread):
-    """The row loop and the report, on CPU with a tiny network: what runs before the first GPU exists."""
-    from diffpure_fast.models import NCSNpp
-
-    for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+@pytest.fixture
+def stub_cuda(monkeypatch):
+    """bench_gpu's CUDA calls stubbed on CPU; returns the log of the memory-counter calls, in order."""
+    calls = []
+    for name in ("synchronize", "empty_cache"):
         monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a, **k: calls.append("reset"))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: 0)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a, **k: 0)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 2 ** 20)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stub GPU")
     monkeypatch.setattr(bench_gpu, "device_peak_gbps", lambda device: None)
 
     def tiny(name, device, compiled):
@@ -47,16 +52,88 @@ def test_bench_gpu_rows_and_table_with_cuda_calls_stubbed(monkeypatch, tmp_path,
         return dpf.EpsModel(net, time_input="continuous")
 
     monkeypatch.setattr(bench_gpu, "score_model", tiny)
-    args = bench_gpu.argparse.Namespace(nets="ncsnpp", batches="1", variants="eager,bf16,official", steps=2,
-                                        repeats=1, step_elements=0, output=str(tmp_path / "gpu.md"))
-    rows = bench_gpu.purify_rows(args, torch.device("cpu"))
-    assert [r["variant"] for r in rows] == ["eager", "bf16", "official"]
-    assert all(r["steps"] == 2 and r["images_per_s"] > 0 and r["peak_mib"] == 1.0 for r in rows)
-    bench_gpu.write(args, rows, [], torch.device("cpu"))
-    table = (tmp_path / "gpu.md").read_text()
-    assert "stub GPU" in table and "| ncsnpp | bf16 | 1 | 2 |" in table
+    return calls
+
+
+def _gpu_args(tmp_path, **kw):
+    return bench_gpu.argparse.Namespace(**{**dict(nets="ncsnpp", batches="1", steps="2", repeats=1, budget_s=None,
+                                                  output=str(tmp_path / "gpu.md")), **kw})
+
+
+def test_bench_gpu_rows_and_table_with_cuda_calls_stubbed(stub_cuda, tmp_path, one_thread):
+    """The row loop and the report, on CPU with a tiny network: what runs before the first GPU exists."""
+    args = _gpu_args(tmp_path, variants="eager,bf16,official,full")
+    out = tmp_path / "gpu.md"
+    rows = bench_gpu.purify_rows(args, torch.device("cpu"), on_row=functools.partial(
+        bench_gpu._written, out.with_suffix(".csv"), bench_gpu.PURIFY_COLUMNS, out, "test"))
+    assert [r["variant"] for r in rows] == ["eager", "bf16", "official", "full"]
+    # Without torchsde (the GPU machine unless its wheels travel) the official row is reported as skipped.
+    official = "ok" if importlib.util.find_spec("torchsde") else "skipped: torchsde is not installed"
+    assert [r["status"] for r in rows] == ["ok", "ok", official, "ok"]
+    measured = [r for r in rows if r["status"] == "ok"]
+    assert all(r["steps"] == 2 and r["full_steps"] == 100 and r["images_per_s"] > 0 and r["peak_mib"] == 1.0
+               for r in measured)
+    # The peak counter is reset once per measured row, after its first (compiling, capturing) call.
+    assert stub_cuda == ["reset"] * len(measured)
+    table = out.read_text()
+    assert "| ncsnpp | bf16 | 1 | 2 |" in table and "| ncsnpp | official | 1 | 2 |" in table
     with (tmp_path / "gpu.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == 3
+        assert [r["status"] for r in csv.DictReader(f)] == [r["status"] for r in rows]
+
+
+def test_bench_gpu_peak_excludes_the_first_call(stub_cuda):
+    """The peak counter is reset after the first call (compilation, capture) and before the timed ones."""
+    bench_gpu.measure(lambda: stub_cuda.append("call"), repeats=2)
+    assert stub_cuda == ["call", "reset", "call", "call"]
+
+
+@pytest.mark.cuda
+def test_cuda_step_providers_time_kernels_alone():
+    """The fused-step rows of bench_sde_step / bench_gpu: no provider synchronises inside a timed call (the CUDA
+    op's per-call check of the ids did, Triton's launcher never did: their rows were not comparable)."""
+    from benchmarks.bench_sde_step import providers
+
+    x, eps, z = (torch.randn(4, 4096, device="cuda") for _ in range(3))
+    calls = providers(x, eps, z, torch.arange(4, device="cuda"), with_reference=True)
+    assert {"cuda", "cuda_z"} <= set(calls)
+    for fn, _ in calls.values():
+        fn()  # warm-up: Triton compiles here
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_bench_gpu_budget_skips_and_reports_rows(stub_cuda, tmp_path, monkeypatch, one_thread):
+    args = _gpu_args(tmp_path, variants="compiled,eager", batches="1,2", steps="1:2,2:1", budget_s=60.0)
+    monkeypatch.setattr(bench_gpu, "_START", time.monotonic() - 45.0)  # 15 s left: too little for a compile
+    rows = bench_gpu.purify_rows(args, torch.device("cpu"))
+    assert [(r["batch"], r["variant"], r["steps"]) for r in rows] == [
+        (1, "eager", 2), (2, "eager", 1), (1, "compiled", 2), (2, "compiled", 1)]  # compiles last
+    assert [r["status"] for r in rows[:2]] == ["ok", "ok"]
+    assert all(r["status"].startswith("skipped: 1") and r["status"].endswith("s left of --budget-s 60")
+               and "ms_per_step" not in r for r in rows[2:])
+    with pytest.raises(SystemExit, match="--steps: names no step count for batch sizes \\[2\\]"):
+        bench_gpu.parse_steps("1:5", [1, 2])
+
+
+def test_beyond_l2_sizes_stream_from_dram():
+    from benchmarks import bench_sde_step
+
+    class H200:
+        L2_cache_size = 60 * 2 ** 20
+
+    def sizes(props, element_size=4):
+        import unittest.mock
+
+        with unittest.mock.patch.object(torch.cuda, "get_device_properties", lambda d: props):
+            return bench_sde_step.beyond_l2_sizes(torch.device("cuda"), element_size)
+
+    assert sizes(H200) == [64 * 2 ** 20, 256 * 2 ** 20]  # 256 MiB and 1 GiB per float32 tensor, > 60 MB
+    assert all(n * 4 >= 4 * H200.L2_cache_size for n in sizes(H200))
+    assert bench_sde_step.parse_sizes("64K,1M,7") == [65536, 1 << 20, 7]
 
 
 @pytest.mark.parametrize("mode", ["none", "full_cache", "adjoint"])

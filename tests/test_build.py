@@ -36,6 +36,38 @@ def test_default_arch_list_embeds_ptx_for_the_newest_arch():
     assert numbers == sorted(numbers) and {8.0, 9.0} <= set(numbers)
 
 
+# Excerpts of torch.utils.cpp_extension: 2.11 builds extensions as C++17 (its docstring's example says c++20), 2.13
+# as C++20.
+_TORCH_2_11 = """
+        ...                 extra_compile_args={'cxx': ['-g', '-std=c++20', '-fPIC']})
+            cpp_flag = cpp_flag_prefix + 'c++17'
+                cuda_cflags = ['-std=c++17']
+    common_cflags += ['-std=c++17', '-fPIC']
+"""
+_TORCH_2_13 = _TORCH_2_11.replace("c++17", "c++20")
+
+
+@pytest.mark.parametrize("source, expected", [
+    (_TORCH_2_11, "c++17"),
+    (_TORCH_2_13, "c++20"),
+    (_TORCH_2_11.replace("cpp_flag = cpp_flag_prefix + 'c++17'", ""), "c++17"),  # the most frequent flag
+])
+def test_cxx_standard_of_torchs_extension_builder(source, expected):
+    assert _build.cxx_standard(source) == expected
+
+
+def test_cxx_standard_of_the_installed_torch():
+    import inspect
+
+    import torch.utils.cpp_extension as ext
+
+    std = _build.cxx_standard(inspect.getsource(ext))
+    assert std in ("c++17", "c++20")
+    with pytest.raises(ValueError, match="cpp_extension_source"):
+        _build.cxx_standard("no flags here")
+    assert '"-std=$CXX_STD"' in (ROOT / "scripts" / "check_cuda_compile.sh").read_text()
+
+
 def test_setup_py_leaves_arch_detection_to_torch():
     """No hard-coded -gencode in setup.py: it would stop torch's detection of the visible GPU and embed no PTX."""
     text = (ROOT / "setup.py").read_text()

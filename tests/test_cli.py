@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -133,7 +134,7 @@ def test_reduced_demo_report_is_consistent(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--output", out, "--n-images", "6", "--adaptive-images", "4", "--steps", "3", "--t-star", "0.05",
             "--pgd-steps", "2", "--adaptive-steps", "1", "--eot", "2", "--batch-size", "4", "--guided-images", "2",
-            "--guided-eot", "1", "--n-eval", "2"]
+            "--guided-eot", "1", "--n-eval", "2", "--ode-images", "3"]
     rc, stdout, err = _run(argv, capsys)
     assert rc == 0, err
     report = json.loads((out / "report.json").read_text())
@@ -146,6 +147,14 @@ def test_reduced_demo_report_is_consistent(tmp_path, capsys):
     assert ad["single_shot"]["total"] == 4 and r["clean_undefended"]["total"] == 6
     assert ad["worst_of_n"]["correct"] <= ad["single_shot"]["correct"] and ad["mean"]["total"] == 4 * s["n_eval"]
     assert r["linf_check"]["pgd"] <= s["eps"] + 1e-6 and r["linf_check"]["adaptive"] <= s["eps"] + 1e-6
+    # The ODE against the SDE on the first 3 images: the SDE's rows are its main rows' first 3 images.
+    ode = r["ode_vs_sde"]
+    assert ode["images"] == 3 and ode["settings"]["diffusion_type"] == "ode"
+    for kind in ("sde", "ode"):
+        assert ode[kind]["clean_defended"]["total"] == 3 and ode[kind]["adaptive"]["single_shot"]["total"] == 3
+        assert ode[kind]["adaptive"]["linf"] <= s["eps"] + 1e-6
+    assert ode["sde"]["adaptive"]["single_shot"]["correct"] <= ad["single_shot"]["correct"]
+    assert "## Noise injection: the probability-flow ODE" in (out / "report.md").read_text()
     # One section per guided method, every adaptive row within the budget.
     from diffpure_fast.demo import GUIDED_ATTACKS
 
@@ -197,3 +206,170 @@ def test_purify_with_a_guided_method_matches_the_python_api(tmp_path, capsys):
     rc, _, err = _run(["purify", "--model", "digits", "--method", "gdmp", "--input", tmp_path / "in.pt",
                        "--output", tmp_path / "out2.pt", "--t-star", "0.2"], capsys)
     _assert_one_line_error(rc, err, "--t-star")
+
+
+# ------------------------------------------------------------------------------- issue 17: errors in CLI words
+def _api_keywords() -> set[str]:
+    """Every keyword of the Python API whose name differs from its CLI flag: these must never appear in a CLI
+    error (the flag, or a remedy that exists on the command line, must)."""
+    from dataclasses import fields
+
+    from diffpure_fast.demo import DemoConfig
+    from diffpure_fast.eval.harness import EvalConfig
+    from diffpure_fast.methods import METHODS
+
+    names = {f.name for f in fields(dpf.PurifyConfig)} | {f.name for f in fields(EvalConfig)}
+    names |= {f.name for f in fields(DemoConfig)}
+    for m in METHODS.values():
+        names |= set(m.Options.names())
+    names |= {"family", "trust_checkpoint", "checkpoint", "classifier", "auxiliary", "data", "labels", "defense",
+              "output", "overwrite", "noise_ids", "x"}
+    return {n for n in names if "_" in n} | {"family=", "grad_mode=", "x:", "method="}
+
+
+@needs_weights
+def test_purify_float_images_in_0_255_name_the_cli_flag(tmp_path, capsys):
+    x = _digits(2) * 255
+    np.save(tmp_path / "in.npy", x.numpy())
+    rc, _, err = _run(["purify", "--model", "digits", "--input", tmp_path / "in.npy", "--output", tmp_path / "o.npy",
+                       *FAST], capsys)
+    _assert_one_line_error(rc, err, "--value-range")
+    assert "value_range" not in err and str(tmp_path / "in.npy") in err, err
+    # the remedy exists: --value-range 0 255 purifies them in that range, as the API's value_range=(0, 255)
+    rc, _, err = _run(["purify", "--model", "digits", "--input", tmp_path / "in.npy", "--output", tmp_path / "o.npy",
+                       "--value-range", "0", "255", *FAST], capsys)
+    assert rc == 0, err
+    ref = dpf.purify(x, dpf.load_score_model("digits"), t_star=0.05, steps=3, seed=0, value_range=(0, 255))
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "o.npy")), ref, rtol=0, atol=1e-3)
+    # the API names its own keyword
+    with pytest.raises(ValueError, match=r"x: values must lie in value_range .*pass value_range"):
+        dpf.purify(x, dpf.load_score_model("digits"), t_star=0.05, steps=3)
+
+
+@needs_weights
+@pytest.mark.parametrize("argv, flag", [
+    (["purify", "--t-star", "0"], "--t-star"),
+    (["purify", "--t-star", "0.0001"], "--t-star"),
+    (["purify", "--steps", "0"], "--steps"),
+    (["purify", "--steps", "200", "--solver", "ddpm", "--t-star", "0.1"], "--steps"),
+    (["purify", "--solver", "ddpm", "--dt", "0.01"], "--dt"),
+    (["purify", "--method", "agdm", "--guidance-scale", "-1"], "--guidance-scale"),
+    (["purify", "--method", "agdm", "--auxiliary", "nowhere.pt"], "--auxiliary"),
+    (["purify", "--model", "guided_diffusion", "--checkpoint", "nowhere.pt"], "--checkpoint"),
+    (["purify", "--model", "score_sde", "--checkpoint", "{adm}"], "use --model guided_diffusion"),
+    (["purify", "--model", "guided_diffusion", "--checkpoint", "{evil}"], "--trust-checkpoint"),
+    (["purify", "--value-range", "1", "0"], "--value-range"),
+    (["purify", "--input", "{u8}", "--value-range", "0", "255"], "--value-range"),
+    (["eval", "--attack-steps", "-1"], "--attack-steps"),
+    (["eval", "--steps", "0"], "--steps"),
+    (["eval", "--eot", "0"], "--eot"),
+    (["eval", "--eps", "8"], "--eps"),
+    (["eval", "--n-images", "100000"], "--n-images"),
+    (["eval", "--start", "100000"], "--start"),
+    (["eval", "--attack", "bpda-eot", "--grad-mode", "full"], "--grad-mode bpda"),
+    (["eval", "--grad-mode", "surrogate", "--surrogate-steps", "50", "--t-star", "0.02"], "--surrogate-steps"),
+    (["eval", "--grad-mode", "adjoint", "--steps", "3"], "--grad-mode"),
+    (["eval", "--defense", "gdmp", "--guidance-grad", "straight_through"], "--guidance-grad"),
+    (["eval", "--classifier", "nowhere.pt"], "--classifier"),
+    (["eval", "--data", "nowhere.npz"], "--data"),
+    (["eval", "--data", "{u8}"], "--labels"),
+    (["eval", "--output", "{prev}", "--eps", "0.2"], "--overwrite"),
+    (["demo", "--adaptive-images", "0"], "--adaptive-images"),
+    (["demo", "--n-images", "10", "--guided-images", "11"], "--guided-images"),
+    (["demo", "--n-images", "5000"], "--n-images"),
+    (["demo", "--eot", "0"], "--eot"),
+    (["demo", "--t-star", "2"], "--t-star"),
+    (["demo", "--full-steps", "--dt", "0.002"], "--full-steps"),
+    (["report", "{tmp}"], "config.json"),
+])
+def test_cli_errors_name_flags_never_api_keywords(tmp_path, capsys, argv, flag):
+    torch.save(create_adm_state_dict(), tmp_path / "adm.pt")
+    np.save(tmp_path / "u8.npy", np.zeros((1, 1, 16, 16), np.uint8))
+    np.save(tmp_path / "ok.npy", np.zeros((1, 1, 16, 16), np.float32))
+    torch.save({"step": _Evil()}, tmp_path / "evil.pt")
+    prev = tmp_path / "prev"
+    if "{prev}" in argv:
+        assert main(["eval", "--output", str(prev), "--n-images", "1", "--steps", "1", "--attack-steps", "0",
+                     "--eot", "1", "--n-eval", "1", "--eps", "0.1", "--quiet"]) == 0
+        capsys.readouterr()
+    subs = {"{adm}": tmp_path / "adm.pt", "{evil}": tmp_path / "evil.pt", "{u8}": tmp_path / "u8.npy",
+            "{prev}": prev, "{tmp}": tmp_path}
+    argv = [str(subs.get(a, a)) for a in argv]
+    command = argv[0]
+    if command == "purify":
+        if "--model" not in argv:
+            argv += ["--model", "digits"]
+        if "--input" not in argv:
+            argv += ["--input", str(tmp_path / "ok.npy")]
+        argv += ["--output", str(tmp_path / "o.npy"), "--no-progress"]
+    elif command == "eval":
+        if "--output" not in argv:
+            argv += ["--output", str(tmp_path / "e")]
+        argv += ["--n-images", "1", "--quiet"] if "--n-images" not in argv else ["--quiet"]
+    elif command == "demo":
+        argv += ["--output", str(tmp_path / "d")]
+    rc, _, err = _run(argv, capsys)
+    _assert_one_line_error(rc, err, flag)
+    words = set(err.replace("(", " ").replace(")", " ").replace(",", " ").replace(";", " ").split())
+    leaked = {k for k in _api_keywords() if k in words or (k.endswith(("=", ":")) and k in err)}
+    assert not leaked and "Python API option" not in err, (leaked, err)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("never printed",))
+
+
+def create_adm_state_dict():
+    from diffpure_fast.models import create_adm_model
+
+    return create_adm_model({"image_size": 16, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2",
+                             "attention_resolutions": "8", "num_head_channels": 16, "learn_sigma": True,
+                             "use_fp16": False}).state_dict()
+
+
+def test_missing_optional_packages_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    from diffpure_fast.data import digits as digits_data
+
+    digits_data._split_indices.cache_clear()
+    monkeypatch.setitem(sys.modules, "sklearn", None)             # scikit-learn is not installed
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    rc, _, err = _run(["eval", "--output", tmp_path / "e", "--n-images", "1", "--quiet"], capsys)
+    _assert_one_line_error(rc, err, "scikit-learn")
+    assert "pip install scikit-learn" in err and "ModuleNotFoundError" not in err
+    monkeypatch.setitem(sys.modules, "PIL", None)                 # Pillow is not installed
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)
+    (tmp_path / "imgs").mkdir()
+    rc, _, err = _run(["purify", "--model", "digits", "--input", tmp_path / "imgs", "--output", tmp_path / "o",
+                       "--no-progress"], capsys)
+    _assert_one_line_error(rc, err, "pip install pillow")
+    digits_data._split_indices.cache_clear()
+    # a forced kernel implementation that cannot run here fails before the work, not at the first solver step
+    from diffpure_fast import ops
+
+    monkeypatch.setattr(ops, "forced_impl", lambda: "triton")
+    monkeypatch.setattr(ops, "available", lambda name: False)
+    rc, _, err = _run(["purify", "--model", "digits", "--input", tmp_path / "imgs", "--output", tmp_path / "o"],
+                      capsys)
+    _assert_one_line_error(rc, err, "DIFFPURE_FAST_IMPL=triton: that implementation is not available")
+
+
+@needs_weights
+def test_demo_options_are_honoured(tmp_path, capsys, monkeypatch):
+    """--dt was dropped (the demo ran dt = 1e-3) and --adaptive-images 0 meant all images."""
+    import diffpure_fast.demo as demo
+
+    seen = {}
+
+    def fake_run_demo(output, cfg, **kw):
+        seen["cfg"] = cfg
+        (tmp_path / "report.md").write_text("ok")
+        return {"timings_s": {"total": 0.0}}
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    rc, _, err = _run(["demo", "--output", tmp_path, "--dt", "0.005", "--adaptive-images", "7"], capsys)
+    assert rc == 0, err
+    cfg = seen["cfg"]
+    assert cfg.purify_kwargs == {"t_star": 0.1, "steps": None, "dt": 0.005} and cfg.adaptive_images == 7
+    rc, _, err = _run(["demo", "--output", tmp_path, "--full-steps"], capsys)
+    assert rc == 0 and seen["cfg"].purify_kwargs["dt"] == 1e-3 and seen["cfg"].purify_kwargs["steps"] is None

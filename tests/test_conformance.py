@@ -1,7 +1,9 @@
 """Parity with the official DiffPure code on the shared conformance vectors (see shared/conformance/README.md).
 
-The vectors live in ``../shared/conformance/`` relative to the repository root, or in the directory named by
-``DIFFPURE_FAST_CONFORMANCE_DIR``; without them these tests are skipped.
+The vectors live in ``../shared/conformance/`` (the sde runner's) and its ``runners/`` folder (the ode, ldsde,
+guided-diffusion ddpm and celebahq-ddpm runners') relative to the repository root, or in the directory named by
+``DIFFPURE_FAST_CONFORMANCE_DIR`` (and its ``runners/``); without them these tests are skipped. Nothing here depends
+on the vectors' sizes.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from diffpure_fast.models import load_score_model
 
 REPO = Path(__file__).resolve().parents[1]
 VEC_DIR = Path(os.environ.get("DIFFPURE_FAST_CONFORMANCE_DIR", REPO.parent / "shared" / "conformance"))
-FILES = sorted(VEC_DIR.glob("*.pt")) if VEC_DIR.is_dir() else []
+FILES = sorted(VEC_DIR.glob("*.pt")) + sorted(VEC_DIR.glob("runners/*.pt")) if VEC_DIR.is_dir() else []
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(
     not FILES, reason=f"no conformance vectors found in {VEC_DIR} (set DIFFPURE_FAST_CONFORMANCE_DIR to their folder)")]
@@ -25,9 +27,22 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(
 
 
 
-@pytest.fixture(scope="module", params=FILES, ids=[f.name for f in FILES])
-def vec(request):
-    return conformance.load_vector(str(request.param))
+VECTORS = {f: conformance.load_vector(str(f)) for f in FILES}
+SCORE_FILES = [f for f in FILES if "score_call" in VECTORS[f]]      # every sde vector, celebahq_ddpm_small.pt
+SDE_FILES = [f for f in FILES if "purify" in VECTORS[f]]
+RUNNER_FILES = [f for f in FILES if VECTORS[f].get("runner")]
+
+
+def _vec_fixture(files):
+    @pytest.fixture(scope="module", params=files, ids=[f.name for f in files])
+    def fixture(request):
+        return VECTORS[request.param]
+    return fixture
+
+
+vec = _vec_fixture(FILES)
+score_vec = _vec_fixture(SCORE_FILES)
+sde_vec = _vec_fixture(SDE_FILES)
 
 
 def _model(vec):
@@ -40,11 +55,17 @@ def _scaled(expected: torch.Tensor, tol: float) -> float:
     return tol * max(1.0, expected.abs().max().item())
 
 
-def test_score_call(vec):
+def test_score_call(score_vec):
+    vec = score_vec
     family, model = _model(vec)
     sc = vec["score_call"]
     with torch.no_grad():
-        if family == "score_sde":
+        if family == "celebahq_ddpm":   # integer steps
+            out = model.net(sc["x"], sc["t"])
+            bound = _scaled(sc["expected_model_output"], 1e-5)
+            err = (out - sc["expected_model_output"]).abs().max().item()
+            assert err <= bound, f"model output max abs error {err:.3e} > {bound:.3e}"
+        elif family == "score_sde":
             err = (model.score(sc["x"], sc["t"]) - sc["expected_score"]).abs().max().item()
             assert err <= 1e-5, f"score max abs error {err:.3e} > 1e-5"
         else:
@@ -71,7 +92,8 @@ def test_checkpoint_parameter_order(vec):
         assert [n for n, _ in model.net.named_parameters()] == list(vec[key])
 
 
-def test_purify(vec):
+def test_purify(sde_vec):
+    vec = sde_vec
     try:
         from diffpure_fast import purify
     except ImportError as exc:  # the engine is developed alongside; the network checks do not need it
@@ -118,3 +140,39 @@ def test_tolerance_scales_with_the_expected_tensor():
     assert Check("drift", 5e-5, 1e-5, scale=7.2).ok and not Check("drift", 8e-5, 1e-5, scale=7.2).ok
     assert not Check("small", 2e-5, 1e-5, scale=0.5).ok  # below magnitude 1 the bound stays tol (absolute)
     assert not Check("nan", float("nan"), 1e-5, scale=7.2).ok
+
+
+@pytest.mark.parametrize("path", RUNNER_FILES, ids=[f.name for f in RUNNER_FILES])
+def test_runner_vector(path):
+    """Every check of a runner vector passes: its purification (ode, ldsde, guided ddpm, celebahq-ddpm) with every
+    recorded draw replayed and, for the ODE, its forward diffusion and both gradients."""
+    vec = VECTORS[path]
+    checks = conformance.run_vector(vec)
+    names = {c.name for c in checks}
+    runner = vec["runner"]
+    expected = {f"{runner}.{k}" for k in vec[runner] if k.startswith("expected") or k == "x_t"}
+    assert expected <= names, f"unchecked: {sorted(expected - names)}"
+    bad = [f"{c.name}: {c.error:.3e} > {c.bound:.3e}" for c in checks if not c.ok]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("path", RUNNER_FILES, ids=[f.name for f in RUNNER_FILES])
+def test_cli_fails_on_a_runner_vector_moved_by_1e_2(path, tmp_path, capsys):
+    """The conformance command fails on a runner vector whose expected output (and, for the ODE, each gradient) is
+    moved by 1e-2 at one element: every moved tensor's own check fails."""
+    vec = dict(VECTORS[path])
+    runner = vec["runner"]
+    run = dict(vec[runner])
+    keys = [k for k in run if k.startswith("expected")]
+    for k in keys:
+        moved = run[k].clone()
+        moved.view(-1)[moved.numel() // 2] += 1e-2
+        run[k] = moved
+    vec[runner] = run
+    bad = tmp_path / path.name
+    torch.save(vec, bad)
+    assert conformance.main([str(bad), "--threads", "1"]) == 1
+    out = capsys.readouterr().out
+    for k in keys:
+        line = next(ln for ln in out.splitlines() if f" {runner}.{k}:" in ln)
+        assert line.endswith("FAIL"), line

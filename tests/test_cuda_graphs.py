@@ -6,18 +6,26 @@ the eager engine on CPU. The tests marked ``cuda`` capture real CUDA graphs and 
 engine (bit for bit) and with the CPU reference (to the kernels' noise tolerance).
 """
 
+import contextlib
 import functools
+import gc
+import weakref
 
 import pytest
 import torch
 
 import diffpure_fast as dpf
-from diffpure_fast import cuda_graphs, engine
+from diffpure_fast import cuda_graphs, engine, ops
+from diffpure_fast.chain import run_chain
 from diffpure_fast.engine import Noise
+from diffpure_fast.grad import differentiable_chain
+from diffpure_fast.models.base import with_autocast
 from diffpure_fast.testing.nets import tiny_score_model
 
 # Few steps keep the CPU tests fast (the tiny network makes each step cheap, the step count sets the time).
-PLANS = {"euler": dict(t_star=0.05, steps=5), "ddpm": dict(t_star=0.05, solver="ddpm", steps=4)}
+PLANS = {"euler": dict(t_star=0.05, steps=5), "ddpm": dict(t_star=0.05, solver="ddpm", steps=4),
+         "ode": dict(diffusion_type="ode", t_star=0.005),
+         "celebahq": dict(diffusion_type="celebahq-ddpm", t_star=0.004)}
 FAST = PLANS["euler"]
 
 
@@ -168,9 +176,6 @@ def test_in_place_change_before_backward_is_an_error():
 
 
 def test_model_is_not_kept_alive_by_its_graphs():
-    import gc
-    import weakref
-
     model = tiny_score_model()
     _, chain, graphs = _graphs(model, **FAST)
     graphs.run(torch.zeros(1, 3, 6, 5), chain, Noise(seed=0, sample_ids=torch.arange(1)))
@@ -180,10 +185,78 @@ def test_model_is_not_kept_alive_by_its_graphs():
     assert ref() is None
 
 
+@pytest.fixture
+def no_cycle_collector():
+    gc.collect()
+    gc.disable()
+    yield
+    gc.enable()
+
+
+def test_cleared_and_evicted_runners_are_freed_without_the_cycle_collector(no_cycle_collector):
+    """A runner (its graph, memory pool and static buffers) is freed as soon as the cache drops it: nothing in it
+    refers back to it, so reference counting alone frees it."""
+    model = tiny_score_model()
+    _, chain, graphs = _graphs(model, grad_mode="full", **FAST)
+    x = torch.zeros(2, 3, 6, 5)
+    graphs.run(x, chain, Noise(seed=0, sample_ids=torch.arange(2)))
+    graphs.vjp_runner(x, with_levels=False)
+    runners = [weakref.ref(r) for r in cuda_graphs._CACHE[model].values()]
+    assert len(runners) == 2
+    cuda_graphs.clear_cuda_graphs(model)
+    assert [r() for r in runners] == [None, None]
+    graphs.run(x, chain, Noise(seed=0, sample_ids=torch.arange(2)))
+    (first,) = (weakref.ref(r) for r in cuda_graphs._CACHE[model].values())
+    for seed in range(1, cuda_graphs.MAX_GRAPHS_PER_MODEL + 1):
+        graphs.run(x, chain, Noise(seed=seed, sample_ids=torch.arange(2)))
+    assert first() is None  # evicted, least recently used
+    runners = [weakref.ref(r) for r in cuda_graphs._CACHE[model].values()]
+    cuda_graphs.clear_cuda_graphs()  # every model's
+    assert len(runners) == cuda_graphs.MAX_GRAPHS_PER_MODEL and all(r() is None for r in runners)
+
+
+def test_capture_runs_on_the_warm_up_stream(monkeypatch):
+    """The capture is given its side stream explicitly (torch.cuda.graph's default capture stream is created once,
+    on whichever GPU captured first): checked on CPU with stand-ins for torch.cuda's stream and graph objects."""
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    current, seen = [Stream()], {}
+
+    @contextlib.contextmanager
+    def on_stream(stream):
+        before, current[0] = current[0], stream
+        yield
+        current[0] = before
+
+    def graph(cuda_graph, stream=None, **kw):
+        seen["graph stream"] = stream
+        return on_stream(stream)
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: current[0])
+    monkeypatch.setattr(torch.cuda, "stream", on_stream)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: d.index)
+    monkeypatch.setattr(cuda_graphs, "_SIDE_STREAMS", {})
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    for d in (torch.device("cuda", 1), torch.device("cuda", 0), torch.device("cuda", 1)):
+        calls.clear()
+        _, out = cuda_graphs._capture(lambda: calls.append(current[0]) or "out", d, warmup=2)
+        side = seen["graph stream"]
+        assert isinstance(side, Stream) and calls == [side, side, side] and out == "out"
+        assert cuda_graphs._SIDE_STREAMS[d.index] is side  # one side stream per device, reused
+    assert len(cuda_graphs._SIDE_STREAMS) == 2
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(cuda_graph=True, **FAST), "needs CUDA tensors"),
     (dict(cuda_graph=True, t_star=0.05, grad_mode="adjoint"), "cuda_graph: serves grad_mode"),
-    (dict(cuda_graph=True, method="gdmp", purify_step=2, max_iter=1), "unguided chains only"),
+    (dict(cuda_graph=True, method="gdmp", purify_step=2, max_iter=1), "chains without a per-step term only"),
+    (dict(cuda_graph=True, diffusion_type="ldsde", t_star=0.02), "chains without a per-step term only"),
     (dict(cuda_graph=True, **FAST, grad_mode="full", param_grads=True), "param_grads"),
     (dict(cuda_graph=True, **FAST, grad_mode="full", grad_cache_steps=2), "grad_cache_steps"),
     (dict(cuda_graph=1, **FAST), "cuda_graph: expected a bool"),
@@ -236,27 +309,68 @@ def _gpu_impls():
             pytest.param("reference", marks=pytest.mark.cuda)]
 
 
+@pytest.fixture
+def forced():
+    """forced(name): every fused step runs implementation ``name`` (ops.force_impl) until the test ends. (Setting
+    DIFFPURE_FAST_IMPL inside a test does nothing: it is read once, at import.)"""
+    previous = []
+
+    def force(name):
+        previous.append(ops.force_impl(name))
+
+    yield force
+    if previous:
+        ops.force_impl(previous[0])
+
+
 @pytest.mark.parametrize("impl", _gpu_impls())
 @pytest.mark.parametrize("plan", sorted(PLANS))
-def test_cuda_purify_matches_cpu_reference(exact_cuda, monkeypatch, impl, plan):
-    """Every GPU path (eager with each fused-step implementation, and its CUDA graph) against the CPU reference;
-    the captured graph against eager on the same implementation, bit for bit."""
-    from diffpure_fast.ops import _dispatch
-
-    if not _dispatch.available(impl):
+def test_cuda_purify_matches_cpu_reference(exact_cuda, forced, impl, plan):
+    """Every GPU path (eager with each fused-step implementation, and its CUDA graph: Triton's kernels inside a
+    captured graph too) against the CPU reference; the captured graph against eager on the same implementation, bit
+    for bit."""
+    if not ops.available(impl):
         pytest.skip(f"{impl} is not available")
-    monkeypatch.setenv("DIFFPURE_FAST_IMPL", impl)
     model = tiny_score_model()
     x = torch.rand(3, 3, 6, 5)
     kw = dict(seed=5, **PLANS[plan])
-    with monkeypatch.context() as m:
-        m.setenv("DIFFPURE_FAST_IMPL", "reference")
-        ref = dpf.purify(x, model, **kw)
+    forced("reference")
+    ref = dpf.purify(x, model, **kw)
+    forced(impl)
+    assert ops.default_impl_name(exact_cuda) == impl
     model_gpu = tiny_score_model().to(exact_cuda)
     eager = dpf.purify(x.to(exact_cuda), model_gpu, **kw)
     graphed = [dpf.purify(x.to(exact_cuda), model_gpu, cuda_graph=True, **kw) for _ in range(2)]
     assert torch.equal(graphed[0], eager) and torch.equal(graphed[1], eager)
     torch.testing.assert_close(eager.cpu(), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", _gpu_impls())
+def test_cuda_eager_chain_never_synchronises(exact_cuda, forced, impl):
+    """No device-to-host copy inside the chain, forward or exact backward, float32 or fp16 autocast: every step
+    runs under torch.cuda.set_sync_debug_mode("error") (the ids' range check, once a sync per step, is gone)."""
+    if not ops.available(impl):
+        pytest.skip(f"{impl} is not available")
+    forced(impl)
+    cfg = dpf.PurifyConfig.build(grad_mode="full", **FAST)
+    chain = cfg.chain(torch.float32)
+    x = torch.rand(2, 3, 6, 5, device=exact_cuda) * 2 - 1
+    noise = Noise(seed=3, sample_ids=torch.arange(2, device=exact_cuda))
+    model = tiny_score_model().to(exact_cuda)
+    results = []
+    for net in (model, with_autocast(model, "fp16")):
+        xg = x.clone().requires_grad_(True)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.no_grad():
+                y = run_chain(x, net, chain, noise)
+            out = differentiable_chain(xg, net, chain, noise, cfg, x_user=xg)
+            (g,) = torch.autograd.grad(out, xg, torch.ones_like(out))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        results.append((y, g))
+    assert all(torch.isfinite(t).all() for pair in results for t in pair)
 
 
 @pytest.mark.cuda
@@ -275,6 +389,39 @@ def test_cuda_graph_gradients_match_eager(exact_cuda, grad_mode):
         assert torch.equal(out, results[0][0])
         # Not bitwise: cuDNN/cuBLAS backward kernels may accumulate in a different order from one call to the next.
         torch.testing.assert_close(grad, results[0][1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.cuda
+def test_cuda_cleared_graphs_free_their_memory(exact_cuda, no_cycle_collector):
+    """Clearing the cache frees the graphs' static buffers and pools at once (reference counting alone)."""
+    model = tiny_score_model().to(exact_cuda)
+    x = torch.rand(4, 3, 6, 5, device=exact_cuda)
+    kw = dict(seed=1, **FAST, cuda_graph=True, grad_mode="full")
+
+    def purify_and_drop():
+        xg = x.clone().requires_grad_(True)
+        torch.autograd.grad(dpf.purify(xg, model, **kw).sum(), xg)
+        torch.cuda.synchronize()
+
+    purify_and_drop()  # the first capture also sets up what stays (cuBLAS/cuDNN workspaces, the side stream's)
+    cuda_graphs.clear_cuda_graphs(model)
+    base = torch.cuda.memory_allocated(exact_cuda)
+    purify_and_drop()
+    assert cuda_graphs.graph_count(model) == 2 and torch.cuda.memory_allocated(exact_cuda) > base
+    cuda_graphs.clear_cuda_graphs(model)
+    assert torch.cuda.memory_allocated(exact_cuda) == base
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_cuda_graph_on_a_second_gpu_after_the_first():
+    """A capture for cuda:1 after one for cuda:0 runs on cuda:1's own stream (it once ran on cuda:0's)."""
+    x = torch.rand(2, 3, 6, 5)
+    for dev in ("cuda:0", "cuda:1"):
+        model = tiny_score_model().to(dev)
+        eager = dpf.purify(x.to(dev), model, seed=3, **FAST)
+        graphed = dpf.purify(x.to(dev), model, seed=3, **FAST, cuda_graph=True)
+        assert graphed.device == torch.device(dev) and torch.equal(graphed, eager)
 
 
 @pytest.mark.cuda

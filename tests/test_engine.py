@@ -10,8 +10,7 @@ import diffpure_fast as dpf
 from diffpure_fast.engine import Noise, forward_diffuse, reverse_solve
 from diffpure_fast.schedule import DIFFPURE_SCHEDULE
 from diffpure_fast.solvers import reverse_time_grid
-from diffpure_fast.testing.nets import GaussianEps, tiny_score_model
-from diffpure_fast.testing.torchsde_reference import torchsde_purify
+from diffpure_fast.testing.nets import GaussianEps, TinyEpsNet, tiny_score_model
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
@@ -26,7 +25,7 @@ def _increments(t_star, shape, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("t_star", [0.1, 0.0375])
-def test_purify_matches_torchsde_euler(dtype, t_star):
+def test_purify_matches_torchsde_euler(torchsde_ref, dtype, t_star):
     model = tiny_score_model(dtype=dtype)
     g = torch.Generator().manual_seed(1)
     x = torch.rand((3, 3, 6, 5), generator=g, dtype=dtype) * 2 - 1
@@ -35,7 +34,7 @@ def test_purify_matches_torchsde_euler(dtype, t_star):
     ours = dpf.purify(x, model, t_star=t_star, forward_noise=z, increments=dw, value_range=(-1, 1))
     x_t = forward_diffuse(x, z, t_star, DIFFPURE_SCHEDULE)
     with torch.no_grad():
-        ref = torchsde_purify(x_t, model, t_star, increments=dw, grid=grid)
+        ref = torchsde_ref.torchsde_purify(x_t, model, t_star, increments=dw, grid=grid)
     err = (ours - ref).abs().max().item()
     assert err <= TOL[dtype] * max(1.0, ref.abs().max().item()), err
 
@@ -199,3 +198,118 @@ def test_model_channel_mismatch_is_named():
     model.in_channels = 1
     with pytest.raises(ValueError, match="channels"):
         dpf.purify(torch.rand(1, 3, 4, 4), model, t_star=0.01)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 17: a network in training mode is refused (never switched), numeric options are honoured exactly or
+# refused, the schedule follows the model.
+
+
+class _DropoutEps(torch.nn.Module):
+    """An epsilon network with dropout: random in training mode, a fixed function in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = TinyEpsNet(3, 8, seed=1)
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x, labels):
+        return self.drop(self.inner(x, labels))
+
+
+def test_score_network_in_training_mode_is_refused_and_eval_mode_is_deterministic():
+    net = _DropoutEps()                                    # a fresh module: training mode, dropout active
+    model = dpf.EpsModel(net, time_input="continuous")
+    x = torch.rand(2, 3, 5, 5, requires_grad=True)
+    kw = dict(t_star=0.05, steps=4, seed=3, grad_mode="full")
+    with pytest.raises(ValueError, match=r"model: has a submodule in training mode \('net'\).*dropout.*"
+                                         r"call model\.eval\(\) first"):
+        dpf.purify(x, model, **kw)
+    assert net.training                                    # refused, not switched
+    net.eval()
+    a, b = dpf.purify(x, model, **kw), dpf.purify(x, model, **kw)
+    (ga,) = torch.autograd.grad(a.sum(), x)
+    (gb,) = torch.autograd.grad(b.sum(), x)
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+    # Purifier owns its network: eval mode at construction and after .train(); switched back, it is refused
+    net.train()
+    pur = dpf.Purifier(model, **kw)
+    assert not net.training
+    pur.train()
+    assert torch.equal(pur(x), a)
+    pur.model.train()
+    with pytest.raises(ValueError, match="model: is in training mode"):
+        pur(x)
+    pur.model.eval()
+    pur.model.net.drop.train()                             # one submodule in training mode is enough
+    with pytest.raises(ValueError, match=r"model: has a submodule in training mode \('net\.drop'\)"):
+        pur(x)
+
+
+def test_classifier_in_training_mode_is_refused(tmp_path):
+    from diffpure_fast.attacks import DefendedClassifier
+
+    model = tiny_score_model()
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(48, 3))
+    pur = dpf.Purifier(model, t_star=0.05, steps=2, grad_mode="full")
+    with pytest.raises(ValueError, match=r"classifier: is in training mode.*call classifier\.eval\(\)"):
+        DefendedClassifier(pur, clf)
+    x, y = torch.rand(2, 3, 4, 4), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"classifier: .*training mode"):
+        dpf.evaluate(pur, clf, (x, y), tmp_path / "out", steps=1, eot=1, n_eval=1, progress=False)
+    assert not (tmp_path / "out").exists()              # refused before any work
+    defended = DefendedClassifier(pur, clf.eval())
+    clf[1].train()
+    with pytest.raises(ValueError, match=r"classifier: has a submodule in training mode \('1'\)"):
+        defended.logits(x, seed=0, noise_ids=torch.arange(2))
+    model.net.train()
+    with pytest.raises(ValueError, match=r"defense: .*training mode.*defense\.eval\(\)"):
+        DefendedClassifier(pur, clf.eval())
+
+
+def test_surrogate_steps_beyond_the_surrogate_level_is_an_error_not_a_cap():
+    model = tiny_score_model()
+    x = torch.rand(1, 3, 4, 4)
+    # t* = 0.01: level 10; 20 surrogate steps were silently 10 (and recorded as 20)
+    with pytest.raises(ValueError, match=r"surrogate_steps: expected at most 10.*level 10.*t_star=0\.01.*got 20"):
+        dpf.purify(x, model, t_star=0.01, grad_mode="surrogate", surrogate_steps=20)
+    with pytest.raises(ValueError, match=r"surrogate_steps: expected at most 5.*purify_step=5"):
+        dpf.Purifier(model, method="gdmp", purify_step=5, max_iter=1, grad_mode="surrogate", surrogate_steps=20)
+    cfg = dpf.Purifier(model, t_star=0.01, steps=4, grad_mode="surrogate", surrogate_steps=10).config
+    assert len(cfg.surrogate_chain(torch.float32)) == 10
+    assert cfg.resolved() == {"level": 10, "rounds": 1, "steps": 4, "surrogate_level": 10, "surrogate_steps": 10}
+
+
+def test_rounded_and_derived_values_are_recorded_as_used():
+    # DiffPure's level is round(N t*): rounded once, and the value used is in the description and the records
+    cfg = dpf.PurifyConfig.build(t_star=0.1234)
+    assert cfg.resolved() == {"level": 123, "rounds": 1, "steps": 124}
+    assert "used: level 123, rounds 1, steps 124" in cfg.describe()
+    from diffpure_fast.eval.defenses import describe_defense
+
+    desc = describe_defense(dpf.Purifier(tiny_score_model(), method="gdmp", purify_step=6, max_iter=2))
+    assert desc["resolved"] == {"level": 6, "rounds": 2, "steps": 12}
+    # an option that would not be used is an error, never ignored
+    with pytest.raises(ValueError, match="dt: give a step size dt or a step count steps, not both"):
+        dpf.PurifyConfig.build(t_star=0.1, steps=20, dt=1e-3)
+    with pytest.raises(ValueError, match="dt: solver='ddpm' walks discrete levels"):
+        dpf.PurifyConfig.build(t_star=0.1, solver="ddpm", dt=5e-3)
+    assert dpf.PurifyConfig.build(t_star=0.1, steps=20).options.dt is None     # the record says what ran
+    assert dpf.PurifyConfig.build(t_star=0.1).options.dt == 1e-3
+    with pytest.raises(ValueError, match="purify_step: expected at most 99 .*100 levels"):
+        dpf.purify(torch.rand(1, 3, 4, 4), dpf.EpsModel(TinyEpsNet().eval(), schedule=dpf.VPSchedule(num_levels=100)),
+                   method="gdmp", purify_step=120)
+
+
+def test_schedule_follows_the_model_and_a_contradicting_one_is_refused():
+    sched = dpf.VPSchedule(0.1, 10.0)
+    own = dpf.EpsModel(TinyEpsNet().eval(), schedule=sched)
+    x = torch.rand(2, 3, 4, 4)
+    a = dpf.purify(x, own, t_star=0.1, steps=3, seed=0)
+    assert torch.equal(a, dpf.purify(x, own, t_star=0.1, steps=3, seed=0, schedule=dpf.VPSchedule(0.1, 10)))
+    assert dpf.Purifier(own, t_star=0.1).config.schedule == sched
+    with pytest.raises(ValueError, match=r"schedule: .*beta_max=20.0.*contradicts the score model's own.*"
+                                         r"beta_max=10.0"):
+        dpf.purify(x, own, t_star=0.1, steps=3, schedule=dpf.DIFFPURE_SCHEDULE)
+    with pytest.raises(ValueError, match="schedule"):
+        dpf.Purifier(tiny_score_model(), schedule=sched)

@@ -356,3 +356,64 @@ def test_cli_autoattack_native_takes_iterations_and_eot(tmp_path):
     assert "2 iterations, 2 EOT" in rep["attack"] and rep["not_attacked"]["count"] == 0
     p = _run(["eval", "--attack", "autoattack", "--loss", "dlr", "--output", str(tmp_path / "x"), "--quiet"])
     assert p.returncode == 2 and "loss" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_resume_with_other_score_weights_or_classifier_is_refused(tmp_path):
+    # Issue 20's instance: the stored configuration named only the score model's class, so a rerun with another
+    # checkpoint "resumed" the old model's records. Now the weights' fingerprint decides.
+    kw = dict(n_images=1, steps=0, n_eval=1, eps=0.1, progress=False)
+    model = dpf.load_score_model("digits")
+    pur = build_defense(model, grad_mode="full", steps=1, dt=None)
+    evaluate(pur, "digits", "digits:test", tmp_path / "r", **kw)
+    other = dpf.load_score_model("digits")
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    with pytest.raises(ValueError, match="defense"):
+        evaluate(build_defense(other, grad_mode="full", steps=1, dt=None), "digits", "digits:test", tmp_path / "r",
+                 **kw)
+    clf = dpf.load_classifier("digits")
+    with torch.no_grad():
+        next(clf.parameters()).add_(1e-3)
+    with pytest.raises(ValueError, match="classifier"):
+        evaluate(pur, clf, "digits:test", tmp_path / "r", **kw)
+    evaluate(pur, "digits", "digits:test", tmp_path / "r", **kw)  # the same again resumes
+
+
+def test_report_without_matplotlib_is_written_and_says_so(tmp_path, monkeypatch, capsys):
+    """Issue 17: without matplotlib, evaluate computed everything and then died in the plots, with no report."""
+    from diffpure_fast.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # matplotlib is not installed
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    (tmp_path / "curve.png").write_bytes(b"an earlier run's plot")
+    rep = evaluate(None, dpf.load_classifier("digits"), "digits:test", tmp_path, eps=0.1, steps=1, eot=1, n_eval=1,
+                   n_images=2, batch_size=2, progress=False)
+    md = (tmp_path / "report.md").read_text()
+    assert rep["n_samples"] == 2 and "Plots not written: matplotlib is not installed; pip install matplotlib" in md
+    assert "curve.png" not in md and "grid.png" not in md and not (tmp_path / "curve.png").exists()
+    assert json.loads((tmp_path / "report.json").read_text())["plots"]["skipped"].startswith("Plots not written")
+    (tmp_path / "report.md").unlink()
+    assert main(["report", str(tmp_path), "--quiet"]) == 0       # the CLI too: the report, no traceback
+    assert "Plots not written" in (tmp_path / "report.md").read_text() and capsys.readouterr().err == ""
+
+
+def test_numpy_integers_are_integers_for_every_option(tmp_path):
+    """Issue 17: one integer rule (NumPy integers accepted, bool and floats refused, never rounded) everywhere."""
+    ints = dict(steps=1, restarts=1, eot=1, n_eval=1, n_images=2, start=0, seed=0, batch_size=2, chunk_size=2,
+                grid_images=0)
+    a = EvalConfig(**ints)
+    b = EvalConfig(**{k: np.int64(v) for k, v in ints.items()})
+    assert a == b and all(type(getattr(b, k)) is int for k in ints)
+    json.dumps(b.deciding())
+    for k in ints:
+        for bad in (True, float(ints[k]) + 0.0, 2.5):
+            with pytest.raises((ValueError, TypeError), match=k):
+                EvalConfig(**{**ints, k: bad})
+    clf = dpf.load_classifier("digits")
+    pur = build_defense(dpf.load_score_model("digits"), grad_mode="full", t_star=0.05, steps=np.int64(1),
+                        surrogate_steps=np.int32(3))
+    r1 = evaluate(pur, clf, "digits:test", tmp_path / "np", progress=False, eps=0.05,
+                  **{k: np.int64(v) for k, v in ints.items()})
+    pur = build_defense(dpf.load_score_model("digits"), grad_mode="full", t_star=0.05, steps=1, surrogate_steps=3)
+    r2 = evaluate(pur, clf, "digits:test", tmp_path / "py", progress=False, eps=0.05, **ints)
+    assert r1["robust"] == r2["robust"] and r1["configuration"] == r2["configuration"]

@@ -12,14 +12,6 @@ from diffpure_fast.schedule import DIFFPURE_SCHEDULE
 from diffpure_fast.solvers import reverse_time_grid
 from diffpure_fast.testing.memory import PeakMemoryCounter
 from diffpure_fast.testing.nets import tiny_score_model
-from diffpure_fast.testing.torchsde_reference import (
-    TorchsdeBrownianWalker,
-    forward_increments,
-    torchsde_purify,
-    torchsde_ts,
-)
-
-torchsde = pytest.importorskip("torchsde")
 
 # Relative-error bounds of the issue: float64 1e-6, float32 1e-4.
 REL = {torch.float64: 1e-6, torch.float32: 1e-4}
@@ -61,7 +53,7 @@ def test_full_matches_plain_autograd(dtype, solver):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_full_matches_torchsde_sdeint_autograd(dtype):
+def test_full_matches_torchsde_sdeint_autograd(torchsde_ref, dtype):
     model, x, w = _setup(dtype, t_star=0.02)
     t_star = 0.02
     grid = torch.from_numpy(reverse_time_grid(t_star, 1e-3, np.float64 if dtype == torch.float64 else np.float32))
@@ -74,31 +66,34 @@ def test_full_matches_torchsde_sdeint_autograd(dtype):
     ab = DIFFPURE_SCHEDULE.discrete_alpha_bar()[DIFFPURE_SCHEDULE.level_of(t_star) - 1].item()
     (g_ours,) = torch.autograd.grad((ours * w).sum(), x_t)
     x_t2 = (x * 2 - 1).requires_grad_(True)
-    ref = torchsde_purify(x_t2 * ab ** 0.5, model, t_star, increments=dw, grid=grid.to(dtype))
+    ref = torchsde_ref.torchsde_purify(x_t2 * ab ** 0.5, model, t_star, increments=dw, grid=grid.to(dtype))
     (g_ref,) = torch.autograd.grad((ref * w).sum(), x_t2)
     assert rel_err(ours.detach(), ref.detach()) <= REL[dtype]
     assert rel_err(g_ours, g_ref) <= REL[dtype]
 
 
-def test_adjoint_matches_torchsde_sdeint_adjoint(capsys):
+def test_adjoint_matches_torchsde_sdeint_adjoint(torchsde_ref, capsys):
+    import torchsde
+
     dtype = torch.float64
     model, x, w = _setup(dtype)
     t_star, b = 0.03, x.shape[0]
-    ts = torchsde_ts(t_star, dtype=dtype)
+    ts = torchsde_ref.torchsde_ts(t_star, dtype=dtype)
     bm = torchsde.BrownianInterval(t0=ts[0], t1=ts[-1], size=(b, x[0].numel()), dtype=dtype, entropy=5)
     grid = reverse_time_grid(t_star, 1e-3, np.float64)
-    dw = forward_increments(bm, grid, x)
+    dw = torchsde_ref.forward_increments(bm, grid, x)
     x_t = x * 2 - 1
     # torchsde's adjoint, parameters frozen (adjoint_params=()).
     y0 = x_t.clone().requires_grad_(True)
-    ref = torchsde_purify(y0, model, t_star, bm=bm, adjoint=True, adjoint_params=())
+    ref = torchsde_ref.torchsde_purify(y0, model, t_star, bm=bm, adjoint=True, adjoint_params=())
     (g_ref,) = torch.autograd.grad((ref * w).sum(), y0)
     # Ours, on the same Brownian path.
     cfg = PurifyConfig.build(t_star=t_star, grad_mode="adjoint")
     y1 = x_t.clone().requires_grad_(True)
+    walker = torchsde_ref.TorchsdeBrownianWalker
     out = differentiable_reverse_solve(y1, model, cfg.plan(dtype), Noise(seed=0, sample_ids=torch.arange(b),
                                        increments=dw), cfg, x_in=y1,
-                                       brownian_factory=lambda grid, noise, like: TorchsdeBrownianWalker(bm, like))
+                                       brownian_factory=lambda grid, noise, like: walker(bm, like))
     (g_adj,) = torch.autograd.grad((out * w).sum(), y1)
     # The exact gradient of the same discrete computation, for contrast.
     y2 = x_t.clone().requires_grad_(True)

@@ -413,3 +413,122 @@ def test_configs_as_namespaces():
     adm = create_adm_model(ADM_SMALL)
     m = load_score_model("guided_diffusion", adm.state_dict(), argparse.Namespace(**ADM_SMALL))
     assert m.net.model_channels == 32
+
+
+# ------------------------------------------------------------------------------------------- issue 17: configs
+def test_score_sde_beta_range_from_the_config_is_the_models_schedule():
+    import diffpure_fast as dpf
+
+    cfg = _sde_config(beta_max=10.0)
+    net = _randomize(NCSNpp.from_config(cfg), seed=2).eval()
+    model = load_score_model("score_sde", net.state_dict(), cfg)
+    assert model.schedule == dpf.VPSchedule(0.1, 10.0, 1000)
+    hand = EpsModel(net, time_input="continuous", schedule=dpf.VPSchedule(0.1, 10.0))
+    x = torch.rand(2, 3, 16, 16)
+    kw = dict(t_star=0.2, steps=3, seed=1)
+    ours = dpf.purify(x, model, **kw)
+    torch.testing.assert_close(ours, dpf.purify(x, hand, **kw), rtol=0, atol=0)
+    # it matters: DiffPure's 0.1..20 schedule (what the config was silently run with) gives another result
+    plain = EpsModel(net, time_input="continuous")
+    assert (ours - dpf.purify(x, plain, **kw)).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="schedule: .*contradicts"):
+        dpf.purify(x, model, schedule=dpf.DIFFPURE_SCHEDULE, **kw)
+    # continuous models take labels 999 t whatever num_scales says (score_sde's get_score_fn)
+    net2000 = _randomize(NCSNpp.from_config(_sde_config(num_scales=2000)), seed=2).eval()
+    m2000 = load_score_model("score_sde", net2000.state_dict(), _sde_config(num_scales=2000))
+    assert m2000.schedule.num_levels == 2000
+    t = torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        torch.testing.assert_close(m2000.eps(x, t), net2000(x, 999 * t), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training, match", [
+    ({"sde": "vesde"}, "config: training.sde is 'vesde': only 'vpsde'"),
+    ({"sde": "subvpsde"}, "config: training.sde is 'subvpsde'"),
+    ({"continuous": False}, "config: training.continuous is False"),
+])
+def test_score_sde_configs_of_other_sdes_are_refused(training, match):
+    cfg = _sde_config()
+    cfg["training"].update(training)
+    net = NCSNpp.from_config(_sde_config())
+    with pytest.raises(ValueError, match=match):
+        load_score_model("score_sde", net.state_dict(), cfg)
+    with pytest.raises(ValueError, match="config: model.beta_max: expected a value > beta_min"):
+        load_score_model("score_sde", net.state_dict(), _sde_config(beta_max=0.05))
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"noise_schedule": "cosine"}, "config: noise_schedule is 'cosine'"),
+    ({"predict_xstart": True}, "config: predict_xstart is True"),
+    ({"diffusion_steps": 4000, "rescale_timesteps": True}, "config: rescale_timesteps with diffusion_steps = 4000"),
+    ({"diffusion_steps": 4000.0}, "config: diffusion_steps: expected an int"),
+])
+def test_guided_configs_that_change_the_output_are_refused(extra, match):
+    sd = create_adm_model(ADM_SMALL).state_dict()
+    with pytest.raises(ValueError, match=match):
+        load_score_model("guided_diffusion", sd, {**ADM_SMALL, **extra})
+
+
+def test_guided_linear_schedule_of_other_lengths_is_supported():
+    import diffpure_fast as dpf
+
+    net = _randomize(create_adm_model(ADM_SMALL)).eval()
+    m = load_score_model("guided_diffusion", net.state_dict(), {**ADM_SMALL, "diffusion_steps": 500,
+                                                                "rescale_timesteps": False, "use_kl": True,
+                                                                "timestep_respacing": "250"})
+    # guided-diffusion's linear betas for T steps: linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T)
+    assert m.schedule == dpf.VPSchedule(0.1, 20.0, 500)
+    betas = torch.linspace(1e-4 * 2, 0.02 * 2, 500, dtype=torch.float64)
+    torch.testing.assert_close(m.schedule.discrete_betas(), betas)
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([0.5])
+    with torch.no_grad():
+        torch.testing.assert_close(m.eps(x, t), net(x, torch.tensor([250]))[:, :3], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------ issue 17: one state-dict normaliser
+@pytest.mark.parametrize("wrap", [
+    lambda sd: {"module." + k: v for k, v in sd.items()},                        # nn.DataParallel
+    lambda sd: {"_orig_mod." + k: v for k, v in sd.items()},                     # torch.compile
+    lambda sd: {"module._orig_mod." + k: v for k, v in sd.items()},              # both
+    lambda sd: {"state_dict": {"model." + k: v for k, v in sd.items()}},          # PyTorch Lightning
+    lambda sd: {"model_state_dict": sd, "epoch": 3},
+    lambda sd: {"ema": {"module." + k: v for k, v in sd.items()}},
+])
+def test_wrapped_state_dicts_load_alike_for_every_family(tmp_path, wrap):
+    net = _randomize(create_adm_model(ADM_SMALL)).eval()
+    path = tmp_path / "adm.pt"
+    torch.save(wrap(net.state_dict()), path)
+    adm = load_score_model("guided_diffusion", path, ADM_SMALL)
+    ref = load_score_model("guided_diffusion", net.state_dict(), ADM_SMALL)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0.2, 0.6])
+    with torch.no_grad():
+        torch.testing.assert_close(adm.eps(x, t), ref.eps(x, t), rtol=0, atol=0)
+    cfg = _sde_config()
+    sde = _randomize(NCSNpp.from_config(cfg), seed=3).eval()
+    torch.save(wrap(sde.state_dict()), tmp_path / "sde.pt")
+    got = load_score_model("score_sde", tmp_path / "sde.pt", cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(got.eps(x, t), sde(x, 999 * t), rtol=0, atol=0)
+
+
+def test_digits_weights_with_wrapper_prefixes_load(tmp_path):
+    from diffpure_fast.models.classifier import DigitsClassifier
+    from diffpure_fast.models.digits import load_digits_classifier, save_weights
+
+    clf = DigitsClassifier(channels=(4, 8), hidden=16).eval()
+    wrapped = torch.nn.DataParallel(clf)                       # keys "module.features.0.weight", ...
+    path = save_weights(wrapped, tmp_path / "c.safetensors", clf.config, kind="classifier")
+    x = torch.rand(2, 1, 16, 16)
+    assert torch.equal(load_digits_classifier(path=path)(x), clf(x))
+
+
+def test_a_key_missing_after_normalisation_names_the_file_and_the_key(tmp_path):
+    sd = {"module." + k: v for k, v in create_adm_model(ADM_SMALL).state_dict().items()}
+    del sd["module.out.2.bias"]
+    path = tmp_path / "dp.pt"
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match=rf"checkpoint '{path}': state dict does not match the network: missing "
+                                         rf"keys \['out.2.bias'\]"):
+        load_score_model("guided_diffusion", path, ADM_SMALL)
+    with pytest.raises(ValueError, match=r"checkpoint: holds several state dicts \('model', 'ema'\)"):
+        load_score_model("guided_diffusion", {"model": dict(sd), "ema": dict(sd)}, ADM_SMALL)

@@ -297,18 +297,23 @@ def test_opcheck(impl_name, layout, forced):
 
 @pytest.mark.parametrize("name", IMPLS)
 def test_public_op_checks_sample_ids(name, forced):
-    """One rule for every implementation: sample_ids (B,) int64 in [0, 2^32), else a ValueError naming them (the
-    reference would return non-finite noise, the CUDA and Triton kernels would wrap the ids silently)."""
+    """One rule for every implementation: sample_ids (B,) int64 in [0, 2^32) (a wider id would wrap onto another
+    id's noise). On CPU tensors an id out of range is a ValueError naming them; on GPU tensors, where checking the
+    values would synchronise every step, that sample's output is NaN and the others' are unchanged."""
     _impl(name)
     forced(name)
     x, eps, _, ids = _inputs((3, 2, 4, 4), torch.float32, _device(name))
     for bad in (-1, 1 << 32, (1 << 63) - 1, -(1 << 63)):
         bad_ids = ids.clone()
         bad_ids[1] = bad
-        with pytest.raises(ValueError, match=r"sample_ids must be in \[0, 2\^32\).*" + str(bad)):
-            sde_step(x, eps, *COEFFS, seed=SEED, sample_ids=bad_ids)
-        with pytest.raises(ValueError, match=r"sample_ids must be in \[0, 2\^32\)"):
-            sde_step(x, eps, *COEFFS, seed=SEED, sample_ids=bad_ids, guide=_guide(x))
+        for guide in (None, _guide(x)):
+            if x.device.type == "cpu":
+                with pytest.raises(ValueError, match=r"sample_ids must be in \[0, 2\^32\).*" + str(bad)):
+                    sde_step(x, eps, *COEFFS, seed=SEED, sample_ids=bad_ids, guide=guide)
+                continue
+            out = sde_step(x, eps, *COEFFS, seed=SEED, sample_ids=bad_ids, guide=guide)
+            good = sde_step(x, eps, *COEFFS, seed=SEED, sample_ids=ids, guide=guide)
+            assert out[1].isnan().all() and torch.equal(out[0::2], good[0::2])
     for bad_ids, what in ((ids[:1], r"\(1,\)"), (ids.float(), "float32"), (ids.to("meta"), "meta")):
         with pytest.raises(ValueError, match=f"sample_ids must be .*{what}"):
             torch.ops.diffpure_fast.sde_step_philox(x, eps, *COEFFS, SEED, bad_ids, 0, 1)
@@ -318,6 +323,20 @@ def test_public_op_checks_sample_ids(name, forced):
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, noise.sample_noise(SEED, edge_ids, 2, noise.STREAM_REVERSE, x), rtol=0,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n in IMPLS if n != "cpp"])
+def test_kernels_write_nan_for_an_out_of_range_id(name):
+    """The kernels themselves (no checks in front, as a GPU call runs them): a sample whose id lies outside
+    [0, 2^32) gets NaN, never the noise of the id it would wrap onto; the other samples are unchanged."""
+    impl = _impl(name)
+    x, eps, _, ids = _inputs((3, 2, 4, 5), torch.float32, _device(name))
+    good = impl.sde_step_philox(x, eps, *COEFFS, SEED, ids, 3, 1)
+    for bad in (-1, 1 << 32, (1 << 32) + int(ids[1])):
+        bad_ids = ids.clone()
+        bad_ids[1] = bad
+        out = impl.sde_step_philox(x, eps, *COEFFS, SEED, bad_ids, 3, 1)
+        assert out[1].isnan().all() and torch.equal(out[0::2], good[0::2])
 
 
 @pytest.mark.triton

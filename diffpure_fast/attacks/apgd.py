@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._validate import OptionError, check_choice, check_float, check_int
 from .pgd import EOT_REDUCTIONS, LOSSES, NORMS, TARGETED_LOSSES, eot_gradient
 from .randomness import attack_seed, derive_seed
 
@@ -120,26 +121,19 @@ def apgd_eot(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tenso
     Returns:
         an ``APGDResult``; ``x_best`` lies in the eps-ball and in [0, 1].
     """
-    if norm not in NORMS:
-        raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
-    if loss not in LOSSES + TARGETED_LOSSES:
-        raise ValueError(f"loss: expected one of {LOSSES + TARGETED_LOSSES}, got {loss!r}")
-    if eot_reduce not in EOT_REDUCTIONS:
-        raise ValueError(f"eot_reduce: expected one of {EOT_REDUCTIONS}, got {eot_reduce!r}")
-    for name, v, lo in (("steps", steps, 0), ("eot", eot, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
-    if not (isinstance(eps, (int, float)) and eps >= 0):
-        raise ValueError(f"eps: expected a float >= 0, got {eps!r}")
-    if not (isinstance(rho, (int, float)) and 0 < rho <= 1):
-        raise ValueError(f"rho: expected a float in (0, 1], got {rho!r}")
+    check_choice("norm", norm, NORMS)
+    check_choice("loss", loss, LOSSES + TARGETED_LOSSES)
+    check_choice("eot_reduce", eot_reduce, EOT_REDUCTIONS)
+    steps, eot = check_int("steps", steps, low=0), check_int("eot", eot, low=1)
+    eps = check_float("eps", eps, low=0.0)
+    rho = check_float("rho", rho, low=0.0, high=1.0, low_open=True)
     x = x.detach()
     b, dims = x.shape[0], [1] * (x.dim() - 1)
     if x_init is None:
         x_adv = apgd_start(x, sample_ids, norm=norm, eps=eps, seed=seed)
     else:
         if x_init.shape != x.shape:
-            raise ValueError(f"x_init: expected shape {tuple(x.shape)} (x's), got {tuple(x_init.shape)}")
+            raise OptionError("x_init", f"expected shape {tuple(x.shape)} (x's), got {tuple(x_init.shape)}")
         x_adv = x_init.detach().clone().clamp(0.0, 1.0)
     if oracle is None:
         oracle = eot_oracle(defended, y, sample_ids, seed=seed, noise_seed=noise_seed, eot=eot, loss=loss,

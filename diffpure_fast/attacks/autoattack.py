@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .._optional import INSTALL, MissingDependency
+from .._validate import OptionError
 from .apgd import apgd_eot
 from .pgd import ranked_targets
 from .randomness import derive_seed
@@ -51,24 +53,21 @@ AA_SETTINGS = {
                  "targets": 9, "queries": 5000},
 }
 _NORMS = {"linf": "Linf", "l2": "L2"}
-_INSTALL = {"autoattack": "pip install git+https://github.com/fra31/auto-attack",
-            "pyautoattack": "pip install pyautoattack"}
 
 
 def autoattack_package(package: str = "auto") -> tuple[str, object]:
     """(name, module) of the AutoAttack package to use: ``auto`` takes the git ``autoattack`` when importable, else
-    ``pyautoattack``. A missing package raises ImportError saying how to install it."""
+    ``pyautoattack``. A missing package raises ``MissingDependency`` (an ImportError) saying how to install it."""
     if package not in ("auto", *AA_PACKAGES):
-        raise ValueError(f"aa_package: expected 'auto' or one of {AA_PACKAGES}, got {package!r}")
+        raise OptionError("aa_package", f"expected 'auto' or one of {AA_PACKAGES}, got {package!r}")
     names = AA_PACKAGES if package == "auto" else (package,)
     for name in names:
         try:
             return name, importlib.import_module(name)
         except ImportError:
             continue
-    hint = " or ".join(f"`{_INSTALL[n]}`" for n in names)
-    raise ImportError(f"aa_package: the AutoAttack package {' / '.join(names)} is not installed; install it with "
-                      f"{hint}")
+    hint = " or ".join(f"`{INSTALL[n]}`" for n in names)
+    raise MissingDependency(f"{' / '.join(names)} is not installed (needed for AutoAttack); install it with {hint}")
 
 
 def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float, version: str,
@@ -76,9 +75,9 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
     """``aa_mode="as-released"``: the package's adversarial images (B, C, H, W) in [0, 1], unpatched (see the module
     docstring: on a randomized defense some of them are the clean inputs). model: ``model(x) -> logits``."""
     if version not in AA_VERSIONS:
-        raise ValueError(f"aa_version: expected one of {AA_VERSIONS}, got {version!r}")
+        raise OptionError("aa_version", f"expected one of {AA_VERSIONS}, got {version!r}")
     if norm not in _NORMS:
-        raise ValueError(f"norm: AutoAttack runs here with one of {tuple(_NORMS)}, got {norm!r}")
+        raise OptionError("norm", f"AutoAttack runs here with one of {tuple(_NORMS)}, got {norm!r}")
     name, mod = autoattack_package(package)
     device = device if device is not None else x.device
     if name == "autoattack":
@@ -125,9 +124,9 @@ def autoattack_native(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: to
     ``seed``; torch's global RNG, which the package's classes use, is restored afterwards.
     """
     if version not in AA_VERSIONS:
-        raise ValueError(f"aa_version: expected one of {AA_VERSIONS}, got {version!r}")
+        raise OptionError("aa_version", f"expected one of {AA_VERSIONS}, got {version!r}")
     if norm not in _NORMS:
-        raise ValueError(f"norm: AutoAttack runs here with one of {tuple(_NORMS)}, got {norm!r}")
+        raise OptionError("norm", f"AutoAttack runs here with one of {tuple(_NORMS)}, got {norm!r}")
     settings = AA_SETTINGS[version]
     out = NativeRun()
     opts = dict(eps=eps, steps=steps, norm=norm, eot=eot, chunk_size=chunk_size, progress=progress)

@@ -13,6 +13,8 @@ import contextlib
 import torch
 from torch import nn
 
+from .._validate import check_eval_mode
+
 __all__ = ["CallCountedModel", "DefendedClassifier"]
 
 
@@ -21,6 +23,8 @@ class DefendedClassifier(nn.Module):
 
     purifier: a ``Purifier`` (or any module with a ``seed`` attribute and ``forward(x, noise_ids=)``), its
     ``grad_mode`` decides the attack's gradient. classifier: images (B, C, H, W) in [0, 1] -> logits (B, K).
+    Both networks must have no submodule in training mode (``ValueError`` naming ``classifier`` or ``defense``
+    otherwise): nothing here switches a caller's network between modes.
     """
 
     def __init__(self, purifier: nn.Module | None, classifier: nn.Module):
@@ -31,6 +35,9 @@ class DefendedClassifier(nn.Module):
         if not callable(classifier):
             raise TypeError(f"classifier: expected an nn.Module mapping images to logits, got "
                             f"{type(classifier).__name__}")
+        check_eval_mode("classifier", classifier)
+        if purifier is not None:
+            check_eval_mode("defense", getattr(purifier, "model", None), remedy="defense.eval()")
         self.purifier = purifier
         self.classifier = classifier
 
@@ -66,6 +73,7 @@ class DefendedClassifier(nn.Module):
 
     def logits(self, x: torch.Tensor, *, seed: int, noise_ids: torch.Tensor) -> torch.Tensor:
         """(B, K) logits of the purified x; differentiable in x through the purifier's grad_mode."""
+        check_eval_mode("classifier", self.classifier)  # per call: cheap, and the caller may have switched it
         return self.classifier(self.purify(x, seed=seed, noise_ids=noise_ids))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

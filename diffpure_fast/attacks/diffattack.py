@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from .._validate import OptionError, check_choice, check_float
 from .apgd import GradientOracle
 from .pgd import LOSSES, TARGETED_LOSSES, _chunks, _copy_sum, attack_loss, eot_copies
 from .randomness import attack_seed
@@ -56,13 +57,12 @@ def diffattack_oracle(defended, y: torch.Tensor, sample_ids: torch.Tensor, *, se
     paper's Algorithm 2. The defense must be a Purifier with grad_mode "full" (ValueError naming grad_mode
     otherwise). loss: ``"ce"``, ``"dlr"``, ``"cw"`` or a targeted loss with ``target`` (B,) int64.
     """
-    if loss not in LOSSES + TARGETED_LOSSES:
-        raise ValueError(f"loss: expected one of {LOSSES + TARGETED_LOSSES}, got {loss!r}")
-    if not (isinstance(dev_weight, (int, float)) and not isinstance(dev_weight, bool) and dev_weight >= 0):
-        raise ValueError(f"dev_weight: expected a float >= 0, got {dev_weight!r}")
+    check_choice("loss", loss, LOSSES + TARGETED_LOSSES)
+    dev_weight = check_float("dev_weight", dev_weight, low=0.0)
     if defended.purifier is not None and defended.grad_mode != "full":
-        raise ValueError(f"grad_mode: DiffAttack differentiates the chain's intermediate states, which needs the exact "
-                         f"adjoint (grad_mode='full'); the defense has grad_mode={defended.grad_mode!r}")
+        raise OptionError("grad_mode", f"DiffAttack differentiates the chain's intermediate states, which needs the "
+                                       f"exact adjoint (grad_mode='full'); the defense has "
+                                       f"grad_mode={defended.grad_mode!r}")
     y_rep, t_rep, ids = eot_copies(y, target, sample_ids, eot)
 
     def oracle(x_k: torch.Tensor, k: int):

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import torch
 
+from .._validate import check_choice, check_int
 from .apgd import GradientOracle
 from .pgd import LOSSES, NORMS, TARGETED_LOSSES, _chunks, _copy_sum, attack_loss, eot_copies
 from .randomness import attack_seed
@@ -98,13 +99,9 @@ def diffhammer_oracle(defended, y: torch.Tensor, sample_ids: torch.Tensor, *, se
     Returns (the stepwise-averaged gradient (B, C, H, W), mean logits over the paths (B, K), mean loss (B,)).
     Cost per iterate: ``paths`` purifications without a graph and one with the gradient (against ``paths`` with the
     gradient for plain EOT)."""
-    if loss not in LOSSES + TARGETED_LOSSES:
-        raise ValueError(f"loss: expected one of {LOSSES + TARGETED_LOSSES}, got {loss!r}")
-    if norm not in NORMS:
-        raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
-    for name, v, lo in (("paths", paths, 1), ("em_steps", em_steps, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+    check_choice("loss", loss, LOSSES + TARGETED_LOSSES)
+    check_choice("norm", norm, NORMS)
+    paths, em_steps = check_int("paths", paths), check_int("em_steps", em_steps)
     y_rep, t_rep, ids = eot_copies(y, target, sample_ids, paths)
     state = {"avg": None}
 

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._validate import OptionError, OptionFileNotFoundError, OptionTypeError, check_eval_mode
+
 __all__ = ["LPIPS", "AlexNetFeatures", "SequentialFeatures", "VGG16Features", "load_lpips", "lpips_project"]
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -127,8 +129,8 @@ class LPIPS(nn.Module):
 
 def _read_state_dict(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"lpips: no such file {path} (the network's weights are read from a local file, "
-                                f"never downloaded)")
+        raise OptionFileNotFoundError("lpips", f"no such file {path} (the network's weights are read from a local "
+                                                f"file, never downloaded)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -137,15 +139,18 @@ def _read_state_dict(path: Path) -> dict:
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"lpips: {path} holds a {type(state).__name__}, expected a state dict")
+        raise OptionError("lpips", f"{path} holds a {type(state).__name__}, expected a state dict")
     return state
+
+
+_SPECS = "'digits', 'alexnet:PATH', 'vgg16:PATH' or 'module:function'"
 
 
 def load_lpips(spec: str, *, device="cpu") -> LPIPS:
     """The LPIPS distance of a spec (see the module docstring): ``digits``, ``alexnet:PATH``, ``vgg16:PATH`` or
     ``module:function``. A file's keys must match the network (an error names the missing ones)."""
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f"lpips: expected 'digits', 'alexnet:PATH', 'vgg16:PATH' or 'module:function', got {spec!r}")
+        raise OptionError("lpips", f"expected {_SPECS}, got {spec!r}")
     kind, _, rest = spec.partition(":")
     if spec == "digits":
         from ..models.digits import load_digits_classifier
@@ -161,20 +166,22 @@ def load_lpips(spec: str, *, device="cpu") -> LPIPS:
         own = net.trunk.state_dict()
         missing = sorted(set(own) - set(state))
         if missing:
-            raise ValueError(f"lpips: {rest} lacks {kind}'s trunk weights {['features.' + k for k in missing[:4]]}"
-                             f"{' ...' if len(missing) > 4 else ''} (expected a torchvision {kind} state dict)")
+            shown = ["features." + k for k in missing[:4]] + (["..."] if len(missing) > 4 else [])
+            raise OptionError("lpips", f"{rest} lacks {kind}'s trunk weights {shown} (expected a torchvision {kind} "
+                                       f"state dict)")
         net.trunk.load_state_dict({k: state[k] for k in own})
         return LPIPS(net, f"{kind} ({rest})").to(device)
     if rest:
         try:
             fn = getattr(importlib.import_module(kind), rest)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"lpips: cannot import {spec!r} ({e})") from None
+            raise OptionError("lpips", f"cannot import {spec!r} ({e})") from None
         net = fn()
         if not isinstance(net, nn.Module):
-            raise TypeError(f"lpips: {spec} returned a {type(net).__name__}, expected an nn.Module")
+            raise OptionTypeError("lpips", f"{spec} returned a {type(net).__name__}, expected an nn.Module")
+        check_eval_mode("lpips", net, remedy=f".eval() on the network in {spec}")
         return LPIPS(net, spec).to(device)
-    raise ValueError(f"lpips: expected 'digits', 'alexnet:PATH', 'vgg16:PATH' or 'module:function', got {spec!r}")
+    raise OptionError("lpips", f"expected {_SPECS}, got {spec!r}")
 
 
 def lpips_project(lpips: LPIPS, x: torch.Tensor, x_adv: torch.Tensor, bound: float, *, steps: int = 10):

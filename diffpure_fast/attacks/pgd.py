@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .._validate import OptionError, check_float, check_int
+
 __all__ = ["EOT_REDUCTIONS", "LOSSES", "NORMS", "TARGETED_LOSSES", "PGDResult", "attack_loss", "eot_gradient",
            "pgd_eot", "pgd_linf", "ranked_targets"]
 
@@ -31,8 +33,8 @@ def pgd_linf(forward: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tens
     Returns:
         (B, C, H, W) adversarial images in [0, 1] with ``|x_adv - x|_inf <= eps``.
     """
-    if eps < 0 or steps < 0 or eot < 1:
-        raise ValueError(f"eps, steps, eot: expected eps >= 0, steps >= 0, eot >= 1, got {eps}, {steps}, {eot}")
+    eps = check_float("eps", eps, low=0.0)
+    steps, eot = check_int("steps", steps, low=0), check_int("eot", eot)
     alpha = 2.5 * eps / max(steps, 1) if step_size is None else step_size
     x = x.detach()
     x_adv = x.clone()
@@ -210,14 +212,13 @@ def ranked_targets(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch
     draws with purifier seed ``seed``), the targets of a targeted attack over the top-k classes. AutoAttack ranks one
     noisy output and attacks only correctly classified points, whose top class is y; every sample is attacked here,
     so y itself is taken out of the ranking (our reading). n_targets above K - 1 is an error, never capped."""
-    if isinstance(n_targets, bool) or not isinstance(n_targets, int) or n_targets < 1:
-        raise ValueError(f"n_targets: expected an int >= 1, got {n_targets!r}")
+    n_targets = check_int("n_targets", n_targets)
     _, mean_logits, _ = eot_gradient(defended, x, y, sample_ids, seed=seed, eot=eot, need_grad=False,
                                      chunk_size=chunk_size)
     k = mean_logits.shape[1]
     if n_targets > k - 1:
-        raise ValueError(f"n_targets: {n_targets} target classes asked for, but the classifier has {k} classes, so "
-                         f"at most K - 1 = {k - 1} targets exist")
+        raise OptionError("n_targets", f"{n_targets} target classes asked for, but the classifier has {k} classes, "
+                                       f"so at most K - 1 = {k - 1} targets exist")
     ranked = mean_logits.masked_fill(F.one_hot(y, k).bool(), float("-inf"))
     return ranked.argsort(1, descending=True)[:, :n_targets]
 
@@ -296,13 +297,11 @@ def pgd_eot(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor
 
     if norm not in NORMS:
         raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
-    for name, v, lo in (("steps", steps, 0), ("restarts", restarts, 1), ("eot", eot, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
-    if not eps >= 0:
-        raise ValueError(f"eps: expected a float >= 0, got {eps!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size: expected an int >= 1 or None, got {chunk_size!r}")
+    steps, restarts, eot = (check_int(n, v, low=lo) for n, v, lo in (("steps", steps, 0), ("restarts", restarts, 1),
+                                                                       ("eot", eot, 1)))
+    eps = check_float("eps", eps, low=0.0)
+    if chunk_size is not None:
+        chunk_size = check_int("chunk_size", chunk_size)
     alpha = (2.5 * eps / max(steps, 1)) if step_size is None else float(step_size)
     x = x.detach()
     b = x.shape[0]

@@ -20,6 +20,8 @@ import hashlib
 
 import torch
 
+from .._validate import check_int
+
 __all__ = ["MAX_NOISE_ID", "attack_seed", "derive_seed", "eot_noise_ids"]
 
 MAX_NOISE_ID = 1 << 32
@@ -28,8 +30,7 @@ MAX_NOISE_ID = 1 << 32
 def derive_seed(seed: int, *parts) -> int:
     """A seed in [0, 2^63) from a base seed and a purpose path (strings and ints), by BLAKE2b: independent streams
     for distinct paths, the same stream for the same path on every machine."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+    seed = check_int("seed", seed, low=0)
     text = "/".join(str(p) for p in (seed, *parts)).encode()
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .._validate import check_float, check_int
 from .perceptual import LPIPS, lpips_project
 from .pgd import eot_gradient
 from .randomness import attack_seed, derive_seed
@@ -52,13 +53,9 @@ class UnrestrictedResult:
     loss_trace: torch.Tensor
 
 
-def _check(steps, bound, eot):
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected an int >= 1 (iterate 0 is the clean image), got {steps!r}")
-    if isinstance(eot, bool) or not isinstance(eot, int) or eot < 1:
-        raise ValueError(f"eot: expected an int >= 1, got {eot!r}")
-    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0:
-        raise ValueError(f"bound: expected a float > 0, got {bound!r}")
+def _check(steps, bound, eot) -> tuple[int, float, int]:
+    """steps >= 1 (iterate 0 is the clean image), bound > 0, eot >= 1, or an OptionError naming the argument."""
+    return check_int("steps", steps), check_float("bound", bound, low=0.0, low_open=True), check_int("eot", eot)
 
 
 def _iterate(defended, x, y, sample_ids, *, name: str, start: torch.Tensor, start_measure: torch.Tensor,
@@ -96,9 +93,8 @@ def lf_attack(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tens
     """The low-frequency attack (see the module docstring). x: (B, C, H, W) in [0, 1]; y: (B,) int64; sample_ids:
     (B,) global indices; bound: LPIPS distance; step_size: v's signed step in pixel units; factor: the coarse grid's
     downsampling factor (>= 1)."""
-    _check(steps, bound, eot)
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-        raise ValueError(f"factor: expected an int >= 1, got {factor!r}")
+    steps, bound, eot = _check(steps, bound, eot)
+    factor = check_int("factor", factor)
     x = x.detach()
     size = x.shape[2:]
     v = torch.zeros((*x.shape[:2], -(-size[0] // factor), -(-size[1] // factor)), dtype=x.dtype, device=x.device)
@@ -158,7 +154,7 @@ def ppgd_attack(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Te
                 noise_seed: int | None = None, cg_steps: int = 5, h: float = 1e-3, chunk_size: int | None = None,
                 progress=None) -> UnrestrictedResult:
     """Perceptual PGD (see the module docstring). bound: the LPIPS distance; its step is 2 bound / steps."""
-    _check(steps, bound, eot)
+    steps, bound, eot = _check(steps, bound, eot)
     x = x.detach()
     dims = (-1, *[1] * (x.dim() - 1))
     noise = []
@@ -204,9 +200,8 @@ def stadv_attack(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.T
                  chunk_size: int | None = None, progress=None) -> UnrestrictedResult:
     """StAdv (see the module docstring). bound: |f|_inf in grid_sample units; step_size: default 2.5 bound / steps
     (Madry et al.'s rule); smoothness: the weight of L_flow (>= 0)."""
-    _check(steps, bound, eot)
-    if isinstance(smoothness, bool) or not isinstance(smoothness, (int, float)) or smoothness < 0:
-        raise ValueError(f"smoothness: expected a float >= 0, got {smoothness!r}")
+    steps, bound, eot = _check(steps, bound, eot)
+    smoothness = check_float("smoothness", smoothness, low=0.0)
     x = x.detach()
     alpha = 2.5 * bound / steps if step_size is None else float(step_size)
     flow = torch.zeros((x.shape[0], *x.shape[2:], 2), dtype=x.dtype, device=x.device)

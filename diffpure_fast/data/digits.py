@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._validate import check_choice, check_int
+
 __all__ = [
     "DIGITS_NUM_CLASSES",
     "DIGITS_RESOLUTION",
@@ -34,10 +36,11 @@ _MAX_VALUE = 16.0
 
 @functools.lru_cache(maxsize=1)
 def _split_indices() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    from .._optional import require
 
-    bunch = load_digits()
+    datasets = require("sklearn.datasets", "the digits data set (digits:test, digits:train, the demo)")
+    train_test_split = require("sklearn.model_selection", "the digits data set").train_test_split
+    bunch = datasets.load_digits()
     images = np.asarray(bunch.images, dtype=np.float32)          # (1797, 8, 8), values 0..16
     labels = np.asarray(bunch.target, dtype=np.int64)
     idx = np.arange(len(labels))
@@ -53,11 +56,8 @@ def load_digits_dataset(split: str = "train", resolution: int = DIGITS_RESOLUTIO
     (stratified, seed ``DIGITS_SPLIT_SEED``) and the order is the original data-set order, so every call returns the
     same tensors.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
-    resolution = int(resolution)
-    if resolution < 1:
-        raise ValueError(f"resolution: expected a positive integer, got {resolution}")
+    check_choice("split", split, ("train", "test"))
+    resolution = check_int("resolution", resolution)
     images, labels, train_idx, test_idx = _split_indices()
     idx = train_idx if split == "train" else test_idx
     x = torch.from_numpy(images[idx].copy()).unsqueeze(1) / _MAX_VALUE

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._validate import OptionError, OptionFileNotFoundError, OptionTypeError
+
 __all__ = ["DataSource", "load_data", "read_cifar10_batch"]
 
 
@@ -39,26 +41,27 @@ class DataSource:
         x, y = self._get([int(i) for i in indices])
         x = torch.as_tensor(x)
         y = torch.as_tensor(y)
+        where = f"({self.description})"
         if x.dim() != 4 or not x.is_floating_point():
-            raise ValueError(f"data ({self.description}): expected float images (B, C, H, W), got {x.dtype} "
-                             f"{tuple(x.shape)}")
+            raise OptionError("data", f"expected float images (B, C, H, W), got {x.dtype} {tuple(x.shape)}",
+                              where=where)
         if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
-            raise ValueError(f"data ({self.description}): images must lie in [0, 1], got [{float(x.min()):.4g}, "
-                             f"{float(x.max()):.4g}] (nothing is clipped: rescale them)")
+            raise OptionError("data", f"images must lie in [0, 1], got [{float(x.min()):.4g}, {float(x.max()):.4g}] "
+                                      f"(nothing is clipped: rescale them)", where=where)
         if y.shape != (x.shape[0],) or y.dtype.is_floating_point:
-            raise ValueError(f"data ({self.description}): expected integer labels of shape ({x.shape[0]},), got "
-                             f"{y.dtype} {tuple(y.shape)}")
+            raise OptionError("data", f"expected integer labels of shape ({x.shape[0]},), got {y.dtype} "
+                                      f"{tuple(y.shape)}", where=where)
         return x.float().contiguous(), y.to(torch.int64)
 
 
 def _tensor_source(x, y, description: str) -> DataSource:
     x, y = torch.as_tensor(x), torch.as_tensor(y)
     if x.dim() != 4:
-        raise ValueError(f"data: expected images of shape (N, C, H, W), got {tuple(x.shape)}")
+        raise OptionError("data", f"expected images of shape (N, C, H, W), got {tuple(x.shape)}")
     if x.dtype == torch.uint8:
         x = x.float() / 255.0
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"data: expected {x.shape[0]} labels (N,), got shape {tuple(y.shape)}")
+        raise OptionError("data", f"expected {x.shape[0]} labels (N,), got shape {tuple(y.shape)}")
     return DataSource(lambda idx: (x[idx], y[idx]), x.shape[0], description)
 
 
@@ -99,8 +102,8 @@ def _cifar10(folder: Path, split: str) -> DataSource:
     names = ["test_batch"] if split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
-        raise FileNotFoundError(f"data: {folder} lacks CIFAR-10's {', '.join(missing)} (the python version's files; "
-                                f"nothing is downloaded)")
+        raise OptionFileNotFoundError("data", f"{folder} lacks CIFAR-10's {', '.join(missing)} (the python "
+                                              f"version's files; nothing is downloaded)")
     parts = [read_cifar10_batch(folder / n) for n in names]
     x = torch.from_numpy(np.concatenate([p[0] for p in parts]))
     y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
@@ -114,26 +117,26 @@ def _image_folder(folder: Path) -> DataSource:
     if subdirs:
         bad = [p.name for p in subdirs if not p.name.isdigit()]
         if bad:
-            raise ValueError(f"data: {folder}: class sub-folders must be named by integer label, got {bad[:5]}")
+            raise OptionError("data", f"{folder}: class sub-folders must be named by integer label, got {bad[:5]}")
         xs, ys = [], []
         for p in subdirs:
             b = read_images(p)
             xs.append(b.x)
             ys.append(torch.full((len(b.x),), int(p.name), dtype=torch.int64))
         if len({tuple(x.shape[1:]) for x in xs}) > 1:
-            raise ValueError(f"data: {folder}: the class folders hold images of different shapes")
+            raise OptionError("data", f"{folder}: the class folders hold images of different shapes")
         return _tensor_source(torch.cat(xs), torch.cat(ys), f"image folder {folder}")
     labels_file = folder / "labels.txt"
     if not labels_file.is_file():
-        raise ValueError(f"data: {folder}: expected one sub-folder per integer class, or a labels.txt beside the "
-                         f"images")
+        raise OptionError("data", f"{folder}: expected one sub-folder per integer class, or a labels.txt beside the "
+                                  f"images")
     b = read_images(folder)
     try:
         y = torch.tensor([int(s) for s in labels_file.read_text().split()], dtype=torch.int64)
     except ValueError:
-        raise ValueError(f"data: {labels_file}: expected one integer label per line") from None
+        raise OptionError("data", f"{labels_file}: expected one integer label per line") from None
     if len(y) != len(b.x):
-        raise ValueError(f"data: {labels_file} has {len(y)} labels for {len(b.x)} images")
+        raise OptionError("data", f"{labels_file} has {len(y)} labels for {len(b.x)} images")
     return _tensor_source(b.x, y, f"image folder {folder}")
 
 
@@ -147,7 +150,7 @@ def load_data(data, *, labels=None) -> DataSource:
         try:
             n = len(data)
         except TypeError:
-            raise TypeError("data: the Dataset must have a length (a map-style Dataset)") from None
+            raise OptionTypeError("data", "the Dataset must have a length (a map-style Dataset)") from None
 
         def get(idx):
             items = [data[i] for i in idx]
@@ -155,8 +158,8 @@ def load_data(data, *, labels=None) -> DataSource:
                     torch.tensor([int(it[1]) for it in items], dtype=torch.int64))
         return DataSource(get, n, f"{type(data).__name__} dataset")
     if not isinstance(data, (str, Path)):
-        raise TypeError(f"data: expected a spec string, an (x, y) pair of tensors or a torch Dataset, got "
-                        f"{type(data).__name__}")
+        raise OptionTypeError("data", f"expected a spec string, an (x, y) pair of tensors or a torch Dataset, got "
+                                      f"{type(data).__name__}")
     spec = str(data)
     if spec.startswith("digits"):
         split = spec.partition(":")[2] or "test"
@@ -172,7 +175,7 @@ def load_data(data, *, labels=None) -> DataSource:
         return _cifar10(Path(folder), split)
     path = Path(spec)
     if not path.exists():
-        raise FileNotFoundError(f"data: no such file or folder: {spec!r} (or use digits:test, cifar10:FOLDER)")
+        raise OptionFileNotFoundError("data", f"no such file or folder: {spec!r} (or use digits:test, cifar10:FOLDER)")
     if path.is_dir():
         return _image_folder(path)
     if path.suffix == ".npz":
@@ -180,12 +183,12 @@ def load_data(data, *, labels=None) -> DataSource:
             kx = next((k for k in ("x", "images") if k in z), None)
             ky = next((k for k in ("y", "labels") if k in z), None)
             if kx is None or ky is None:
-                raise ValueError(f"data: {path}: expected arrays 'x' and 'y' (or 'images' and 'labels'), found "
-                                 f"{list(z.keys())}")
+                raise OptionError("data", f"{path}: expected arrays 'x' and 'y' (or 'images' and 'labels'), found "
+                                          f"{list(z.keys())}")
             return _tensor_source(torch.from_numpy(z[kx]), torch.from_numpy(z[ky]), str(path))
     if path.suffix == ".npy":
         if labels is None:
-            raise ValueError(f"labels: {path} holds images only; give the labels (an .npy of N integers)")
+            raise OptionError("labels", f"{path} holds images only; give the labels (an .npy of N integers)")
         return _tensor_source(torch.from_numpy(np.load(path, allow_pickle=False)),
                               torch.from_numpy(np.load(labels, allow_pickle=False)), str(path))
-    raise ValueError(f"data: expected digits:SPLIT, cifar10:FOLDER, a folder of images, .npz or .npy, got {spec!r}")
+    raise OptionError("data", f"expected digits:SPLIT, cifar10:FOLDER, a folder of images, .npz or .npy, got {spec!r}")

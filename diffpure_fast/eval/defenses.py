@@ -48,12 +48,17 @@ def describe_defense(defense) -> dict:
     """JSON-able description of a defense (every option that decides its output)."""
     if defense is None:
         return {"method": "none (undefended classifier)"}
-    out = {"class": type(defense).__name__, "score_model": type(getattr(defense, "model", None)).__name__}
+    model = getattr(defense, "model", None)
+    # the weights' fingerprint, not the class name: a resumed run with another checkpoint is refused
+    out = {"class": type(defense).__name__,
+           "score_model": module_fingerprint(model) if isinstance(model, nn.Module) else type(model).__name__}
     config = getattr(defense, "config", None)
     if is_dataclass(config):  # its fields only: private caches are not part of what decides the output
         for k in (f.name for f in fields(config)):
             v = getattr(config, k)
             out[k] = ({f.name: jsonable_option(getattr(v, f.name)) for f in fields(v)} if k == "options"
                       else jsonable_option(v))
+    if hasattr(config, "resolved"):  # the values the run uses where options are rounded or derived (the level)
+        out["resolved"] = config.resolved()
     out.setdefault("method", "diffpure")
     return out

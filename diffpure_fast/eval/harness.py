@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import os
 import platform
 import sys
@@ -37,12 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._validate import OptionError, check_bool, check_choice, check_float, check_int
 from ..attacks import DefendedClassifier, derive_seed
 from ..attacks.pgd import EOT_REDUCTIONS, LOSSES, NORMS, TARGETED_LOSSES
 from ..attacks.selection import select_candidates
 from . import records as rec
 from .attacks import ATTACK_SPECS, ATTACKS, AttackRun, noise_seed
-from .defenses import describe_defense
+from .defenses import describe_defense, module_fingerprint
 
 __all__ = ["ATTACKS", "ATTACK_OPTIONS", "EvalConfig", "evaluate", "evaluate_batch"]
 
@@ -129,7 +129,7 @@ class EvalConfig:
 
     def __post_init__(self):
         if self.attack not in ATTACKS:
-            raise ValueError(f"attack: expected one of {ATTACKS}, got {self.attack!r}")
+            raise OptionError("attack", f"expected one of {ATTACKS}, got {self.attack!r}")
         if self.attack == "autoattack":
             from ..attacks.autoattack import AA_MODES, AA_PACKAGES, AA_VERSIONS
 
@@ -139,56 +139,53 @@ class EvalConfig:
                 if v is None:
                     object.__setattr__(self, name, default)
                 elif v not in choices:
-                    raise ValueError(f"{name}: expected one of {choices}, got {v!r}")
+                    raise OptionError(name, f"expected one of {choices}, got {v!r}")
         takes = self.attack_options
         for name in sorted(set().union(*ATTACK_OPTIONS.values()) - set(takes)):
             if getattr(self, name) is not None:
-                raise ValueError(f"{name}: not an option of attack={self.attack!r}"
-                                 + (f" with aa_mode={self.aa_mode!r}" if self.attack == "autoattack" else "")
-                                 + f" (its options: {', '.join(takes)})")
+                raise OptionError(name, lambda sp, takes=takes: (
+                    f"not an option of {sp.setting('attack', self.attack)}"
+                    + (f" with {sp.setting('aa_mode', self.aa_mode)}" if self.attack == "autoattack" else "")
+                    + f" (its options: {', '.join(sp.name(t) for t in takes)})"))
         if self.n_targets is not None and self.loss not in TARGETED_LOSSES:
-            raise ValueError(f"n_targets: the number of target classes of a targeted loss {TARGETED_LOSSES}, given "
-                             f"with loss={self.loss!r}")
+            raise OptionError("n_targets", lambda sp: f"the number of target classes of a targeted loss "
+                              f"{TARGETED_LOSSES}, given with {sp.setting('loss', self.loss)}")
         self._resolve_defaults()
-        if self.norm is not None and self.norm not in NORMS:
-            raise ValueError(f"norm: expected one of {NORMS}, got {self.norm!r}")
+        if self.norm is not None:
+            check_choice("norm", self.norm, NORMS)
         if self.eps is not None:
-            if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not (
-                    math.isfinite(self.eps) and self.eps >= 0):
-                raise ValueError(f"eps: expected a float >= 0, got {self.eps!r}")
+            object.__setattr__(self, "eps", check_float("eps", self.eps, low=0.0))
             if self.norm == "linf" and self.eps > 1:
-                raise ValueError(f"eps: an L-inf radius is in [0, 1] pixel units, got {self.eps} (did you mean "
-                                 f"{self.eps}/255?)")
+                raise OptionError("eps", f"an L-inf radius is in [0, 1] pixel units, got {self.eps} (did you mean "
+                                         f"{self.eps:g}/255?)")
         losses = LOSSES + (TARGETED_LOSSES if "n_targets" in takes else ())
-        if self.loss is not None and self.loss not in losses:
-            raise ValueError(f"loss: expected one of {losses}, got {self.loss!r}")
+        if self.loss is not None:
+            check_choice("loss", self.loss, losses)
         if self.eot_reduce is not None and self.eot_reduce not in EOT_REDUCTIONS:
-            raise ValueError(f"eot_reduce: expected one of {EOT_REDUCTIONS}, got {self.eot_reduce!r}")
+            raise OptionError("eot_reduce", f"expected one of {EOT_REDUCTIONS}, got {self.eot_reduce!r}")
+        # one integer rule for the package (diffpure_fast._validate); a NumPy integer is stored as the int it is.
+        # Attack options may be None here only where the attack does not take them.
         for name, lo in (("steps", 0), ("restarts", 1), ("eot", 1), ("n_eval", 1), ("n_select", 1), ("start", 0),
-                         ("seed", 0), ("batch_size", 1), ("grid_images", 0), ("aa_queries", 1), ("n_targets", 1),
-                         ("dev_every", 1), ("lf_factor", 1)):
+                         ("seed", 0), ("batch_size", 1), ("grid_images", 0), ("aa_queries", 1), ("n_images", 1),
+                         ("chunk_size", 1), ("n_targets", 1), ("dev_every", 1), ("lf_factor", 1)):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
-                raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
-        for name in ("n_images", "chunk_size"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name}: expected an int >= 1 or None, got {v!r}")
+            if v is not None:
+                object.__setattr__(self, name, check_int(name, v, low=lo))
         for name, strict in (("step_size", True), ("bound", True), ("dev_weight", False), ("smoothness", False)):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-                                  or v < 0 or (strict and v == 0)):
-                raise ValueError(f"{name}: expected a float {'>' if strict else '>='} 0, got {v!r}")
+            if v is not None:
+                object.__setattr__(self, name, check_float(name, v, low=0.0, low_open=strict))
         for name in ("random_start", "fixed_noise"):
             v = getattr(self, name)
-            if v is not None and not isinstance(v, bool):
-                raise ValueError(f"{name}: expected a bool, got {v!r}")
+            if v is not None:
+                check_bool(name, v)
         if self.spec.threat != "lp" and self.steps == 0:
-            raise ValueError(f"steps: attack={self.attack!r} needs at least one step (its start is the clean image)")
+            raise OptionError("steps", lambda sp: f"{sp.setting('attack', self.attack)} needs at least one step (its "
+                                                  f"start is the clean image)")
         if self.spec.threat == "lpips" and not isinstance(self.lpips, str):
-            raise ValueError(f"lpips: attack={self.attack!r} is bounded in LPIPS and needs its network: 'digits', "
-                             f"'alexnet:PATH' or 'vgg16:PATH' (a local torchvision state dict; nothing is "
-                             f"downloaded), or 'module:function'; got {self.lpips!r}")
+            raise OptionError("lpips", lambda sp: f"{sp.setting('attack', self.attack)} is bounded in LPIPS and needs "
+                              f"its network: 'digits', 'alexnet:PATH' or 'vgg16:PATH' (a local torchvision state dict; "
+                              f"nothing is downloaded), or 'module:function'; got {self.lpips!r}")
 
     def _resolve_defaults(self) -> None:
         """The attack's own settings for the options left None (recorded as used)."""
@@ -204,8 +201,8 @@ class EvalConfig:
             if self.aa_version == "standard":
                 defaults["aa_queries"] = s["queries"]
             elif self.aa_queries is not None:
-                raise ValueError("aa_queries: Square's query count is an option of aa_version='standard' (rand runs "
-                                 "no Square attack)")
+                raise OptionError("aa_queries", lambda sp: f"Square's query count is an option of "
+                                  f"{sp.setting('aa_version', 'standard')} (rand runs no Square attack)")
         if "fixed_noise" in takes:
             defaults["fixed_noise"] = False
         if "n_select" in takes:
@@ -433,32 +430,39 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
     clf = load_classifier_spec(classifier, device)
     if defense is not None:
         defense = defense.to(device)
-        if cfg.attack == "diffattack" and defense.config.grad_mode != "full":
-            raise ValueError(f"attack: 'diffattack' differentiates the chain's intermediate states through the exact "
-                             f"adjoint; the defense has grad_mode={defense.config.grad_mode!r} (build it with "
-                             f"grad_mode='full')")
-        if cfg.attack == "bpda-eot" and defense.config.grad_mode != "bpda":
-            raise ValueError(f"attack: 'bpda-eot' is PGD-EOT through grad_mode='bpda' (DiffPure's BPDA+EOT); the "
-                             f"defense has grad_mode={defense.config.grad_mode!r} (build it with grad_mode='bpda', or "
-                             f"use attack='pgd-eot')")
-        if defense.config.grad_mode == "none":
-            raise ValueError("defense: grad_mode='none' gives the attack no gradient; build it with 'full', "
-                             "'adjoint', 'bpda' or 'surrogate'")
+        gm = defense.config.grad_mode
+        if cfg.attack == "diffattack" and gm != "full":
+            raise OptionError("attack", lambda s: (
+                f"'diffattack' differentiates the chain's intermediate states through the exact adjoint; the defense "
+                f"has {s.setting('grad_mode', gm)} (use {s.setting('grad_mode', 'full')})"))
+        if cfg.attack == "bpda-eot" and gm != "bpda":
+            raise OptionError("attack", lambda s: (
+                f"'bpda-eot' is PGD-EOT through {s.setting('grad_mode', 'bpda')} (DiffPure's BPDA+EOT); the defense "
+                f"has {s.setting('grad_mode', gm)} (use {s.setting('grad_mode', 'bpda')}, or "
+                f"{s.setting('attack', 'pgd-eot')})"))
+        if gm == "none":
+            raise OptionError("defense", lambda s: f"{s.setting('grad_mode', 'none')} gives the attack no gradient; "
+                                                   f"use 'full', 'adjoint', 'bpda' or 'surrogate'")
     if defense is None and cfg.attack == "diffattack":
-        raise ValueError("defense: 'diffattack' attacks a purification chain's states; the undefended classifier has "
-                         "none")
+        raise OptionError("defense", "'diffattack' attacks a purification chain's states; the undefended classifier "
+                                     "has none")
     defended = DefendedClassifier(defense, clf)
     resources = cfg.spec.prepare(cfg, device) if cfg.spec.prepare is not None else {}
     source = load_data(data, labels=labels)
     end = len(source) if cfg.n_images is None else cfg.start + cfg.n_images
-    if end > len(source) or cfg.start >= len(source):
-        raise ValueError(f"n_images: {source.description} has {len(source)} samples; start={cfg.start} with "
-                         f"n_images={cfg.n_images} asks for indices up to {end - 1}")
+    if cfg.start >= len(source):
+        raise OptionError("start", f"{source.description} has {len(source)} samples (indices 0..{len(source) - 1}), "
+                                   f"got {cfg.start}")
+    if end > len(source):
+        raise OptionError("n_images", lambda s: f"{source.description} has {len(source)} samples; "
+                                                f"{s.setting('start', cfg.start)} with "
+                                                f"{s.setting('n_images', cfg.n_images)} asks for indices up to "
+                                                f"{end - 1}")
     indices = list(range(cfg.start, end))
 
     out = Path(output)
     deciding = {"eval": cfg.deciding(), "defense": describe_defense(defense), "grad_mode": defended.grad_mode,
-                "classifier": classifier if isinstance(classifier, str) else type(clf).__name__,
+                "classifier": (f"{classifier} " if isinstance(classifier, str) else "") + module_fingerprint(clf),
                 "data": source.description, "n_samples": len(indices)}
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,8 @@ import json
 import os
 from pathlib import Path
 
+from .._validate import OptionError
+
 __all__ = ["TIMING_FIELDS", "RecordWriter", "check_config", "comparable", "merge_records", "read_records"]
 
 CONFIG_FILE = "config.json"
@@ -92,6 +94,17 @@ class RecordWriter:
         self._f.close()
 
 
+def _first_difference(old, new, keys=()) -> tuple[list[str], object, object]:
+    """The path of the first differing leaf of two JSON objects, and its two values (None where absent)."""
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                return _first_difference(a, b, (*keys, k))
+            return [*keys, k], a, b
+    return list(keys) or ["configuration"], old, new
+
+
 def check_config(folder: str | Path, config: dict, *, overwrite: bool = False) -> bool:
     """Write ``config.json`` or check it against the existing one; returns True when resuming.
 
@@ -106,10 +119,10 @@ def check_config(folder: str | Path, config: dict, *, overwrite: bool = False) -
     if path.exists():
         old = json.loads(path.read_text())
         if old != config:
-            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-            k = diff[0]
-            raise ValueError(f"output: {folder} holds records of another configuration ({k} was {old.get(k)!r}, "
-                             f"now {config.get(k)!r}); use another output folder or overwrite")
+            keys, was, now = _first_difference(old, config)
+            raise OptionError("output", lambda s: (
+                f"{folder} holds records of another configuration ({CONFIG_FILE}'s {'.'.join(keys)} was {was!r}, "
+                f"now {now!r}); use another output folder or {s.setting('overwrite', True)}"))
         return True
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (CONFIG_FILE + ".tmp")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._optional import available
 from . import records as rec
 from .attacks import ATTACK_SPECS, describe_attack, describe_threat
 from .metrics import PROTOCOL_METRICS, protocol_metrics, robust_curve
@@ -61,6 +62,14 @@ def _noise_mode(config: dict) -> str:
     if ev["attack"] == "autoattack" and ev["aa_version"] == "standard":
         text += "; FAB-T and Square: fresh noise at every call of the package's model"
     return text
+
+
+def _defense_name(defense: dict) -> str:
+    """The method, with DiffPure's runner when it is not the default sde one (e.g. ``diffpure (ode)``)."""
+    name = defense.get("method", defense.get("class", "defense"))
+    options = defense.get("options")
+    kind = options.get("diffusion_type") if isinstance(options, dict) else None
+    return f"{name} ({kind})" if kind not in (None, "sde") else name
 
 
 _NAMES = {"single_shot": "single-shot (evaluation 1)", "mean": "mean over the N evaluations",
@@ -163,7 +172,9 @@ def _fmt(a: dict) -> str:
 
 def _markdown(rep: dict) -> str:
     c, ev = rep["configuration"], rep["configuration"]["eval"]
-    lines = [f"# Evaluation: {c['defense'].get('method', c['defense'].get('class', 'defense'))} on {c['data']}", ""]
+    skipped = rep.get("plots", {}).get("skipped")
+    plots = skipped is None
+    lines = [f"# Evaluation: {_defense_name(c['defense'])} on {c['data']}", ""]
     lines += [f"**Warning: {w}**\n" for w in rep.get("warnings", [])]
     lines += [f"Command: `{rep['environment'].get('command', '?')}`", "",
               f"Attack: {rep['attack']}.", "",
@@ -194,12 +205,12 @@ def _markdown(rep: dict) -> str:
         runs = " (APGD runs only)" if ev["attack"] == "autoattack" else ""
         lines += [f"Attack-success curve{runs} (robust accuracy of the attack's own EOT prediction after each step; a "
                   f"sample counts as robust at step s when every run still classifies it correctly): {pts}",
-                  "", "![robust accuracy against attack step](curve.png)", ""]
+                  "", *(["![robust accuracy against attack step](curve.png)", ""] if plots else [])]
     p = rep["perturbation"]
     extra = "".join(f", {k[4:]} {p[k]:.5g} (bound {p['bound']:.5g})" for k in ("max_lpips", "max_flow_linf")
                     if k in p)
     lines += [f"Largest perturbation: L-inf {p['max_linf']:.5g}, L2 {p['max_l2']:.5g}{extra}.", "",
-              "![clean / adversarial / purified](grid.png)", "",
+              *(["![clean / adversarial / purified](grid.png)", ""] if plots else [skipped, ""]),
               "Defense: " + ", ".join(f"{k}={v}" for k, v in c["defense"].items()), "",
               f"Classifier: {c['classifier']}", "",
               "Options: " + ", ".join(f"{k}={v}" for k, v in ev.items()), ""]
@@ -263,12 +274,22 @@ def _plots(folder: Path, rep: dict, records: list[dict]) -> None:
 
 
 def write_report(folder: str | Path) -> dict:
-    """Compute the report of ``folder`` and write report.json, report.md, curve.png and grid.png there."""
+    """Compute the report of ``folder`` and write report.json, report.md, curve.png and grid.png there.
+
+    The plots need matplotlib (optional): without it the report is written all the same, without them, and
+    report.md and report.json (``plots.skipped``) say so; stale plots of an earlier run are removed."""
     folder = Path(folder)
     rep = compute_report(folder)
+    has_mpl = available("matplotlib")
+    rep["plots"] = {"skipped": None if has_mpl else "Plots not written: matplotlib is not installed; pip install "
+                                                    "matplotlib (then diffpure-fast report FOLDER writes them)."}
     (folder / "report.json").write_text(json.dumps(rep, indent=2))
     (folder / "report.md").write_text(_markdown(rep))
-    _plots(folder, rep, rec.merge_records(folder))
+    if has_mpl:
+        _plots(folder, rep, rec.merge_records(folder))
+    else:
+        for name in ("curve.png", "grid.png"):
+            (folder / name).unlink(missing_ok=True)
     return rep
 
 
@@ -320,10 +341,16 @@ def write_study_report(folder: str | Path) -> dict:
     lines += [""] + [f"**Warning ({f}): {w}**\n" for f, w in warned]
     if pending:
         lines += [f"No finished samples yet in: {', '.join(pending)}.", ""]
+    has_mpl = available("matplotlib")
     if any(r["attack_curve"] for r in rows):
-        lines += ["", "![robust accuracy against attack step, every evaluation](curve.png)", ""]
+        lines += ["", "![robust accuracy against attack step, every evaluation](curve.png)" if has_mpl else
+                  "Plot not written: matplotlib is not installed; pip install matplotlib (then diffpure-fast report "
+                  "FOLDER writes it).", ""]
     (folder / "report.md").write_text("\n".join(lines) + "\n")
-    _study_curve(folder, rows)
+    if has_mpl:
+        _study_curve(folder, rows)
+    else:
+        (folder / "curve.png").unlink(missing_ok=True)
     return study
 
 

@@ -1,6 +1,7 @@
 """Gradients through purification: ``grad_mode`` "full" (exact adjoint of the whole chain, guidance included),
-"adjoint" (torchsde-style continuous adjoint, DiffPure only) and "surrogate" (exact gradient of a shorter unguided
-DDPM chain); "bpda" (identity backward) is a straight-through in ``diffpure_fast.engine.purify``.
+"adjoint" (the official continuous adjoints: torchsde's for DiffPure's SDE, torchdiffeq's for its ODE) and
+"surrogate" (exact gradient of a shorter unguided DDPM chain); "bpda" (identity backward) is a straight-through in
+``diffpure_fast.engine.purify``.
 
 Every mode does its backward work inside ``autograd.Function.backward``: nothing calls autograd during the forward
 pass for the attacker's graph (AutoAttack's checks flag models that do).
@@ -14,10 +15,10 @@ from ..chain import Chain, Noise, Round, run_chain, start_state
 from ..config import PurifyConfig
 from ..models.base import ScoreModel
 from ..solvers.base import Plan
-from .continuous_adjoint import BridgedBrownian, ContinuousAdjoint
+from .continuous_adjoint import BridgedBrownian, ContinuousAdjoint, OdeAdjoint
 from .discrete_adjoint import ChainAdjoint, GraphGuard
 
-__all__ = ["BridgedBrownian", "ChainAdjoint", "ContinuousAdjoint", "GraphGuard", "differentiable_chain",
+__all__ = ["BridgedBrownian", "ChainAdjoint", "ContinuousAdjoint", "GraphGuard", "OdeAdjoint", "differentiable_chain",
            "differentiable_reverse_solve"]
 
 
@@ -44,11 +45,16 @@ def differentiable_chain(x_in: torch.Tensor, model: ScoreModel, chain: Chain, no
         return ChainAdjoint.apply(x_in, model, chain, noise, cfg.grad_cache_steps, _guard(x_user, model),
                                   tuple(expose), *_params(model, cfg))
     if mode == "adjoint":
-        # DiffPure only (checked by PurifyConfig): the start state with autograd, then the continuous adjoint.
+        # DiffPure's sde and ode runners only (checked by PurifyConfig): the start state with autograd, then the
+        # official code's continuous adjoint of the reverse solve.
         (rnd,) = chain.rounds
         x_t = start_state(x_in, rnd, 0, noise, x_in)
-        return ContinuousAdjoint.apply(x_t, model, rnd.plan, noise, cfg.options.t_star, cfg.options.dt,
-                                       cfg.schedule, _guard(x_user, model), brownian_factory)
+        opts = cfg.options
+        if opts.diffusion_type == "ode":
+            return OdeAdjoint.apply(x_t, model, rnd.plan, noise, opts.t_star, opts.step_size, cfg.schedule,
+                                    _guard(x_user, model))
+        return ContinuousAdjoint.apply(x_t, model, rnd.plan, noise, opts.t_star, opts.dt, cfg.schedule,
+                                       _guard(x_user, model), brownian_factory)
     if mode == "surrogate":
         with torch.no_grad():
             out = run_chain(x_in.detach(), model, chain, noise)

@@ -1,4 +1,5 @@
-"""grad_mode="adjoint": torchsde's continuous adjoint (``sdeint_adjoint``) for DiffPure's reverse SDE.
+"""grad_mode="adjoint": the official code's continuous adjoints: torchsde's (``sdeint_adjoint``) for DiffPure's reverse
+SDE, torchdiffeq's (``odeint_adjoint``) for its probability-flow ODE (``OdeAdjoint``, below).
 
 This is the gradient the official DiffPure code reports, kept for parity. It is *not* the gradient of the discrete
 computation: it integrates the adjoint SDE backward on its own grid and re-solves the state backward instead of
@@ -24,12 +25,15 @@ import numpy as np
 import torch
 
 from ..chain import Noise, reverse_solve
+from ..models.base import network_vjp
 from ..noise import STREAM_REVERSE, sample_noise
 from ..schedule import VPSchedule
+from ..solvers.base import sigma_in
 from ..solvers.euler import T_END, reverse_time_grid
+from ..solvers.ode import torchdiffeq_grid
 from .discrete_adjoint import GraphGuard
 
-__all__ = ["STREAM_BRIDGE", "BridgedBrownian", "ContinuousAdjoint", "backward_time_grid"]
+__all__ = ["STREAM_BRIDGE", "BridgedBrownian", "ContinuousAdjoint", "OdeAdjoint", "backward_time_grid"]
 
 STREAM_BRIDGE = 2  # counter stream of the bridge points (streams 0/1: forward noise, solver increments)
 
@@ -91,15 +95,22 @@ class BridgedBrownian:
         return w
 
 
+def _solve_and_keep(ctx, x_t: torch.Tensor, model, plan, noise: Noise, **keep) -> torch.Tensor:
+    """The forward pass of a continuous adjoint: the reverse solve without a graph, its output saved (the backward
+    pass re-solves the state from it), ``keep`` stored on ctx."""
+    out = reverse_solve(x_t.detach(), model, plan, noise)
+    ctx.save_for_backward(out)
+    for k, v in dict(keep, model=model, noise=noise).items():
+        setattr(ctx, k, v)
+    return out
+
+
 class ContinuousAdjoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_t, model, plan, noise: Noise, t_star: float, dt: float, schedule: VPSchedule,
                 guard: GraphGuard, brownian_factory):
-        out = reverse_solve(x_t.detach(), model, plan, noise)
-        ctx.save_for_backward(out)
-        ctx.model, ctx.noise, ctx.t_star, ctx.dt, ctx.schedule = model, noise, t_star, dt, schedule
-        ctx.guard, ctx.brownian_factory = guard, brownian_factory
-        return out
+        return _solve_and_keep(ctx, x_t, model, plan, noise, t_star=t_star, dt=dt, schedule=schedule, guard=guard,
+                               brownian_factory=brownian_factory)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -122,10 +133,54 @@ class ContinuousAdjoint(torch.autograd.Function):
             yk = y.requires_grad_(True)
             with torch.enable_grad():
                 eps = model.eps(yk, torch.full((y.shape[0],), t, dtype=y.dtype, device=y.device))
-            (vjp,) = torch.autograd.grad(eps, yk, a)
+            (vjp,) = network_vjp(model, eps, yk, a)
             f = 0.5 * beta * y.detach() - coef * eps.detach()
             y = y.detach() - f * h - math.sqrt(beta) * (w_hi - w_lo)
             a = a + h * (0.5 * beta * a - coef * vjp)
             w_hi = w_lo
             del yk, eps, vjp
         return a, None, None, None, None, None, None, None, None
+
+
+class OdeAdjoint(torch.autograd.Function):
+    """torchdiffeq's ``odeint_adjoint`` for the probability-flow ODE of ``solvers.ode`` (DiffPure's ``ode`` runner,
+    whose gradient it is): not the gradient of the Euler steps that ran, but Euler on the adjoint ODE.
+
+    torchdiffeq solves the augmented state ``[y, a]`` backward from ``t = 1e-5`` to ``t*`` (two negations of time
+    cancel) with the forward method and ``step_size``, on its own grid ``1e-5 + j h`` (so shifted against the
+    forward grid), re-solving y instead of storing it:
+
+        y <- y + h f(t, y),        a <- a - h J_f(t, y)^T a,        f = -beta/2 y + beta / (2 sigma) eps(y, t),
+
+    both at the current (t, y, a). ``sigma`` in the state's dtype, as in the forward plan (``solvers.ode``).
+    Parameters get no gradient (DiffPure's runner passes them all to the adjoint; they do not change d/dx)."""
+
+    @staticmethod
+    def forward(ctx, x_t, model, plan, noise: Noise, t_star: float, step_size: float, schedule: VPSchedule,
+                guard: GraphGuard):
+        return _solve_and_keep(ctx, x_t, model, plan, noise, t_star=t_star, step_size=step_size, schedule=schedule,
+                               guard=guard)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ctx.guard.check("purify(grad_mode='adjoint') backward")
+        (y,) = ctx.saved_tensors
+        model, sched = ctx.model, ctx.schedule
+        np_dtype = np.float64 if y.dtype == torch.float64 else np.float32
+        # odeint's ts = linspace(t*, 1e-5, 2) in the state's dtype; the backward solve walks it upward.
+        ts = np.asarray([ctx.t_star, T_END], dtype=np_dtype)
+        grid = torchdiffeq_grid(ts[1], ts[0], ctx.step_size, np_dtype)
+        a, y = grad_out, y.detach()
+        for t0, t1 in zip(grid[:-1], grid[1:]):
+            h = float(np_dtype(t1 - t0))
+            t = float(t0)
+            beta = sched.beta(t)
+            coef = 0.5 * beta / sigma_in(sched, t, np_dtype)
+            yk = y.requires_grad_(True)
+            with torch.enable_grad():
+                eps = model.eps(yk, torch.full((y.shape[0],), t, dtype=y.dtype, device=y.device))
+            (vjp,) = network_vjp(model, eps, yk, a)
+            y = y.detach() + h * (coef * eps.detach() - 0.5 * beta * y.detach())
+            a = a + h * (0.5 * beta * a - coef * vjp)
+            del yk, eps, vjp
+        return a, None, None, None, None, None, None, None

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..chain import Chain, Noise, model_eps, start_state, step_terms
-from ..models.base import ScoreModel
+from ..models.base import ScoreModel, network_vjp
 
 __all__ = ["ChainAdjoint", "GraphGuard"]
 
@@ -124,12 +124,12 @@ class ChainAdjoint(torch.autograd.Function):
                 if gk is not None and not gk.requires_grad:
                     gk = None  # a guidance with a zero derivative (e.g. a sign of the input): nothing flows back
                 if gk is None or not guided:
-                    vjp, *vjp_params = torch.autograd.grad(eps, (xk, *params), g, allow_unused=True)
+                    vjp, *vjp_params = network_vjp(model, eps, (xk, *params), g, allow_unused=True)
                     g = g * step.a + vjp * step.b
                     vjp_params = [None if v is None else v * step.b for v in vjp_params]
                 else:
-                    vjp, vjp_ref, *vjp_params = torch.autograd.grad((eps, gk), (xk, ref, *params), (g * step.b, g),
-                                                                    allow_unused=True)
+                    vjp, vjp_ref, *vjp_params = network_vjp(model, (eps, gk), (xk, ref, *params), (g * step.b, g),
+                                                            allow_unused=True)
                     g = g * step.a + vjp
                     if vjp_ref is not None:
                         g_ref += vjp_ref

@@ -2,7 +2,16 @@
 
 from .agdm import AGDM, AGDMOptions
 from .base import GUIDANCE_GRADS, Method, MethodOptions
-from .diffpure import DiffPure, DiffPureOptions
+from .diffpure import (
+    DIFFUSION_TYPES,
+    CelebAHQOptions,
+    DiffPure,
+    DiffPureOptions,
+    GuidedDDPMOptions,
+    LDSDEOptions,
+    ODEOptions,
+    RunnerOptions,
+)
 from .gdmp import GDMP, GDMPOptions
 from .mimic import Mimic, MimicOptions
 
@@ -15,5 +24,6 @@ def get_method(name) -> Method:
     return METHODS[name]
 
 
-__all__ = ["AGDM", "AGDMOptions", "GDMP", "GUIDANCE_GRADS", "METHODS", "DiffPure", "DiffPureOptions", "GDMPOptions",
-           "Method", "MethodOptions", "Mimic", "MimicOptions", "get_method"]
+__all__ = ["AGDM", "DIFFUSION_TYPES", "GDMP", "GUIDANCE_GRADS", "METHODS", "AGDMOptions", "CelebAHQOptions", "DiffPure",
+           "DiffPureOptions", "GDMPOptions", "GuidedDDPMOptions", "LDSDEOptions", "Method", "MethodOptions", "Mimic",
+           "MimicOptions", "ODEOptions", "RunnerOptions", "get_method"]

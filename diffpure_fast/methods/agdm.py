@@ -48,12 +48,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validate import (
+    OptionError,
+    OptionTypeError,
+    check_choice,
+    check_eval_mode,
+    check_float,
+    check_int,
+    check_value_range,
+)
 from ..chain import Chain, Guidance, Noise
 from ..models.auxiliary import auxiliary_outputs
 from ..schedule import VPSchedule
 from ..solvers import get_solver
 from ..solvers.base import Step
-from .base import Method, MethodOptions, check_choice, check_float, check_int, diffuse_round
+from .base import Method, MethodOptions, diffuse_round
 
 __all__ = ["AGDM", "AGDMGuidance", "AGDMOptions", "DISTANCES"]
 
@@ -78,29 +87,24 @@ class AGDMOptions(MethodOptions):
 
     def __post_init__(self):
         if not isinstance(self.auxiliary, nn.Module):
-            raise TypeError("auxiliary: method='agdm' needs the auxiliary network c_phi, an nn.Module returning "
-                            "(features, logits) (e.g. dpf.load_auxiliary('digits')), got "
-                            f"{type(self.auxiliary).__name__}")
-        if self.auxiliary.training:
-            raise ValueError("auxiliary: is in training mode (BatchNorm would use batch statistics and update its "
-                             "running statistics, dropout would be random); call .eval() on it first")
-        check_float("t_star", self.t_star, low=0.0, high=1.0, low_open=True)
+            raise OptionTypeError("auxiliary", lambda s: f"{s.setting('method', 'agdm')} needs the auxiliary network "
+                                                         "c_phi, an nn.Module returning (features, logits) (e.g. "
+                                                         "dpf.load_auxiliary('digits')), got "
+                                                         f"{type(self.auxiliary).__name__}")
+        check_eval_mode("auxiliary", self.auxiliary)
+        self._set("t_star", check_float("t_star", self.t_star, low=0.0, high=1.0, low_open=True))
         if self.steps is not None:
-            check_int("steps", self.steps)
-        check_float("scale", self.scale, low=0.0)
+            self._set("steps", check_int("steps", self.steps))
+        self._set("scale", check_float("scale", self.scale, low=0.0))
         check_choice("scale_schedule", self.scale_schedule, SCALE_SCHEDULES)
         check_choice("distance", self.distance, DISTANCES)
         if self.feature_layer is not None and not isinstance(self.feature_layer, str):
-            raise TypeError(f"feature_layer: expected a submodule name (str) or None, got "
-                            f"{type(self.feature_layer).__name__}")
+            raise OptionTypeError("feature_layer", f"expected a submodule name (str) or None, got "
+                                                   f"{type(self.feature_layer).__name__}")
         check_choice("aux_input", self.aux_input, AUX_INPUTS)
         check_choice("label", self.label, LABELS)
         vr = self.aux_value_range
-        if (not isinstance(vr, (tuple, list)) or len(vr) != 2 or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vr)
-                or not vr[0] < vr[1]):
-            raise ValueError(f"aux_value_range: expected a finite pair (low, high) with low < high, got {vr!r}")
-        object.__setattr__(self, "aux_value_range", (float(vr[0]), float(vr[1])))
+        self._set("aux_value_range", check_value_range("aux_value_range", vr))
 
 
 class AGDMGuidance(Guidance):
@@ -144,7 +148,7 @@ class AGDMGuidance(Guidance):
         return -d + F.log_softmax(l_u, dim=1).gather(1, y_hat[:, None])[:, 0]
 
     def term(self, k: int, step: Step, x: torch.Tensor, eps: torch.Tensor, ref: torch.Tensor, noise: Noise, *,
-             create_graph: bool) -> torch.Tensor:
+             create_graph: bool, var: torch.Tensor | None = None) -> torch.Tensor:
         if self.opts.aux_input == "x_t":
             u = x
         else:
@@ -166,9 +170,9 @@ class AGDM(Method):
 
     def chain(self, opts: AGDMOptions, schedule: VPSchedule, dtype: torch.dtype, guidance_grad: str) -> Chain:
         check_choice("guidance_grad", guidance_grad, self.guidance_grads)
-        level = schedule.level_of(opts.t_star)
+        level = self.start_level(opts, schedule)
         if level < 1:
-            raise ValueError(f"t_star: expected round({schedule.num_levels} t_star) >= 1, got {opts.t_star}")
+            raise OptionError("t_star", f"expected round({schedule.num_levels} t*) >= 1, got {opts.t_star}")
         np_dtype = np.float64 if dtype == torch.float64 else np.float32
         plan = get_solver("ddpm").plan(schedule, opts.t_star, dt=None, steps=opts.steps, dtype=np_dtype)
         alpha_bar = schedule.discrete_alpha_bar().tolist()
@@ -184,18 +188,24 @@ class AGDM(Method):
     def surrogate_t_star(self, opts: AGDMOptions, schedule: VPSchedule) -> float:
         return opts.t_star
 
+    def surrogate_origin(self, opts: AGDMOptions):
+        return "t_star", opts.t_star
+
+    def start_level(self, opts: AGDMOptions, schedule: VPSchedule) -> int:
+        return schedule.level_of(opts.t_star)
+
     def check_inputs(self, opts: AGDMOptions, x: torch.Tensor) -> None:
-        """The auxiliary network sits on x's device and is in eval mode. (A network that cannot take x's shape or
+        """The auxiliary network sits on x's device and has no submodule in training mode (checked at every call:
+        the caller may have switched it since the options were built). (A network that cannot take x's shape or
         dtype, or returns no features, fails at the first guided step with an error naming ``auxiliary``: no probe
         call here, since purify runs at every attack step.)"""
         net = opts.auxiliary
         for p in net.parameters():
             if p.device != x.device:
-                raise ValueError(f"auxiliary: its parameters are on {p.device} but x is on {x.device}; move one of "
-                                 f"them")
+                raise OptionError("auxiliary", f"its parameters are on {p.device} but x is on {x.device}; move one "
+                                               f"of them")
             break
-        if net.training:
-            raise ValueError("auxiliary: is in training mode; call .eval() on it first")
+        check_eval_mode("auxiliary", net)
 
     def describe(self, opts: AGDMOptions) -> str:
         return ", ".join(f"{k}={type(v).__name__ if k == 'auxiliary' else repr(v)}"

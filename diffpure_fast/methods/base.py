@@ -12,12 +12,12 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from .._validate import OptionError
 from ..chain import Chain, Round
 from ..schedule import VPSchedule
 from ..solvers import get_solver
 
-__all__ = ["GUIDANCE_GRADS", "Method", "MethodOptions", "check_choice", "check_float", "check_int",
-           "ddpm_surrogate_chain", "diffuse_round"]
+__all__ = ["GUIDANCE_GRADS", "Method", "MethodOptions", "ddpm_surrogate_chain", "diffuse_round", "make_options"]
 
 # How the exact adjoint treats a guidance term: "exact" differentiates it (second order where it is a gradient);
 # "detached" treats it as a constant (what the released evaluations of guided methods computed);
@@ -26,27 +26,15 @@ __all__ = ["GUIDANCE_GRADS", "Method", "MethodOptions", "check_choice", "check_f
 GUIDANCE_GRADS = ("exact", "detached", "straight_through")
 
 
-def check_float(name: str, v, *, low: float | None = None, high: float | None = None, low_open: bool = False):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"{name}: expected a finite float, got {v!r}")
-    if low is not None and (v <= low if low_open else v < low):
-        raise ValueError(f"{name}: expected a value {'>' if low_open else '>='} {low}, got {v!r}")
-    if high is not None and v > high:
-        raise ValueError(f"{name}: expected a value <= {high}, got {v!r}")
-    return float(v)
-
-
-def check_int(name: str, v, *, low: int = 1, high: int | None = None):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low or (high is not None and v > high):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name}: expected an int {bound}, got {v!r}")
-    return int(v)
-
-
-def check_choice(name: str, v, choices):
-    if v not in choices:
-        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {v!r}")
-    return v
+def make_options(options_class, owner: tuple[tuple[str, object], ...], kwargs: dict):
+    """``options_class(**kwargs)``, or an ``OptionError`` naming the first keyword it has no field for. ``owner``:
+    who the options belong to, as (API keyword, value) pairs, e.g. (("method", "gdmp"),), for the message."""
+    names = options_class.names()
+    unknown = sorted(set(kwargs) - set(names))
+    if unknown:
+        raise OptionError(unknown[0], lambda s: f"not an option of {' with '.join(s.setting(*o) for o in owner)} "
+                                                f"(its options: {', '.join(map(s.name, names))})")
+    return options_class(**kwargs)
 
 
 @dataclass(frozen=True)
@@ -57,6 +45,11 @@ class MethodOptions:
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
 
+    def _set(self, name: str, value) -> None:
+        """Store a checked value in place of the given one (a NumPy integer becomes the int it equals), so the
+        options compare, print and serialise the same whichever numeric type the caller used."""
+        object.__setattr__(self, name, value)
+
 
 class Method:
     """A purification method. Subclasses set ``name``, ``Options`` and ``guidance_grads``, and build chains."""
@@ -65,15 +58,17 @@ class Method:
     Options: type[MethodOptions] = MethodOptions
     # The guidance_grad values this method accepts (an unguided method has only "exact").
     guidance_grads: tuple[str, ...] = ("exact",)
-    # Whether grad_mode="adjoint" (torchsde's continuous adjoint) exists for it.
-    has_continuous_adjoint: bool = False
 
     def options(self, **kwargs) -> MethodOptions:
-        unknown = sorted(set(kwargs) - set(self.Options.names()))
-        if unknown:
-            raise ValueError(f"{', '.join(unknown)}: not an option of method={self.name!r} (its options: "
-                             f"{', '.join(self.Options.names())})")
-        return self.Options(**kwargs)
+        """The options dataclass from keyword arguments (none: the defaults); an unknown one is an error naming it."""
+        return make_options(self.Options, (("method", self.name),), kwargs)
+
+    def check_adjoint(self, opts) -> None:
+        """Whether grad_mode="adjoint" (the official code's continuous adjoint) exists for these options: an error
+        naming grad_mode if not. None has it by default (DiffPure's sde and ode runners do)."""
+        raise OptionError("grad_mode", lambda s: f"'adjoint' is the official DiffPure code's continuous adjoint "
+                          f"({s.name('diffusion_type')} 'sde' and 'ode'); {s.setting('method', self.name)} has none: "
+                          f"use 'full', the exact gradient")
 
     def chain(self, opts, schedule: VPSchedule, dtype: torch.dtype, guidance_grad: str) -> Chain:
         """The purification as a chain, for states of ``dtype``."""
@@ -82,6 +77,19 @@ class Method:
     def surrogate_t_star(self, opts, schedule: VPSchedule) -> float:
         """The diffusion time the surrogate gradient chain (grad_mode="surrogate") starts from."""
         raise NotImplementedError
+
+    def surrogate_origin(self, opts) -> tuple[str, object] | None:
+        """The option that sets ``surrogate_t_star`` and its value (None: a constant of the method), for errors."""
+        return None
+
+    def start_level(self, opts, schedule: VPSchedule) -> int:
+        """The discrete diffusion level the chain's first round starts from (DiffPure: its rounded round(N t*);
+        N for a chain from pure noise): recorded with the options, as the value the run used."""
+        raise NotImplementedError
+
+    def check_model(self, opts, model) -> None:
+        """Method-specific checks of the score model against the options (e.g. a sampler that needs the network's
+        learned variance); errors name ``model`` or the option. Nothing by default."""
 
     def check_inputs(self, opts, x: torch.Tensor) -> None:
         """Method-specific checks of an input batch x (B, C, H, W) against the options (e.g. an auxiliary network's
@@ -99,10 +107,11 @@ def diffuse_round(plan, schedule: VPSchedule, index: int, first_step: int = 0) -
 
 def ddpm_surrogate_chain(schedule: VPSchedule, t_star: float, steps: int, dtype: torch.dtype) -> Chain:
     """grad_mode="surrogate"'s chain (Lee & Kim, ICCV 2023): an unguided ``steps``-step ancestral DDPM chain from
-    the input diffused to t* (DiffPure's level round(N t*)), with the same noise counters as the defense."""
+    the input diffused to t* (DiffPure's level round(N t*)), with the same noise counters as the defense. Exactly
+    ``steps`` steps, at most the level (``PurifyConfig`` checks the bound and names ``surrogate_steps``)."""
     level = schedule.level_of(t_star)
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
-    plan = get_solver("ddpm").plan(schedule, t_star, dt=None, steps=min(steps, level), dtype=np_dtype)
+    plan = get_solver("ddpm").plan(schedule, t_star, dt=None, steps=steps, dtype=np_dtype)
     return Chain((diffuse_round(plan, schedule, level - 1),), None)
 
 

@@ -31,20 +31,20 @@ What matters for evaluation:
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._validate import OptionError, check_bool, check_choice, check_float, check_int
 from ..chain import Chain, Guidance, Noise
 from ..schedule import VPSchedule
 from ..solvers.base import Plan, Step
-from .base import Method, MethodOptions, check_choice, check_float, check_int, diffuse_round
+from ..solvers.ddpm import DDPMLevel, clipped_x0_correction, ddpm_levels, posterior_mean_steps
+from .base import Method, MethodOptions, diffuse_round
 
-__all__ = ["GDMP", "GDMPGuidance", "GDMPOptions", "STREAM_GUIDANCE", "gdmp_coefficients", "ssim"]
+__all__ = ["GDMP", "GDMPGuidance", "GDMPOptions", "STREAM_GUIDANCE", "ssim"]
 
 # Counter stream of the guidance's own noise (GDMP's noised reference). Streams 0/1 are the forward and solver
 # noise; 2 + j are the continuous adjoint's bridge points, so this one sits far above them.
@@ -62,43 +62,15 @@ class GDMPOptions(MethodOptions):
     clip_x0: bool = True
 
     def __post_init__(self):
-        check_int("purify_step", self.purify_step, low=1, high=999)
-        check_int("max_iter", self.max_iter)
+        # purify_step's upper bound is the schedule's (N - 1 levels), checked when the chain is built
+        self._set("purify_step", check_int("purify_step", self.purify_step))
+        self._set("max_iter", check_int("max_iter", self.max_iter))
         check_choice("guide_mode", self.guide_mode, ("mse", "ssim"))
-        check_float("guide_scale", self.guide_scale, low=0.0)
-        check_float("ptb", self.ptb, low=0.0, low_open=True)
+        self._set("guide_scale", check_float("guide_scale", self.guide_scale, low=0.0))
+        self._set("ptb", check_float("ptb", self.ptb, low=0.0, low_open=True))
         if self.norm_batch is not None:
-            check_int("norm_batch", self.norm_batch)
-        if not isinstance(self.clip_x0, bool):
-            raise TypeError(f"clip_x0: expected a bool, got {type(self.clip_x0).__name__}")
-
-
-@dataclass(frozen=True)
-class _Level:
-    """pytorch_diffusion's per-level constants (float64)."""
-
-    abar: float
-    coef1: float
-    coef2: float
-    recip: float      # sqrt(1 / abar)
-    recipm1: float    # sqrt(1 / abar - 1)
-    logvar: float     # "fixedlarge"
-
-
-@functools.cache
-def gdmp_coefficients(schedule: VPSchedule) -> tuple[_Level, ...]:
-    """The constants of ``Diffusion.init_diffusion_parameters`` with model_var_type="fixedlarge", per level
-    (cached per schedule: the plan and the guidance both read them)."""
-    betas = schedule.discrete_betas().numpy()
-    alphas = 1.0 - betas
-    abar = np.cumprod(alphas)
-    abar_prev = np.append(1.0, abar[:-1])
-    post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
-    coef1 = betas * np.sqrt(abar_prev) / (1.0 - abar)
-    coef2 = (1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar)
-    logvar = np.log(np.append(post_var[1], betas[1:]))
-    return tuple(_Level(float(abar[i]), float(coef1[i]), float(coef2[i]), float(np.sqrt(1.0 / abar[i])),
-                        float(np.sqrt(1.0 / abar[i] - 1.0)), float(logvar[i])) for i in range(len(betas)))
+            self._set("norm_batch", check_int("norm_batch", self.norm_batch))
+        self._set("clip_x0", check_bool("clip_x0", self.clip_x0))
 
 
 def _gaussian_window(size: int, sigma: float, channels: int, like: torch.Tensor) -> torch.Tensor:
@@ -126,7 +98,7 @@ class GDMPGuidance(Guidance):
     """G_k = coef1 (clip(x0) - x0) + exp(logvar) scale grad_x[-MSE(x, ref_k)] (or + grad_x SSIM): the x0 clipping
     (part of the released step, always differentiated) and the guidance toward the noised input."""
 
-    def __init__(self, opts: GDMPOptions, levels: tuple[_Level, ...], mode: str):
+    def __init__(self, opts: GDMPOptions, levels: tuple[DDPMLevel, ...], mode: str):
         self.opts, self.levels, self.mode = opts, levels, mode
         self.needs_autograd = opts.guide_mode == "ssim"
 
@@ -137,14 +109,12 @@ class GDMPGuidance(Guidance):
         return float(self.opts.norm_batch if self.opts.norm_batch is not None else x.shape[0])
 
     def term(self, k: int, step: Step, x: torch.Tensor, eps: torch.Tensor, ref: torch.Tensor, noise: Noise, *,
-             create_graph: bool) -> torch.Tensor:
+             create_graph: bool, var: torch.Tensor | None = None) -> torch.Tensor:
         lv, o = self.levels[step.level], self.opts
-        out = 0.0
-        if o.clip_x0:
-            x0 = x * lv.recip - eps * lv.recipm1
-            out = (x0.clamp(-1.0, 1.0) - x0) * lv.coef1
-        ref_t = ref * math.sqrt(lv.abar) + noise.draw(k, STREAM_GUIDANCE, ref) * math.sqrt(1.0 - lv.abar)
-        scale = o.guide_scale * 3.0 * 255.0 / (2.0 * o.ptb) * math.sqrt(1.0 - lv.abar) / math.sqrt(lv.abar)
+        out = clipped_x0_correction(lv, x, eps) if o.clip_x0 else 0.0
+        ab = lv.alpha_bar
+        ref_t = ref * math.sqrt(ab) + noise.draw(k, STREAM_GUIDANCE, ref) * math.sqrt(1.0 - ab)
+        scale = o.guide_scale * 3.0 * 255.0 / (2.0 * o.ptb) * math.sqrt(1.0 - ab) / math.sqrt(ab)
         if o.guide_mode == "mse":
             # grad_x of -sum((x - ref_t)^2) / (norm_batch C H W): closed form.
             grad = (x - ref_t) * (-2.0 / (self._norm(x) * x[0].numel()))
@@ -153,7 +123,7 @@ class GDMPGuidance(Guidance):
             # retain_graph: the step's graph may be shared with the adjoint's own VJP of this step.
             (grad,) = torch.autograd.grad(score, x, create_graph=create_graph and self.mode != "detached",
                                           retain_graph=True)
-        cond = grad * (scale * math.exp(lv.logvar))
+        cond = grad * (scale * math.exp(lv.logvar_large))
         if self.mode == "detached":
             cond = cond.detach()
         return out + cond
@@ -167,22 +137,26 @@ class GDMP(Method):
     def plan(self, opts: GDMPOptions, schedule: VPSchedule, dtype: torch.dtype) -> Plan:
         """The unclipped part of pytorch_diffusion's step over levels P-1 .. 0: a x + b eps + c z with
         a = coef1 sqrt(1/abar) + coef2, b = -coef1 sqrt(1/abar - 1), c = exp(logvar / 2) (0 at level 0)."""
-        levels = gdmp_coefficients(schedule)
-        steps = []
-        for i in range(opts.purify_step - 1, -1, -1):
-            lv = levels[i]
-            c = math.exp(0.5 * lv.logvar) if i > 0 else 0.0
-            t = float(np.float32((i + 1) / schedule.num_levels))
-            steps.append(Step(t=t, level=i, a=lv.coef1 * lv.recip + lv.coef2, b=-lv.coef1 * lv.recipm1, c_unit=c,
-                              c_increment=c))
-        return Plan("gdmp", tuple(steps), "standard normal draws z_k (scaled by exp(logvar / 2) inside the step)")
+        steps = posterior_mean_steps(schedule, opts.purify_step,
+                                     lambda lv, i: math.exp(0.5 * lv.logvar_large) if i > 0 else 0.0)
+        return Plan("gdmp", steps, "standard normal draws z_k (scaled by exp(logvar / 2) inside the step)")
 
     def chain(self, opts: GDMPOptions, schedule: VPSchedule, dtype: torch.dtype, guidance_grad: str) -> Chain:
         check_choice("guidance_grad", guidance_grad, self.guidance_grads)
-        plan = self.plan(opts, schedule, dtype)
         p = opts.purify_step
+        if p > schedule.num_levels - 1:
+            raise OptionError("purify_step", f"expected at most {schedule.num_levels - 1} (the model's schedule has "
+                                             f"{schedule.num_levels} levels and a round diffuses to level "
+                                             f"purify_step), got {p}")
+        plan = self.plan(opts, schedule, dtype)
         rounds = tuple(diffuse_round(plan, schedule, p, first_step=r * p) for r in range(opts.max_iter))
-        return Chain(rounds, GDMPGuidance(opts, gdmp_coefficients(schedule), guidance_grad))
+        return Chain(rounds, GDMPGuidance(opts, ddpm_levels(schedule), guidance_grad))
 
     def surrogate_t_star(self, opts: GDMPOptions, schedule: VPSchedule) -> float:
         return opts.purify_step / schedule.num_levels
+
+    def surrogate_origin(self, opts: GDMPOptions):
+        return "purify_step", opts.purify_step
+
+    def start_level(self, opts: GDMPOptions, schedule: VPSchedule) -> int:
+        return opts.purify_step

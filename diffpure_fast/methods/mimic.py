@@ -41,10 +41,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._validate import OptionError, check_bool, check_choice, check_float, check_int
 from ..chain import Chain, Guidance, Noise, Round
 from ..schedule import VPSchedule
 from ..solvers.base import Plan, Step
-from .base import Method, MethodOptions, check_choice, check_float, check_int
+from .base import Method, MethodOptions
 
 __all__ = ["Mimic", "MimicGuidance", "MimicOptions", "abs_smooth_curvature"]
 
@@ -61,20 +62,23 @@ class MimicOptions(MethodOptions):
     st_beta: float = 1.0
 
     def __post_init__(self):
-        check_int("steps", self.steps, low=1, high=1000)
+        # steps must also divide the schedule's levels: checked when the chain is built (Mimic.levels)
+        self._set("steps", check_int("steps", self.steps))
         w = self.guidance_window
-        if (not isinstance(w, (tuple, list)) or len(w) != 2 or not all(isinstance(v, int) for v in w)
-                or not 0 <= w[0] <= w[1] <= self.steps):
-            raise ValueError(f"guidance_window: expected (start, stop) step indices with 0 <= start <= stop <= "
-                             f"steps={self.steps}, got {w!r}")
-        check_float("rho", self.rho, low=0.0)
-        check_int("upsample", self.upsample)
+        if not isinstance(w, (tuple, list)) or len(w) != 2:
+            raise OptionError("guidance_window", f"expected (start, stop) step indices, got {w!r}")
+        w = tuple(check_int("guidance_window", v, low=0, high=self.steps) for v in w)
+        if w[0] > w[1]:
+            raise OptionError("guidance_window", f"expected (start, stop) with start <= stop <= steps={self.steps}, "
+                                                 f"got {self.guidance_window!r}")
+        self._set("guidance_window", w)
+        self._set("rho", check_float("rho", self.rho, low=0.0))
+        self._set("upsample", check_int("upsample", self.upsample))
         if self.norm_batch is not None:
-            check_int("norm_batch", self.norm_batch)
-        if not isinstance(self.eps_in_guidance, bool):
-            raise TypeError(f"eps_in_guidance: expected a bool, got {type(self.eps_in_guidance).__name__}")
-        check_float("eta", self.eta, low=0.0, high=1.0)
-        check_float("st_beta", self.st_beta, low=0.0, low_open=True)
+            self._set("norm_batch", check_int("norm_batch", self.norm_batch))
+        self._set("eps_in_guidance", check_bool("eps_in_guidance", self.eps_in_guidance))
+        self._set("eta", check_float("eta", self.eta, low=0.0, high=1.0))
+        self._set("st_beta", check_float("st_beta", self.st_beta, low=0.0, low_open=True))
 
 
 class _AbsSmoothCurvature(torch.autograd.Function):
@@ -117,7 +121,7 @@ class MimicGuidance(Guidance):
         return a.sum() / (n * u.shape[2] * u.shape[3])
 
     def term(self, k: int, step: Step, x: torch.Tensor, eps: torch.Tensor, ref: torch.Tensor, noise: Noise, *,
-             create_graph: bool) -> torch.Tensor:
+             create_graph: bool, var: torch.Tensor | None = None) -> torch.Tensor:
         o = self.opts
         a_i = self.alpha_bar[step.level]
         e = eps if o.eps_in_guidance else eps.detach()
@@ -144,7 +148,7 @@ class Mimic(Method):
         """The released ``seq``: skip - 1, 2 skip - 1, .., N - 1 with skip = N / steps."""
         n = schedule.num_levels
         if n % opts.steps:
-            raise ValueError(f"steps: expected a divisor of the schedule's {n} levels, got {opts.steps}")
+            raise OptionError("steps", f"expected a divisor of the schedule's {n} levels, got {opts.steps}")
         skip = n // opts.steps
         return [skip * (m + 1) - 1 for m in range(opts.steps)]
 
@@ -172,3 +176,6 @@ class Mimic(Method):
     def surrogate_t_star(self, opts: MimicOptions, schedule: VPSchedule) -> float:
         # The released attack model (PurificationForward): an unguided DDPM chain from t = 200 / 1000.
         return 0.2
+
+    def start_level(self, opts: MimicOptions, schedule: VPSchedule) -> int:
+        return schedule.num_levels   # pure noise

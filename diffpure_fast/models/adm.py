@@ -22,9 +22,12 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .._validate import check_int
 
 __all__ = ["ADM_IMAGENET256_UNCOND_CONFIG", "UNetModel", "adm_default_channel_mult", "create_adm_model"]
 
@@ -237,12 +240,13 @@ class UNetModel(nn.Module):
         super().__init__()
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
-        self.image_size = int(image_size)
-        self.in_channels = int(in_channels)
-        self.model_channels = model_channels = int(model_channels)
-        self.out_channels = int(out_channels)
-        self.num_res_blocks = int(num_res_blocks)
-        self.attention_resolutions = tuple(int(a) for a in attention_resolutions)
+        # the package's integer rule (NumPy integers accepted, floats refused, never rounded)
+        self.image_size = check_int("image_size", image_size)
+        self.in_channels = check_int("in_channels", in_channels)
+        self.model_channels = model_channels = check_int("num_channels", model_channels)
+        self.out_channels = check_int("out_channels", out_channels)
+        self.num_res_blocks = check_int("num_res_blocks", num_res_blocks, low=0)
+        self.attention_resolutions = tuple(check_int("attention_resolutions", a) for a in attention_resolutions)
         self.dropout = dropout
         self.channel_mult = tuple(channel_mult)
         self.conv_resample = conv_resample
@@ -357,15 +361,12 @@ class UNetModel(nn.Module):
 
 def _as_int_tuple(name: str, value) -> tuple[int, ...]:
     if isinstance(value, str):
-        parts = [p.strip() for p in value.split(",") if p.strip()]
-    elif isinstance(value, (int, float)):
-        parts = [value]
-    else:
-        parts = list(value)
-    try:
-        return tuple(int(p) for p in parts)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected comma-separated integers, got {value!r}") from None
+        try:
+            return tuple(int(p.strip()) for p in value.split(",") if p.strip())
+        except ValueError:
+            raise ValueError(f"{name}: expected comma-separated integers, got {value!r}") from None
+    parts = [value] if isinstance(value, (int, float, np.integer, np.floating)) else list(value)
+    return tuple(check_int(name, p) for p in parts)   # never rounded
 
 
 def create_adm_model(config: Mapping[str, Any] | None = None, **overrides) -> UNetModel:
@@ -381,7 +382,7 @@ def create_adm_model(config: Mapping[str, Any] | None = None, **overrides) -> UN
     if missing:
         raise ValueError(f"config: missing keys {missing}")
     args = {**_CREATE_MODEL_DEFAULTS, **{k: v for k, v in cfg.items() if k not in _DIFFUSION_KEYS}}
-    image_size = int(args["image_size"])
+    image_size = check_int("image_size", args["image_size"])
     if args["channel_mult"] in ("", None):
         channel_mult = adm_default_channel_mult(image_size)
     else:
@@ -390,12 +391,14 @@ def create_adm_model(config: Mapping[str, Any] | None = None, **overrides) -> UN
     if any(r <= 0 for r in res):
         raise ValueError(f"attention_resolutions: expected positive resolutions, got {args['attention_resolutions']!r}")
     return UNetModel(
-        image_size=image_size, in_channels=3, model_channels=int(args["num_channels"]),
-        out_channels=6 if args["learn_sigma"] else 3, num_res_blocks=int(args["num_res_blocks"]),
+        image_size=image_size, in_channels=3, model_channels=args["num_channels"],
+        out_channels=6 if args["learn_sigma"] else 3, num_res_blocks=args["num_res_blocks"],
         attention_resolutions=tuple(image_size // r for r in res), dropout=float(args["dropout"]),
         channel_mult=channel_mult, num_classes=NUM_CLASSES if args["class_cond"] else None,
         use_checkpoint=bool(args["use_checkpoint"]), use_fp16=bool(args["use_fp16"]),
-        num_heads=int(args["num_heads"]), num_head_channels=int(args["num_head_channels"]),
-        num_heads_upsample=int(args["num_heads_upsample"]), use_scale_shift_norm=bool(args["use_scale_shift_norm"]),
+        num_heads=check_int("num_heads", args["num_heads"], low=None),
+        num_head_channels=check_int("num_head_channels", args["num_head_channels"], low=None),
+        num_heads_upsample=check_int("num_heads_upsample", args["num_heads_upsample"], low=None),
+        use_scale_shift_norm=bool(args["use_scale_shift_norm"]),
         resblock_updown=bool(args["resblock_updown"]), use_new_attention_order=bool(args["use_new_attention_order"]),
     )

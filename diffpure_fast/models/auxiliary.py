@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .digits import WEIGHTS_DIR, read_weights
+from .._validate import check_int
+from .digits import WEIGHTS_DIR, load_weights, read_weights
 
 __all__ = ["AUXILIARY_WEIGHTS", "AuxiliaryCNN", "auxiliary_outputs", "load_auxiliary"]
 
@@ -37,12 +38,14 @@ class AuxiliaryCNN(nn.Module):
     def __init__(self, *, in_channels: int = 1, num_classes: int = 10, resolution: int = 16,
                  channels: tuple[int, int] = (16, 32), hidden: int = 64):
         super().__init__()
+        in_channels, num_classes, resolution, hidden = (check_int(n, v) for n, v in (
+            ("in_channels", in_channels), ("num_classes", num_classes), ("resolution", resolution), ("hidden", hidden)))
         if resolution % 4 != 0:
             raise ValueError(f"resolution: expected a multiple of 4, got {resolution}")
-        c1, c2 = (int(c) for c in channels)
-        self.config: dict[str, Any] = dict(in_channels=int(in_channels), num_classes=int(num_classes),
-                                           resolution=int(resolution), channels=[c1, c2], hidden=int(hidden))
-        self.in_channels, self.image_size = int(in_channels), int(resolution)
+        c1, c2 = (check_int("channels", c) for c in channels)
+        self.config: dict[str, Any] = dict(in_channels=in_channels, num_classes=num_classes,
+                                           resolution=resolution, channels=[c1, c2], hidden=hidden)
+        self.in_channels, self.image_size = in_channels, resolution
         # Softplus, not ReLU: the exact gradient through the guidance differentiates the network twice; a ReLU
         # network's own curvature is zero almost everywhere, so that part of the second-order term would vanish
         # (the exact gradient stays exact, but smooth activations keep every term informative and make the
@@ -124,14 +127,8 @@ def load_auxiliary(name: str = "digits", device: str | torch.device | None = Non
     if name != "digits":
         raise ValueError(f"name: expected 'digits' (the one shipped auxiliary network), got {name!r}; load your own "
                          f"network and pass it as auxiliary=")
-    path = AUXILIARY_WEIGHTS if path is None else path
-    state, config, _ = read_weights(path, kind="auxiliary", hint=_TRAIN_HINT)
-    net = AuxiliaryCNN.from_config(config)
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ValueError(f"checkpoint: {path}: the weights do not match their config: "
-                         f"{str(exc).splitlines()[0]}") from None
+    state, config, _ = read_weights(path, kind="auxiliary", default=AUXILIARY_WEIGHTS, hint=_TRAIN_HINT)
+    net = load_weights(AuxiliaryCNN.from_config(config), state, path)
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)

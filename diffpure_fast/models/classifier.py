@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._validate import check_int
+
 __all__ = ["DigitsClassifier"]
 
 
@@ -20,11 +22,13 @@ class DigitsClassifier(nn.Module):
     def __init__(self, *, in_channels: int = 1, num_classes: int = 10, resolution: int = 16,
                  channels: tuple[int, int] = (32, 64), hidden: int = 128, dropout: float = 0.3):
         super().__init__()
+        in_channels, num_classes, resolution, hidden = (check_int(n, v) for n, v in (
+            ("in_channels", in_channels), ("num_classes", num_classes), ("resolution", resolution), ("hidden", hidden)))
         if resolution % 4 != 0:
             raise ValueError(f"resolution: expected a multiple of 4, got {resolution}")
-        c1, c2 = (int(c) for c in channels)
-        self.config: dict[str, Any] = dict(in_channels=int(in_channels), num_classes=int(num_classes),
-                                           resolution=int(resolution), channels=[c1, c2], hidden=int(hidden),
+        c1, c2 = (check_int("channels", c) for c in channels)
+        self.config: dict[str, Any] = dict(in_channels=in_channels, num_classes=num_classes,
+                                           resolution=resolution, channels=[c1, c2], hidden=hidden,
                                            dropout=float(dropout))
 
         def block(cin: int, cout: int) -> list[nn.Module]:

@@ -18,9 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._validate import OptionError, OptionFileNotFoundError
 from ..schedule import DIFFPURE_SCHEDULE, VPSchedule
 from .base import EpsModel, ScoreModel
 from .classifier import DigitsClassifier
+from .state_dicts import load_state_dict_strict
 
 __all__ = [
     "CLASSIFIER_WEIGHTS",
@@ -31,6 +33,7 @@ __all__ = [
     "digits_dsm_loss",
     "load_digits_classifier",
     "load_digits_score_model",
+    "load_weights",
     "read_weights",
     "save_weights",
 ]
@@ -91,14 +94,18 @@ def save_weights(module: nn.Module, path: str | Path, config: dict[str, Any], *,
     return path
 
 
-def read_weights(path: str | Path, *, kind: str, hint: str = _TRAIN_HINT
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
-    """(state dict in float32, architecture config, raw metadata) of a shipped weight file; ``hint`` says how to
-    make a missing one."""
+def read_weights(path: str | Path | None, *, kind: str, default: Path | None = None, hint: str = _TRAIN_HINT,
+                 option: str = "path") -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
+    """(state dict in float32, architecture config, raw metadata) of a weight file: ``path``, or the shipped
+    ``default`` when None (``hint`` says how to make a missing shipped file). Errors about a given file name the
+    argument ``option`` and the file."""
     from safetensors import safe_open
 
-    path = Path(path)
+    given = path is not None or default is None
+    path = Path(default if path is None else path)
     if not path.is_file():
+        if given:
+            raise OptionFileNotFoundError(option, f"digits {kind} weights not found at {path}; {hint}")
         raise FileNotFoundError(f"digits {kind} weights not found at {path}; {hint}")
     tensors = {}
     try:
@@ -107,13 +114,22 @@ def read_weights(path: str | Path, *, kind: str, hint: str = _TRAIN_HINT
             for name in f.keys():
                 tensors[name] = f.get_tensor(name)
     except Exception as exc:  # safetensors raises its own error types for empty, truncated or foreign files
-        raise ValueError(f"checkpoint: {path}: not a readable safetensors file ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise OptionError(option, f"not a readable safetensors file ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''})", where=repr(str(path))) from None
     if metadata.get("kind") != kind or "config" not in metadata:
-        raise ValueError(f"{path}: not a digits {kind} weight file (metadata kind={metadata.get('kind')!r}); "
-                         f"{hint}")
+        raise OptionError(option, f"not a digits {kind} weight file (metadata kind={metadata.get('kind')!r})"
+                                  + ("" if given else f"; {hint}"), where=repr(str(path)))
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}
     return state, json.loads(metadata["config"]), metadata
+
+
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor], path: str | Path | None, *,
+                 option: str = "path") -> nn.Module:
+    """Load a weight file's ``state`` into the network rebuilt from its config, strictly (keys normalised by
+    ``state_dicts``; a mismatch names ``option`` and the file), and return the network."""
+    load_state_dict_strict(module, state, option=option, where=repr(str(path)) if path is not None else "",
+                           hint="the weights do not match the config in the file's own metadata")
+    return module
 
 
 def _freeze(module: nn.Module, device) -> nn.Module:
@@ -131,14 +147,8 @@ def load_digits_score_model(device: str | torch.device | None = None, *, path: s
 
     Inputs are 1x16x16 images in [-1, 1] (``2 x - 1`` of ``load_digits_dataset`` images).
     """
-    path = SCORE_WEIGHTS if path is None else path
-    state, config, _ = read_weights(path, kind="score")
-    net = build_digits_score_net(config)
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as exc:  # keys or shapes that do not match the config in the file's own metadata
-        raise ValueError(f"checkpoint: {path}: the weights do not match their config: "
-                         f"{str(exc).splitlines()[0]}") from None
+    state, config, _ = read_weights(path, kind="score", default=SCORE_WEIGHTS, option="checkpoint")
+    net = load_weights(build_digits_score_net(config), state, path, option="checkpoint")
     model = EpsModel(net, time_input="continuous", schedule=schedule)
     return _freeze(model, device)
 
@@ -146,7 +156,5 @@ def load_digits_score_model(device: str | torch.device | None = None, *, path: s
 def load_digits_classifier(device: str | torch.device | None = None, *, path: str | Path | None = None
                            ) -> DigitsClassifier:
     """The shipped digits classifier (inputs (B, 1, 16, 16) in [0, 1], logits (B, 10)), in eval mode, frozen."""
-    state, config, _ = read_weights(CLASSIFIER_WEIGHTS if path is None else path, kind="classifier")
-    model = DigitsClassifier.from_config(config)
-    model.load_state_dict(state)
-    return _freeze(model, device)
+    state, config, _ = read_weights(path, kind="classifier", default=CLASSIFIER_WEIGHTS)
+    return _freeze(load_weights(DigitsClassifier.from_config(config), state, path), device)

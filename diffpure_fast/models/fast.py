@@ -106,6 +106,14 @@ def _eps_call(model: ScoreModel, x: torch.Tensor, t: torch.Tensor, levels: torch
     return model.eps(x, t, levels).contiguous()
 
 
+def _eps_variance_call(model: ScoreModel, x: torch.Tensor, t: torch.Tensor, levels: torch.Tensor | None,
+                       channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    eps, var = model.eps_and_variance(x, t, levels)
+    return eps.contiguous(), var.contiguous()
+
+
 class FastScoreModel(ScoreModel):
     """A ``ScoreModel`` whose ``eps`` runs ``model``'s compiled (and/or channels-last) network.
 
@@ -127,13 +135,27 @@ class FastScoreModel(ScoreModel):
         self._params = tuple(model.parameters())
         # torch.compile only wraps here; tracing and code generation wait for the first call.
         self._call = torch.compile(_eps_call) if compile else _eps_call
+        self._call_variance = torch.compile(_eps_variance_call) if compile else _eps_variance_call
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
+    def _run(self, call, x: torch.Tensor, t: torch.Tensor, levels: torch.Tensor | None):
         cl = self.channels_last and x.dim() == 4
         if self.weights_constant and torch.is_grad_enabled():
             with _frozen(self._params):
-                return self._call(self.model, x, t, levels, cl)
-        return self._call(self.model, x, t, levels, cl)
+                return call(self.model, x, t, levels, cl)
+        return call(self.model, x, t, levels, cl)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
+        return self._run(self._call, x, t, levels)
+
+    @property
+    def has_learned_variance(self) -> bool:
+        return self.model.has_learned_variance
+
+    def eps_and_variance(self, x: torch.Tensor, t: torch.Tensor,
+                         levels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.has_learned_variance:   # the eager model's error, not one from inside the compiled region
+            return self.model.eps_and_variance(x, t, levels)
+        return self._run(self._call_variance, x, t, levels)
 
     @property
     def weights_constant(self) -> bool:

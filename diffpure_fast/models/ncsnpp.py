@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validate import check_bool, check_int
+
 __all__ = ["NCSNPP_CIFAR10_CONFIG", "NCSNpp", "ncsnpp_kwargs_from_config"]
 
 _SQRT2 = math.sqrt(2.0)
@@ -321,13 +323,14 @@ class NCSNpp(nn.Module):
         if fir:
             raise ValueError("fir: fir=True is not supported (FIR up/downsampling is not implemented); "
                              "DiffPure's score_sde configs use fir: False")
-        if int(image_size) < 1 or int(num_channels) < 1 or int(nf) < 2 or int(num_res_blocks) < 0:
-            raise ValueError(f"image_size, num_channels, nf, num_res_blocks: invalid values "
-                             f"{image_size}, {num_channels}, {nf}, {num_res_blocks}")
-        ch_mult = tuple(int(m) for m in ch_mult)
-        if not ch_mult or any(m < 1 for m in ch_mult):
+        # the package's integer rule (NumPy integers accepted, floats refused, never rounded)
+        image_size, num_channels = check_int("image_size", image_size), check_int("num_channels", num_channels)
+        nf, num_res_blocks = check_int("nf", nf, low=2), check_int("num_res_blocks", num_res_blocks, low=0)
+        num_scales = check_int("num_scales", num_scales)
+        ch_mult = tuple(check_int("ch_mult", m) for m in ch_mult)
+        if not ch_mult:
             raise ValueError(f"ch_mult: expected a non-empty sequence of positive ints, got {ch_mult}")
-        if int(image_size) % (2 ** (len(ch_mult) - 1)):
+        if image_size % (2 ** (len(ch_mult) - 1)):
             raise ValueError(f"image_size: {image_size} is not divisible by 2**(len(ch_mult)-1) = "
                              f"{2 ** (len(ch_mult) - 1)}")
         resblock_type = _choice("resblock_type", resblock_type, ("ddpm", "biggan"))
@@ -342,16 +345,16 @@ class NCSNpp(nn.Module):
                                  f"got {c}")
 
         self.act = act = _activation(nonlinearity)
-        sigmas = torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), int(num_scales),
+        sigmas = torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), num_scales,
                                           dtype=torch.float64))
         self.register_buffer("sigmas", sigmas)
 
-        self.image_size = int(image_size)
-        self.num_channels = channels = int(num_channels)
-        self.nf = nf = int(nf)
+        self.image_size = image_size
+        self.num_channels = channels = num_channels
+        self.nf = nf
         self.ch_mult = ch_mult
-        self.num_res_blocks = num_res_blocks = int(num_res_blocks)
-        self.attn_resolutions = attn_resolutions = tuple(int(r) for r in attn_resolutions)
+        self.num_res_blocks = num_res_blocks
+        self.attn_resolutions = attn_resolutions = tuple(check_int("attn_resolutions", r) for r in attn_resolutions)
         self.num_resolutions = num_resolutions = len(ch_mult)
         self.all_resolutions = all_res = [self.image_size // (2 ** i) for i in range(num_resolutions)]
         self.conditional = conditional = bool(conditional)
@@ -639,10 +642,11 @@ def ncsnpp_kwargs_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
     def get(key, default=None):
         return model.get(key, defaults.get(key, default))
 
+    # ints and bools go to NCSNpp as they are (its checks name them; nothing is rounded or coerced here)
     return {
-        "image_size": int(data["image_size"]), "num_channels": int(data.get("num_channels", 3)),
-        "centered": bool(data.get("centered", False)),
-        "nf": int(model["nf"]), "ch_mult": tuple(model["ch_mult"]), "num_res_blocks": int(model["num_res_blocks"]),
+        "image_size": data["image_size"], "num_channels": data.get("num_channels", 3),
+        "centered": check_bool("centered", data.get("centered", False)),
+        "nf": model["nf"], "ch_mult": tuple(model["ch_mult"]), "num_res_blocks": model["num_res_blocks"],
         "attn_resolutions": tuple(model["attn_resolutions"]), "dropout": float(get("dropout")),
         "resamp_with_conv": bool(get("resamp_with_conv")), "conditional": bool(get("conditional")),
         "fir": bool(get("fir")), "fir_kernel": tuple(get("fir_kernel")), "skip_rescale": bool(get("skip_rescale")),
@@ -651,6 +655,6 @@ def ncsnpp_kwargs_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
         "init_scale": float(get("init_scale")), "embedding_type": embedding_type,
         "fourier_scale": float(get("fourier_scale")), "nonlinearity": get("nonlinearity"),
         "scale_by_sigma": bool(get("scale_by_sigma")), "sigma_min": float(get("sigma_min")),
-        "sigma_max": float(get("sigma_max")), "num_scales": int(get("num_scales")),
+        "sigma_max": float(get("sigma_max")), "num_scales": get("num_scales"),
         "attention_type": get("attention_type"),
     }

@@ -19,7 +19,9 @@ def sde_step(x: torch.Tensor, eps: torch.Tensor, a: float, b: float, c: float, *
 
     x, eps (and z, guide when given): (B, ...) tensors of one shape, float dtype and device. Without ``z`` the
     noise is generated in-kernel from (seed, sample_ids[i], step, stream, element), see ``diffpure_fast.noise``;
-    sample_ids: (B,) integers in [0, 2^32) on x's device (else a ValueError). The result is contiguous.
+    sample_ids: (B,) integers in [0, 2^32) on x's device: else a ValueError for CPU tensors, NaN in that sample's
+    output for GPU ones (their range is not checked there: the check would synchronise every step). The result is
+    contiguous.
     guide: an additive guidance term, summed last (``((a*x + b*eps) + c*z) + guide``); its gradient is the
     incoming one.
     """

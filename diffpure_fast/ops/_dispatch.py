@@ -14,6 +14,7 @@ and no Python wrapper in front of the dispatcher.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import warnings
 
@@ -128,12 +129,20 @@ def _install(kernels_by_key: dict[str, dict | None]) -> None:
     if not any(kernels_by_key.values()):
         return
     lib = torch.library.Library(_library.NAMESPACE, "FRAGMENT")
-    with warnings.catch_warnings():
-        # "Overriding a previously registered kernel": that is the point; _destroy restores it.
-        warnings.filterwarnings("ignore", message=r"(?s).*Overriding a previously registered kernel")
-        for key, kernels in kernels_by_key.items():
-            for op, kernel in (kernels or {}).items():
-                lib.impl(op, kernel, key)
+    # Overriding is the point (_destroy restores what was there). torch 2.11 refuses, by default, a second Python
+    # kernel for a key that _library already registered one for (its CUDA fallback); torch 2.13 allows it. A failed
+    # install is undone, so that no half-registered override outlives it.
+    override = {"allow_override": True} if "allow_override" in inspect.signature(lib.impl).parameters else {}
+    try:
+        with warnings.catch_warnings():
+            # "Overriding a previously registered kernel": that is the point.
+            warnings.filterwarnings("ignore", message=r"(?s).*Overriding a previously registered kernel")
+            for key, kernels in kernels_by_key.items():
+                for op, kernel in (kernels or {}).items():
+                    lib.impl(op, kernel, key, **override)
+    except BaseException:
+        lib._destroy()
+        raise
     _override = lib
 
 

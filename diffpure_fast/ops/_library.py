@@ -29,9 +29,13 @@ trusts the fake kernel's strides, so an implementation that returned x's layout 
 
 Input checks, one rule for every implementation: the C++ kernels check in C++ (csrc/sde_step.h), the Python
 kernels and the fake kernels with the functions below; both raise ValueError with the same messages, naming the
-argument. ``sample_ids`` are int64 in [0, 2^32) (the counter word they fill is 32 bits; the kernels would wrap
-larger ones, the reference return non-finite noise); their values are not checked by the fake kernels (a fake
-tensor has none) nor while a CUDA graph is captured (the check synchronises).
+argument. ``sample_ids`` are int64 in [0, 2^32) (the counter word they fill is 32 bits: a larger or negative id
+would wrap onto another id's noise). Their values are checked on CPU tensors only: on a GPU the check is a
+reduction and a device-to-host copy, a synchronisation per step (15-40 us in which the host queues nothing, an
+error under ``torch.cuda.set_sync_debug_mode("error")``, impossible during CUDA-graph capture). There the engine
+checks the ids once per purification, and every implementation (CUDA, Triton, reference) writes NaN for a sample
+whose id is out of range, so a direct call with a bad id fails visibly, never with another sample's noise. The
+fake kernels check no values (a fake tensor has none).
 """
 
 from __future__ import annotations
@@ -76,11 +80,8 @@ def _check_like(x: torch.Tensor, **others: torch.Tensor | None) -> None:
 
 def _check_philox(x: torch.Tensor, seed: int, sample_ids: torch.Tensor, *, values: bool) -> None:
     """seed in [0, 2^63); sample_ids (B,) int64 on x's device; at most 2^34 elements per sample; with ``values``
-    (not in the fake kernel: a fake tensor has none) every id in [0, 2^32).
-
-    The value check is one reduction and one device-to-host copy: on a GPU a synchronisation per step, which costs
-    the tens of microseconds the host then needs to queue the next kernels, against milliseconds per evaluation of
-    a score network. It is skipped while a CUDA graph is captured, where a synchronisation is not allowed."""
+    (not in the fake kernel: a fake tensor has none) every id in [0, 2^32), on CPU tensors only (see the module
+    docstring: on a GPU the kernels write NaN for an out-of-range id instead of a synchronising check)."""
     if seed < 0:
         raise ValueError(f"sde_step: seed must be in [0, 2^63), got {seed}")
     if sample_ids.shape != (x.shape[0],) or sample_ids.dtype != torch.int64 or sample_ids.device != x.device:
@@ -89,9 +90,7 @@ def _check_philox(x: torch.Tensor, seed: int, sample_ids: torch.Tensor, *, value
     per_sample = x.numel() // x.shape[0] if x.shape[0] else 0
     if per_sample > _MAX_ELEMENTS_PER_SAMPLE:
         raise ValueError(f"sde_step: at most 2^34 elements per sample, got {per_sample}")
-    if not values or sample_ids.numel() == 0:
-        return
-    if sample_ids.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if not values or sample_ids.numel() == 0 or sample_ids.device.type != "cpu":
         return
     lo, hi = torch.stack(torch.aminmax(sample_ids)).tolist()
     if lo < 0 or hi > _MAX_SAMPLE_ID:

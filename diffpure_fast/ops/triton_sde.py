@@ -135,7 +135,8 @@ if HAS_TRITON:
         blk = pid - i * blocks_per_sample
         q = blk * BLOCK_Q + tl.arange(0, BLOCK_Q)
         zero = tl.zeros((BLOCK_Q,), dtype=tl.uint32)
-        sample_id = tl.load(ids_ptr + i).to(tl.uint32)
+        sid = tl.load(ids_ptr + i)
+        sample_id = sid.to(tl.uint32)
         w0, w1, w2, w3 = _philox4x32_10(q.to(tl.uint32), zero + sample_id, zero + step.to(tl.uint32),
                                         zero + stream.to(tl.uint32), k0.to(tl.uint32), k1.to(tl.uint32))
         z0, z1 = _box_muller(w0, w1)
@@ -143,6 +144,9 @@ if HAS_TRITON:
         # Lane k of call q is element 4q + k: join to (BLOCK_Q, 2, 2) so that the row-major reshape interleaves
         # z0 z1 z2 z3, and the loads/stores below stay contiguous (vectorisable) rather than stride-4.
         zq = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (4 * BLOCK_Q,))
+        # An id outside [0, 2^32) would wrap onto another id's noise: its sample's output is NaN instead (its range
+        # is not checked on the host, which would cost a synchronisation per step).
+        zq = tl.where((sid < 0) | (sid > 0xFFFFFFFF), float("nan"), zq)
         e = blk * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q)
         mask = e < n
         offs = i * n + e
@@ -211,7 +215,7 @@ def sde_step_philox(x: torch.Tensor, eps: torch.Tensor, a: float, b: float, c: f
     if sample_ids.shape != (x.shape[0],) or sample_ids.dtype != torch.int64 or sample_ids.device != x.device:
         raise ValueError(f"sample_ids: expected ({x.shape[0]},) int64 on {x.device}, got {tuple(sample_ids.shape)} "
                          f"{sample_ids.dtype} on {sample_ids.device}")
-    # The ids' values are range-checked by the kernel _library registers around this one; here ids >= 2^32 would wrap.
+    # Ids outside [0, 2^32) give NaN for their sample (CPU tensors: _library's kernel raises before this one).
     xc, ec, ids = x.contiguous(), eps.contiguous(), sample_ids.contiguous()
     gc = xc if guide is None else guide.contiguous()
     out = torch.empty_like(xc)

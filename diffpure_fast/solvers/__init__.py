@@ -1,5 +1,6 @@
 """Reverse-process solvers behind one step interface (``base.Plan``), registered by name."""
 
+from .._validate import OptionError
 from .base import Plan, Solver, Step
 from .ddpm import AncestralDDPM
 from .euler import EulerMaruyama, reverse_time_grid
@@ -9,7 +10,7 @@ SOLVERS: dict[str, Solver] = {s.name: s for s in (EulerMaruyama(), AncestralDDPM
 
 def get_solver(name: str) -> Solver:
     if name not in SOLVERS:
-        raise ValueError(f"solver: expected one of {sorted(SOLVERS)}, got {name!r}")
+        raise OptionError("solver", f"expected one of {tuple(SOLVERS)}, got {name!r}")
     return SOLVERS[name]
 
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ..schedule import VPSchedule
 
-__all__ = ["Plan", "Solver", "Step"]
+__all__ = ["Plan", "Solver", "Step", "sigma_in", "torch_dtype_of"]
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,8 @@ class Step:
 class Plan:
     solver: str
     steps: tuple[Step, ...]
-    # What a caller's increment at each step means (for error messages and docs).
-    increment_meaning: str
+    # What a caller's increment at each step means (for error messages and docs); None: the plan takes no noise.
+    increment_meaning: str | None
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -62,3 +63,14 @@ class Solver:
              dtype=np.float32) -> Plan:
         """dtype: the numpy float type the time grid is computed in (torchsde's: the state's dtype)."""
         raise NotImplementedError
+
+
+def torch_dtype_of(dtype) -> torch.dtype:
+    """The torch dtype of a numpy float type (the solvers' ``dtype`` argument)."""
+    return torch.float64 if np.dtype(dtype) == np.float64 else torch.float32
+
+
+def sigma_in(schedule: VPSchedule, t: float, dtype) -> float:
+    """``sigma(t) = sqrt(1 - alpha_bar(t))`` computed as a tensor of the numpy float type ``dtype`` computes it (the
+    official code's value, rounding included)."""
+    return float(schedule.sigma(torch.tensor(t, dtype=torch_dtype_of(dtype))))

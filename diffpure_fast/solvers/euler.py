@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 
+from .._validate import OptionError
 from ..schedule import VPSchedule
 from .base import Plan, Solver, Step
 
@@ -48,7 +49,8 @@ class EulerMaruyama(Solver):
              dtype=np.float32) -> Plan:
         if steps is not None:
             if dt is not None:
-                raise ValueError("dt, steps: give one of them for solver='euler', not both")
+                raise OptionError("dt", lambda s: f"give a step size {s.name('dt')} or a step count "
+                                                  f"{s.name('steps')}, not both")
             # A step count means exactly that many equal steps (accumulating dt could add a sliver of a step).
             grid = np.linspace(dtype(1.0 - t_star), dtype(1.0 - T_END), steps + 1).astype(dtype)
         else:

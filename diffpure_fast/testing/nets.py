@@ -13,13 +13,16 @@ __all__ = ["GaussianEps", "TinyAuxNet", "TinyEpsNet", "tiny_score_model"]
 
 
 class TinyEpsNet(nn.Module):
-    """Two 3x3 convolutions with a sinusoidal time embedding and SiLU: smooth, nonlinear in x and t."""
+    """Two 3x3 convolutions with a sinusoidal time embedding and SiLU: smooth, nonlinear in x and t.
 
-    def __init__(self, channels: int = 3, hidden: int = 16, seed: int = 0):
+    learned_sigma: also output guided-diffusion style variance channels (``tanh``, in (-1, 1)) after epsilon."""
+
+    def __init__(self, channels: int = 3, hidden: int = 16, seed: int = 0, learned_sigma: bool = False):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
+        self.learned_sigma = learned_sigma
         self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1)
-        self.conv2 = nn.Conv2d(hidden, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(hidden, 2 * channels if learned_sigma else channels, 3, padding=1)
         self.temb = nn.Linear(8, hidden)
         with torch.no_grad():
             for p in self.parameters():
@@ -30,11 +33,19 @@ class TinyEpsNet(nn.Module):
         ang = labels.to(x.dtype)[:, None] / 1000.0 * torch.exp(freqs)[None, :] * 10.0
         emb = self.temb(torch.cat([ang.sin(), ang.cos()], dim=1))
         h = torch.nn.functional.silu(self.conv1(x) + emb[:, :, None, None])
-        return self.conv2(h) + 0.1 * x
+        out = self.conv2(h)
+        if not self.learned_sigma:
+            return out + 0.1 * x
+        c = x.shape[1]
+        return torch.cat([out[:, :c] + 0.1 * x, torch.tanh(out[:, c:])], dim=1)
 
 
-def tiny_score_model(channels: int = 3, hidden: int = 16, seed: int = 0, dtype=torch.float32) -> EpsModel:
-    return EpsModel(TinyEpsNet(channels, hidden, seed).to(dtype).eval(), time_input="continuous")
+def tiny_score_model(channels: int = 3, hidden: int = 16, seed: int = 0, dtype=torch.float32, *,
+                     learned_sigma: bool = False) -> EpsModel:
+    """A TinyEpsNet as a ScoreModel: continuous time (999 t), or with ``learned_sigma`` a discrete-time network (the
+    integer level) with variance channels, as guided-diffusion's."""
+    net = TinyEpsNet(channels, hidden, seed, learned_sigma).to(dtype).eval()
+    return EpsModel(net, time_input="discrete" if learned_sigma else "continuous", learned_sigma=learned_sigma)
 
 
 class TinyAuxNet(nn.Module):
@@ -65,6 +76,7 @@ class GaussianEps(nn.Module):
         super().__init__()
         self.schedule = schedule
         self.s0 = s0
+        self.eval()  # a fixed function: nothing depends on the mode, and purify refuses training mode
 
     def variance(self, t):
         ab = self.schedule.alpha_bar(t)
