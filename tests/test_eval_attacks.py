@@ -154,8 +154,15 @@ def test_cli_attacks_and_the_study_report(tmp_path, capsys, one_thread):
     study = json.loads((tmp_path / "study" / "report.json").read_text())
     assert [r["folder"] for r in study["evaluations"]] == ["diffhammer", "stadv"]
     capsys.readouterr()
-    assert main(["eval", "--attack", "lf", "--output", str(tmp_path / "x"), "--quiet"]) == 2
-    assert "lpips" in capsys.readouterr().err
+    # the new options' errors name their flags on the command line
+    for args, flag in ((["--attack", "lf"], "--lpips:"),
+                       (["--attack", "stadv", "--attack-steps", "0"], "--attack-steps:"),
+                       (["--attack", "apgd-eot", "--n-targets", "3"], "--n-targets:"),
+                       (["--attack", "diffattack", "--dev-weight", "-1"], "--dev-weight:"),
+                       (["--attack", "pgd-eot", "--bound", "0.5"], "--bound:")):
+        assert main(["eval", *args, "--output", str(tmp_path / "x"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and "_" not in err.split(":")[0], (args, err)
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty"), "--quiet"]) == 2
     assert "no config.json" in capsys.readouterr().err

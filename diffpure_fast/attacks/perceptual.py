@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._validate import OptionError, OptionFileNotFoundError, OptionTypeError, check_eval_mode
+from .._validate import OptionError, OptionFileNotFoundError, OptionTypeError
 
 __all__ = ["LPIPS", "AlexNetFeatures", "SequentialFeatures", "VGG16Features", "load_lpips", "lpips_project"]
 
@@ -179,7 +179,6 @@ def load_lpips(spec: str, *, device="cpu") -> LPIPS:
         net = fn()
         if not isinstance(net, nn.Module):
             raise OptionTypeError("lpips", f"{spec} returned a {type(net).__name__}, expected an nn.Module")
-        check_eval_mode("lpips", net, remedy=f".eval() on the network in {spec}")
         return LPIPS(net, spec).to(device)
     raise OptionError("lpips", f"expected {_SPECS}, got {spec!r}")
 

@@ -149,7 +149,9 @@ class EvalConfig:
                     + f" (its options: {', '.join(sp.name(t) for t in takes)})"))
         if self.n_targets is not None and self.loss not in TARGETED_LOSSES:
             raise OptionError("n_targets", lambda sp: f"the number of target classes of a targeted loss "
-                              f"{TARGETED_LOSSES}, given with {sp.setting('loss', self.loss)}")
+                              f"{TARGETED_LOSSES}, given " + (f"with {sp.setting('loss', self.loss)}" if self.loss
+                                                              else f"without {sp.name('loss')} (the default is "
+                                                                   f"untargeted)"))
         self._resolve_defaults()
         if self.norm is not None:
             check_choice("norm", self.norm, NORMS)
