@@ -79,6 +79,8 @@ setup(
     extras_require={
         "triton": ["triton"],
         "torchvision": ["torchvision"],
+        # the digits data (scikit-learn), image folders (Pillow), the report's plots (matplotlib), AutoAttack
+        "eval": ["scikit-learn", "pillow", "matplotlib", "pyautoattack"],
         "dev": ["pytest", "ruff", "torchsde", "torchdiffeq", "ninja", "cmake"],
     },
     entry_points={"console_scripts": ["diffpure-fast=diffpure_fast.cli:main"]},

@@ -1,4 +1,4 @@
-"""``diffpure-fast`` (also ``python -m diffpure_fast``): demo | purify | eval | report | info.
+"""``diffpure-fast`` (also ``python -m diffpure_fast``): demo | purify | eval | report | conformance | info.
 
 Errors in what the user gave (missing or unreadable files, wrong shapes or channel counts, a checkpoint of the
 wrong family, an output that exists, a missing optional package) print one line and exit with status 2, never a
@@ -24,14 +24,17 @@ from .solvers.ddpm import VAR_TYPES
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError)
 MODELS = ("digits", "score_sde", "guided_diffusion", "celebahq_ddpm")
+# One batch size for purify and eval (and the API's EvalConfig): images per purification batch / samples per attack
+# batch. 16 keeps an exact-gradient batch of DiffPure's CIFAR-10 NCSN++ with EOT copies within a few GB.
+BATCH_SIZE = 16
 
 # The one table between API keywords and flags: where a flag is not "--" + the keyword with "-" for "_" (those
 # are found in each sub-command's parser). Keys (scope, keyword): scope None holds in every sub-command; the
 # others where one keyword means another flag (EvalConfig's steps are the attack's, --attack-steps).
 _FLAGS = {
     (None, "family"): "--model", (None, "scale"): "--guidance-scale", (None, "random_start"): "--no-random-start",
-    (None, "folder"): "FOLDER", ("purify", "x"): "--input", ("eval", "x"): "--data", ("eval", "method"): "--defense",
-    ("eval", "defense"): "--defense", ("attack", "steps"): "--attack-steps", ("runner", "step_size"): "--dt",
+    (None, "folder"): "FOLDER", ("purify", "x"): "--input", ("eval", "x"): "--data", ("eval", "method"): "--method",
+    ("eval", "defense"): "--method", ("attack", "steps"): "--attack-steps", ("runner", "step_size"): "--dt",
 }
 # Flags that set their keyword to False when given.
 _NEGATED = frozenset({"random_start"})
@@ -66,9 +69,61 @@ def _message(exc: BaseException, command: str) -> str:
     return msg.splitlines()[0]
 
 
+_T_STAR_HELP = ("diffusion time t* in (0, 1] (default: the model's: 0.1 (CIFAR-10, digits), 0.15 for guided_diffusion "
+               "(DiffPure's ImageNet --t 150); 0.5 with --diffusion-type celebahq-ddpm; 0.07 with --method agdm); "
+               "the value used is in the report")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, choices=MODELS,
+                   help="score model: the embedded digits model (default when no --checkpoint is given), or the "
+                        "official checkpoint family of --checkpoint")
+    p.add_argument("--checkpoint", default=None, help="checkpoint path of the --model family (score_sde, "
+                   "guided_diffusion, celebahq_ddpm); never downloaded")
+
+
+def _model_family(args) -> str:
+    """--model, or digits when neither --model nor --checkpoint is given; a checkpoint must say its family."""
+    if args.model is None:
+        if args.checkpoint is not None:
+            raise ValueError(f"--model: which family is --checkpoint {args.checkpoint}? expected --model one of "
+                             f"{', '.join(m for m in MODELS if m != 'digits')} (or digits for a digits .safetensors)")
+        return "digits"
+    if args.model != "digits" and args.checkpoint is None:
+        raise ValueError(f"--checkpoint: --model {args.model} needs a checkpoint path (nothing is downloaded)")
+    return args.model
+
+
+def _load_model(args, family: str, quiet: bool):
+    """load_score_model, with a line on stderr first where it reads a checkpoint (a 2 GB file takes a while)."""
+    import os
+
+    from .models.loading import load_score_model
+
+    if args.checkpoint is not None and not quiet and os.path.isfile(args.checkpoint):
+        size = os.path.getsize(args.checkpoint)
+        print(f"diffpure-fast: loading the {family} checkpoint {args.checkpoint} ({size / 1e6:,.0f} MB) ...",
+              file=sys.stderr, flush=True)
+    return load_score_model(family, args.checkpoint, device=args.device,
+                            trust_checkpoint=getattr(args, "trust_checkpoint", False))
+
+
+class _Deprecated(argparse.Action):
+    """An old flag kept for one release: sets the new flag's value and says so on stderr."""
+
+    def __init__(self, option_strings, dest, new: str, **kw):
+        self.new = new
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"diffpure-fast: warning: {option_string} is deprecated and will be removed in the next release; "
+              f"use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def _add_solver_args(p: argparse.ArgumentParser, *, steps_default, t_star_default) -> None:
     p.add_argument("--t-star", type=float, default=t_star_default,
-                   help=f"diffusion time t* in (0, 1] (default {t_star_default or '0.1, DiffPure only'})")
+                   help=f"diffusion time t* in (0, 1] (default {t_star_default})" if t_star_default else _T_STAR_HELP)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, default=steps_default,
                    help="solver steps (euler: equal steps over [1e-5, t*]; ddpm: respaced levels)"
@@ -77,7 +132,9 @@ def _add_solver_args(p: argparse.ArgumentParser, *, steps_default, t_star_defaul
                    "--diffusion-type ode: its step_size, 1e-3; ldsde: 1e-2)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; a sample's noise depends on the seed and its "
                    "index only, not on the batch size (default 0)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per purification batch (default 64)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                   help=f"images per batch (purify: per purification; eval: samples per attack batch; default "
+                        f"{BATCH_SIZE})")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -119,10 +176,10 @@ _RUNNER_ONLY = ("--diffusion-type", "--sigma2", "--lambda-ld", "--eta", "--var-t
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="diffpure-fast", description="DiffPure adversarial purification: fused "
                                  "kernels, exact gradients, official checkpoints.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{demo,purify,eval,report,info}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{demo,purify,eval,report,conformance,info}")
 
     d = sub.add_parser("demo", help="attack and purify handwritten digits with the embedded models (CPU, minutes)",
-                       description="Clean, PGD, transfer and adaptive PGD-EOT accuracies with 95%% Wilson intervals "
+                       description="Clean, PGD, transfer and adaptive PGD-EOT accuracies with 95% Wilson intervals "
                        "on the embedded digits models; writes report.md, report.json and grid.png.")
     from .demo import DemoConfig
 
@@ -157,10 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("purify", help="purify images from a folder, .npy/.npz or .pt, written back in the same kind",
                        description="Purify a batch of images in [0, 1] (uint8 arrays and image files are read as "
                        "0..255) with DiffPure and write them back in the same kind.")
-    p.add_argument("--model", required=True, choices=MODELS,
-                   help="score model: the embedded digits model, or an official checkpoint family")
-    p.add_argument("--checkpoint", default=None, help="checkpoint path (score_sde, guided_diffusion, "
-                   "celebahq_ddpm); never downloaded")
+    _add_model_args(p)
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="read a .pt/.pth checkpoint with the full unpickler. By default only tensors, numbers, "
                    "containers and the NumPy scalars of official score_sde checkpoints are unpickled, because a "
@@ -182,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_solver_args(p, steps_default=None, t_star_default=None)
     _add_runner_args(p)
     _add_agdm_args(p)
+
+    sub.add_parser("conformance", add_help=False, help="replay vectors recorded from the official DiffPure code "
+                       "(diffpure-fast conformance --help for its options)")
 
     i = sub.add_parser("info", help="versions, device, and the active kernel implementations",
                        description="Print versions, devices and which fused-step implementation each device uses.")
@@ -261,8 +318,8 @@ def _cmd_purify(args) -> int:
 
     from .engine import purify
     from .image_io import kind_of, read_images, write_images
-    from .models.loading import load_score_model
 
+    family = _model_family(args)   # the flags first: a wrong combination fails before any file is read
     src, dst = Path(args.input), Path(args.output)
     if dst.exists() and not args.overwrite:
         raise FileExistsError(f"{dst}: exists; pass --overwrite to replace it")
@@ -273,10 +330,7 @@ def _cmd_purify(args) -> int:
     if args.value_range is not None and batch.uint8:
         raise ValueError(f"--value-range: {src} holds 0..255 integers (uint8 or image files), read as [0, 1] and "
                          f"written back as 0..255; --value-range is for float inputs")
-    if args.model != "digits" and args.checkpoint is None:
-        raise ValueError(f"--checkpoint: --model {args.model} needs a checkpoint path (nothing is downloaded)")
-    model = load_score_model(args.model, args.checkpoint, device=args.device,
-                             trust_checkpoint=args.trust_checkpoint)
+    model = _load_model(args, family, args.no_progress)
     x = batch.x.to(args.device)
     options = _method_options(args, args.method)
     if args.value_range is not None:
@@ -370,18 +424,19 @@ def _add_eval_parsers(sub) -> None:
     e = sub.add_parser("eval", help="attack a purification defense and report robust accuracy (records, report, "
                        "plots)", description="Evaluate a defense against an adaptive attack with an explicit "
                        "protocol: clean and robust accuracy single-shot, mean, worst-of-N and majority vote over "
-                       "--n-eval fresh-noise evaluations, each with a 95%% Wilson interval. Resumable (rerun the "
+                       "--n-eval fresh-noise evaluations, each with a 95% Wilson interval. Resumable (rerun the "
                        "same command) and shardable (torchrun --nproc-per-node K -m diffpure_fast eval ...).")
-    e.add_argument("--defense", default="diffpure", choices=(*DEFENSES, "none"),
-                   help="purification method, or none for the undefended classifier (default diffpure)")
-    e.add_argument("--model", default="digits", choices=MODELS,
-                   help="score model (default: the embedded digits model)")
-    e.add_argument("--checkpoint", default=None, help="checkpoint path for score_sde / guided_diffusion / "
-                   "celebahq_ddpm")
-    e.add_argument("--classifier", default="digits", help="digits, a TorchScript file, or module:function "
-                   "returning an nn.Module (inputs in [0, 1])")
-    e.add_argument("--data", default="digits:test", help="digits:test, cifar10:FOLDER[:test|:train], an image "
-                   "folder (class sub-folders or labels.txt), .npz (x, y) or .npy with --labels")
+    e.add_argument("--method", default="diffpure", choices=(*DEFENSES, "none"),
+                   help="purification method, as in purify, or none for the undefended classifier (default diffpure)")
+    e.add_argument("--defense", dest="method", choices=(*DEFENSES, "none"), action=_Deprecated, new="--method",
+                   help="deprecated name of --method (removed in the next release)")
+    _add_model_args(e)
+    e.add_argument("--classifier", default=None, help="digits (the default with the digits model, and only "
+                   "there), a TorchScript file, or module:function returning an nn.Module (inputs in [0, 1]; the "
+                   "module is imported from the current directory or PYTHONPATH)")
+    e.add_argument("--data", default=None, help="digits:test (the default with the digits model, and only there), "
+                   "cifar10:FOLDER[:test|:train], an image folder (class sub-folders or labels.txt), .npz (x, y) or "
+                   ".npy with --labels")
     e.add_argument("--labels", default=None, help="labels .npy for an .npy --data")
     e.add_argument("--attack", default="pgd-eot", choices=tuple(ATTACK_SPECS), help="; ".join(
         f"{name}: {spec.summary}" for name, spec in ATTACK_SPECS.items()) + " (default pgd-eot)")
@@ -397,8 +452,8 @@ def _add_eval_parsers(sub) -> None:
     e.add_argument("--solver", default=None, choices=("euler", "ddpm"), help="DiffPure's reverse solver "
                    "(default euler)")
     e.add_argument("--norm", default=None, choices=NORMS, help="threat model of the L-p attacks (default linf)")
-    e.add_argument("--eps", type=_radius, default=None, help="radius of the L-p attacks in [0, 1] units, e.g. 8/255 "
-                   "(the default)")
+    e.add_argument("--eps", type=_radius, default=None, help="radius of the L-p attacks in pixel units of [0, 1] "
+                   "images: a number or a fraction such as 4/255 (default 8/255)")
     e.add_argument("--bound", type=float, default=None, help="the unrestricted attacks' bound instead of --eps: "
                    "LPIPS distance for lf and ppgd (default 0.5), flow size for stadv in grid_sample units (default "
                    "0.05)")
@@ -449,11 +504,13 @@ def _add_eval_parsers(sub) -> None:
     e.add_argument("--output", required=True, help="output folder (records, report.md/json, curve.png, grid.png); "
                    "rerunning the same command there resumes")
     e.add_argument("--overwrite", action="store_true", help="discard records of another configuration there")
+    e.add_argument("--save-adversarial", action="store_true", help="also save every judged adversarial image "
+                   "(float32, as judged) under OUTPUT/adversarial/, one .npz (x_adv, index, label) per batch "
+                   "(diffpure_fast.eval.records.read_adversarial reads them back)")
     e.add_argument("--quiet", action="store_true", help="no progress bar, no report on stdout")
     _add_solver_args(e, steps_default=None, t_star_default=None)
     _add_runner_args(e)
     _add_agdm_args(e)
-    e.set_defaults(batch_size=16)
 
     r = sub.add_parser("report", help="rebuild report.md/json and the plots of an eval folder from its records",
                        description="Rebuild report.md, report.json, curve.png and grid.png from the records alone.")
@@ -464,9 +521,16 @@ def _add_eval_parsers(sub) -> None:
 def _cmd_eval(args) -> int:
     from .eval.defenses import build_defense
     from .eval.harness import EvalConfig, evaluate
-    from .models.loading import load_score_model
 
     grad_mode = args.grad_mode or ("bpda" if args.attack == "bpda-eot" else "full")
+    family = _model_family(args)
+    # the embedded digits classifier and data fit the digits model only: another model needs them given
+    if family != "digits":
+        for flag, value in (("--classifier", args.classifier), ("--data", args.data)):
+            if value is None:
+                raise ValueError(f"{flag}: required with --model {family} (the default is the digits one, which "
+                                 f"fits only the embedded digits model)")
+    classifier, data = args.classifier or "digits", args.data or "digits:test"
     try:
         cfg = EvalConfig(attack=args.attack, norm=args.norm, eps=args.eps, steps=args.attack_steps,
                          step_size=args.step_size, random_start=False if args.no_random_start else None,
@@ -482,15 +546,14 @@ def _cmd_eval(args) -> int:
         e.cli_scope = "attack"   # EvalConfig's steps are the attack's: --attack-steps
         raise
     defense = None
-    if args.defense != "none":
-        if args.model != "digits" and args.checkpoint is None:
-            raise ValueError(f"--checkpoint: --model {args.model} needs a checkpoint path (nothing is downloaded)")
-        model = load_score_model(args.model, args.checkpoint, device=args.device)
-        defense = build_defense(model, method=args.defense, grad_mode=grad_mode, guidance_grad=args.guidance_grad,
-                                surrogate_steps=args.surrogate_steps, **_method_options(args, args.defense))
+    if args.method != "none":
+        model = _load_model(args, family, args.quiet)
+        defense = build_defense(model, method=args.method, grad_mode=grad_mode, guidance_grad=args.guidance_grad,
+                                surrogate_steps=args.surrogate_steps, **_method_options(args, args.method))
     command = "diffpure-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    report = evaluate(defense, args.classifier, args.data, args.output, config=cfg, labels=args.labels,
-                      device=args.device, progress=not args.quiet, overwrite=args.overwrite, command=command)
+    report = evaluate(defense, classifier, data, args.output, config=cfg, labels=args.labels, device=args.device,
+                      progress=not args.quiet, overwrite=args.overwrite, command=command,
+                      save_adversarial=args.save_adversarial)
     if report is not None and not args.quiet:
         print((Path(args.output) / "report.md").read_text())
     return 0
@@ -513,6 +576,11 @@ def _cmd_report(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["conformance"]:  # its own parser (diffpure_fast.conformance), every argument passed through
+        from .conformance import main as conformance_main
+
+        return conformance_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         _check_common(args)

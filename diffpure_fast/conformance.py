@@ -200,7 +200,7 @@ def _runner_checks(vec: Mapping[str, Any], model, device: str, tol: float) -> li
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m diffpure_fast.conformance",
+        prog="diffpure-fast conformance",
         description="Compare diffpure_fast with recorded runs of the official DiffPure code. For each vector file: "
                     "load its official checkpoint with load_score_model, evaluate the network (score, or raw output "
                     "and reverse drift for guided-diffusion) and replay the recorded purification (any of the five "
@@ -218,11 +218,13 @@ def main(argv: list[str] | None = None) -> int:
                     "reads the official vectors; a pickle can run arbitrary code, so only for trusted files)")
     ap.add_argument("--no-purify", action="store_true",
                     help="only the network checks, skip the purifications (and the ODE's gradients)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch.set_num_threads for the run (1 is fastest for the small vectors on a busy machine)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: the vectors are small, and with torch's default threads a "
+                    "busy 2-core machine took over 200 s for what one thread does in 3 s)")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        ap.error(f"--threads: expected an int >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
 
     status = 0
     for path in args.files:

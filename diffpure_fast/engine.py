@@ -200,7 +200,9 @@ def purify(x: torch.Tensor, model: ScoreModel, *, method: str = "diffpure", seed
             See ``diffpure_fast.methods``.
         **options: the method's options (anything else is an error naming it):
             diffpure: ``diffusion_type`` (the official runner: ``"sde"`` (default), ``"ode"``, ``"ldsde"``,
-            ``"ddpm"``, ``"celebahq-ddpm"``; see ``diffpure_fast.methods.diffpure``), then that runner's options:
+            ``"ddpm"``, ``"celebahq-ddpm"``; see ``diffpure_fast.methods.diffpure``), then that runner's options
+            (``t_star``'s default is the model's ``default_t_star`` where it has one: 0.15 for a loaded
+            guided_diffusion (ImageNet) model, as DiffPure's ImageNet runs; else the runner's):
             sde: ``t_star`` (0.1), ``dt`` (1e-3, Euler–Maruyama on torchsde's float32 grid), ``steps``
             (instead of dt: Euler steps over [1e-5, t*], or DDPM steps, default one per level), ``solver``
             (``"euler"``: DiffPure's reverse SDE, or ``"ddpm"``: ancestral steps on the discrete schedule);
@@ -268,7 +270,7 @@ def purify(x: torch.Tensor, model: ScoreModel, *, method: str = "diffpure", seed
     cfg = PurifyConfig.build(method, value_range=value_range, grad_mode=grad_mode, guidance_grad=guidance_grad,
                              surrogate_steps=surrogate_steps, grad_cache_steps=grad_cache_steps,
                              param_grads=param_grads, schedule=_model_schedule(schedule, model),
-                             cuda_graph=cuda_graph, autocast=autocast, **options)
+                             cuda_graph=cuda_graph, autocast=autocast, **_model_defaults(model, method, options))
     return _purify(x, model, cfg, seed=seed, noise_ids=noise_ids, forward_noise=forward_noise, increments=increments)
 
 
@@ -306,6 +308,15 @@ def _trajectory(chain: Chain, cfg: PurifyConfig, noise: Noise, x_unit: torch.Ten
     all_steps = [st for rnd in chain.rounds for st in rnd.plan.steps]
     return Trajectory(out, states, steps, tuple(state_alpha_bar(all_steps[k], cfg.schedule) for k in steps),
                       [z[rounds[k]] for k in steps], x_unit)
+
+
+def _model_defaults(model: ScoreModel, method: str, options: dict) -> dict:
+    """The options with the score model's own DiffPure t* (``ScoreModel.default_t_star``: 0.15 for guided-diffusion's
+    ImageNet model, DiffPure's ``--t 150``) where ``t_star`` is not given; the celebahq-ddpm runner keeps its own."""
+    t = getattr(model, "default_t_star", None)
+    if t is None or method != "diffpure" or "t_star" in options or options.get("diffusion_type") == "celebahq-ddpm":
+        return options
+    return {**options, "t_star": t}
 
 
 def _purify(x, model, cfg: PurifyConfig, *, seed, noise_ids, forward_noise=None, increments=None,
@@ -391,7 +402,7 @@ class Purifier(nn.Module):
                                          guidance_grad=guidance_grad, surrogate_steps=surrogate_steps,
                                          grad_cache_steps=grad_cache_steps, param_grads=param_grads,
                                          schedule=_model_schedule(schedule, model), cuda_graph=cuda_graph,
-                                         autocast=autocast, **options)
+                                         autocast=autocast, **_model_defaults(model, method, options))
         # The Purifier owns its score network: eval mode now and on every .train() (forward still checks it, since
         # the network itself can be switched back: purifier.model.train()).
         self.model = model.eval()

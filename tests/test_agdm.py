@@ -337,13 +337,13 @@ def test_noise_is_not_drawn_twice():
 # ---- command line and harness ------------------------------------------------------------------------------------
 
 def test_cli_eval_agdm_exact_and_detached(tmp_path):
-    """``eval --defense agdm`` (shipped auxiliary) under exact and detached guidance gradients: the report names the
+    """``eval --method agdm`` (shipped auxiliary) under exact and detached guidance gradients: the report names the
     gradient and the auxiliary network's fingerprint, and a different auxiliary is a different configuration."""
     import json
 
     from diffpure_fast.cli import main
 
-    base = ["eval", "--defense", "agdm", "--n-images", "2", "--batch-size", "2", "--steps", "2", "--attack-steps",
+    base = ["eval", "--method", "agdm", "--n-images", "2", "--batch-size", "2", "--steps", "2", "--attack-steps",
             "1", "--eot", "1", "--n-eval", "1", "--eps", "0.1", "--threads", "1", "--quiet"]
     for grad in ("exact", "detached"):
         out = tmp_path / grad

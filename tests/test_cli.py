@@ -269,7 +269,7 @@ def test_purify_float_images_in_0_255_name_the_cli_flag(tmp_path, capsys):
     (["eval", "--attack", "bpda-eot", "--grad-mode", "full"], "--grad-mode bpda"),
     (["eval", "--grad-mode", "surrogate", "--surrogate-steps", "50", "--t-star", "0.02"], "--surrogate-steps"),
     (["eval", "--grad-mode", "adjoint", "--steps", "3"], "--grad-mode"),
-    (["eval", "--defense", "gdmp", "--guidance-grad", "straight_through"], "--guidance-grad"),
+    (["eval", "--method", "gdmp", "--guidance-grad", "straight_through"], "--guidance-grad"),
     (["eval", "--classifier", "nowhere.pt"], "--classifier"),
     (["eval", "--data", "nowhere.npz"], "--data"),
     (["eval", "--data", "{u8}"], "--labels"),

@@ -51,7 +51,8 @@ def reference_run(tmp_path_factory):
 
 def test_cli_eval_writes_records_report_and_plots(reference_run):
     out = reference_run
-    for name in ("config.json", "environment.json", "records-000.jsonl", "records.jsonl", "report.md",
+    assert not (out / "records.jsonl").exists()   # one records file per process, no merged duplicate
+    for name in ("config.json", "environment.json", "records-000.jsonl", "report.md",
                  "report.json", "curve.png", "grid.png"):
         assert (out / name).is_file(), name
     recs = _records(out)

@@ -11,7 +11,7 @@ from ..engine import METHODS, Purifier
 
 __all__ = ["DEFENSES", "build_defense", "describe_defense", "jsonable_option", "module_fingerprint"]
 
-# The purification methods ``--defense`` accepts (one list for the CLI and the API).
+# The purification methods ``--method`` accepts (one list for the CLI and the API).
 DEFENSES = tuple(METHODS)
 
 

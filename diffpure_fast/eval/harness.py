@@ -288,14 +288,16 @@ def _encode_image(img: torch.Tensor) -> dict:
 
 
 def evaluate_batch(defended: DefendedClassifier, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor,
-                   cfg: EvalConfig, *, positions=None, progress=None, resources: dict | None = None) -> list[dict]:
+                   cfg: EvalConfig, *, positions=None, progress=None, resources: dict | None = None,
+                   on_adversarial=None) -> list[dict]:
     """Attack and judge one batch; returns one record (dict) per sample (see ``evaluate``).
 
     x: (B, C, H, W) in [0, 1] on the defense's device; y: (B,) int64; sample_ids: (B,) int64 global indices (all
     noise and attack randomness derive from them and ``cfg.seed``). positions: each sample's position in the
     evaluated selection (samples at positions < cfg.grid_images carry their images for the report's grid).
     progress: called with 1 per attack step. resources: what the attack prepared once (``AttackSpec.prepare``;
-    prepared here when None).
+    prepared here when None). on_adversarial: called with the judged adversarial batch (B, C, H, W)
+    (``save_adversarial``).
     """
     t0 = time.perf_counter()
     ids = sample_ids.to(x.device)
@@ -314,6 +316,8 @@ def evaluate_batch(defended: DefendedClassifier, x: torch.Tensor, y: torch.Tenso
         if run.candidates[0].measure is not None:  # the bound's quantity of the judged candidate
             measure = torch.stack([c.measure.double().cpu() for c in run.candidates])[sel.chosen, torch.arange(len(y))]
     adv, purified = _predict_n(defended, x_adv, ids, cfg, "eval", keep_first=True)
+    if on_adversarial is not None:
+        on_adversarial(x_adv)
     delta = (x_adv - x).flatten(1).double().cpu()
     per_sample_s = (time.perf_counter() - t0) / x.shape[0]
     out = []
@@ -395,9 +399,28 @@ def environment(command: str | None, world: int) -> dict:
             "packages": {p: version(p) for p in ("autoattack", "pyautoattack", "tqdm", "matplotlib")}}
 
 
+def _check_classifier(clf: torch.nn.Module, source, index: int, device) -> None:
+    """Run the classifier once on the first sample, before anything is written, so that a classifier that does not
+    fit the data (another input size, fewer classes than the labels) is an error naming ``classifier``, not a
+    traceback after the output folder was set up."""
+    x, y = source.get([index])
+    try:
+        with torch.no_grad():
+            logits = clf(x.to(device))
+    except RuntimeError as e:
+        raise OptionError("classifier", f"fails on {source.description}'s images of shape {tuple(x.shape[1:])}: "
+                                        f"{str(e).splitlines()[0]}") from None
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != 1:
+        raise OptionError("classifier", f"expected logits of shape (1, K) for one image, got "
+                                        f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)}")
+    if int(y[0]) >= logits.shape[1]:
+        raise OptionError("classifier", f"gives {logits.shape[1]} logits, but {source.description} has label "
+                                        f"{int(y[0])} at index {index}")
+
+
 def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = None, labels=None,
              device="cpu", progress: bool = True, overwrite: bool = False, command: str | None = None,
-             report: bool = True, **options) -> dict | None:
+             report: bool = True, save_adversarial: bool = False, **options) -> dict | None:
     """Evaluate ``defense`` (+ ``classifier``) on ``data`` against an attack; records and report in ``output``.
 
     Args:
@@ -411,6 +434,9 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
             configuration is refused unless ``overwrite``.
         config / options: an ``EvalConfig``, or its fields as keywords (attack, norm, eps, steps, eot, n_eval, ...).
         progress: a tqdm bar with live robust accuracy and ETA (False: quiet).
+        save_adversarial: also save every judged adversarial image (float32, exactly as judged) under
+            ``output/adversarial/`` (one .npz per batch; ``diffpure_fast.eval.records.read_adversarial`` reads them
+            back in index order). The records always hold the first ``grid_images`` as 8-bit pictures only.
     Returns:
         the report dict (rank 0; None on other ranks), also written as report.json / report.md.
     """
@@ -424,6 +450,7 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
     if not isinstance(config, EvalConfig):
         raise TypeError(f"config: expected an EvalConfig, got {type(config).__name__}")
     cfg = config
+    check_bool("save_adversarial", save_adversarial)
     if cfg.attack == "autoattack" and (cfg.aa_mode == "as-released" or cfg.aa_version == "standard"):
         from ..attacks.autoattack import autoattack_package
 
@@ -461,6 +488,7 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
                                                 f"{s.setting('n_images', cfg.n_images)} asks for indices up to "
                                                 f"{end - 1}")
     indices = list(range(cfg.start, end))
+    _check_classifier(clf, source, indices[0], device)
 
     out = Path(output)
     deciding = {"eval": cfg.deciding(), "defense": describe_defense(defense), "grad_mode": defended.grad_mode,
@@ -495,8 +523,11 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
     try:
         for k, blk in enumerate(mine):
             x, y = source.get(blk)
+            save = (lambda x_adv, blk=blk, y=y: rec.write_adversarial(out, blk, y.cpu().numpy(), x_adv.detach()
+                                                                      .cpu().numpy())) if save_adversarial else None
             recs = evaluate_batch(defended, x.to(device), y.to(device), torch.tensor(blk), cfg,
-                                  positions=[position[i] for i in blk], progress=bar.update, resources=resources)
+                                  positions=[position[i] for i in blk], progress=bar.update, resources=resources,
+                                  on_adversarial=save)
             for r in recs:
                 r["rank"] = rank
             writer.write(recs)

@@ -1,8 +1,10 @@
 """Per-sample JSON-lines records: written as each batch finishes, read back for resume, merged across ranks.
 
 Layout of an output folder: ``config.json`` (every option that decides a number), ``records-RRR.jsonl`` (one per
-rank that wrote, one JSON object per sample, appended and fsync'ed per batch), ``records.jsonl`` (all samples
-merged, sorted by index; written by rank 0 at the end), then the report files.
+process (rank RRR) that wrote, one JSON object per sample, appended and fsync'ed per batch; a single-process run
+has just ``records-000.jsonl``), ``adversarial/`` (with ``save_adversarial``: every judged adversarial image, one
+``.npz`` per batch, read back by ``read_adversarial``), then the report files. ``merge_records`` reads them all,
+sorted by index: there is no second, merged copy on disk.
 
 Nothing lost, nothing counted twice: a sample is done when its line is complete in any records file; a run killed
 mid-write leaves at most one partial last line, which the reader ignores and the writer of that file truncates
@@ -17,10 +19,13 @@ from pathlib import Path
 
 from .._validate import OptionError
 
-__all__ = ["TIMING_FIELDS", "RecordWriter", "check_config", "comparable", "merge_records", "read_records"]
+__all__ = ["TIMING_FIELDS", "RecordWriter", "check_config", "comparable", "merge_records", "read_adversarial",
+           "read_records", "write_adversarial"]
 
 CONFIG_FILE = "config.json"
+# what releases before 0.2 wrote next to the per-process files: an identical merged copy (removed when found)
 MERGED_FILE = "records.jsonl"
+ADVERSARIAL_DIR = "adversarial"
 # fields that describe how a sample was run, not what it measured: left out when comparing runs
 TIMING_FIELDS = ("time_s", "rank")
 
@@ -63,13 +68,44 @@ def read_records(folder: str | Path) -> dict[int, dict]:
 
 
 def merge_records(folder: str | Path) -> list[dict]:
-    """Every finished sample, sorted by index, also written to ``records.jsonl``."""
+    """Every finished sample of every process's records file, sorted by index."""
     folder = Path(folder)
-    merged = [r for _, r in sorted(read_records(folder).items())]
-    tmp = folder / (MERGED_FILE + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in merged))
-    os.replace(tmp, folder / MERGED_FILE)
-    return merged
+    (folder / MERGED_FILE).unlink(missing_ok=True)  # an earlier release's duplicate of the per-process files
+    return [r for _, r in sorted(read_records(folder).items())]
+
+
+def write_adversarial(folder: str | Path, index, label, x_adv) -> Path:
+    """Save a batch's judged adversarial images as ``adversarial/IIIIIIII-JJJJJJJJ.npz`` (first and last index):
+    ``x_adv`` float32 (B, C, H, W) in [0, 1] exactly as judged, ``index`` and ``label`` int64 (B,). Written to a
+    temporary file and renamed, so a killed run leaves no partial file."""
+    import numpy as np
+
+    d = Path(folder) / ADVERSARIAL_DIR
+    d.mkdir(exist_ok=True)
+    index = np.asarray(index, dtype=np.int64)
+    path = d / f"{int(index.min()):08d}-{int(index.max()):08d}.npz"
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, x_adv=np.asarray(x_adv, dtype=np.float32), index=index, label=np.asarray(label, dtype=np.int64))
+    os.replace(tmp, path)
+    return path
+
+
+def read_adversarial(folder: str | Path):
+    """Every saved adversarial image of ``folder`` (``save_adversarial``), sorted by index: a dict of NumPy arrays
+    ``x_adv`` (N, C, H, W) float32, ``index`` (N,), ``label`` (N,). FileNotFoundError when none were saved."""
+    import numpy as np
+
+    files = sorted((Path(folder) / ADVERSARIAL_DIR).glob("*-*.npz"))
+    files = [f for f in files if not f.name.endswith(".tmp.npz")]
+    if not files:
+        raise FileNotFoundError(f"{folder}: no {ADVERSARIAL_DIR}/*.npz (run the evaluation with save_adversarial, "
+                                f"--save-adversarial on the command line)")
+    parts = [dict(np.load(f)) for f in files]
+    out = {k: np.concatenate([p[k] for p in parts]) for k in ("x_adv", "index", "label")}
+    # a run killed after saving a batch and before recording it saves that batch again on resume (the same
+    # images: the attack is a function of the seed and the indices): each index once
+    _, first = np.unique(out["index"], return_index=True)
+    return {k: v[first] for k, v in out.items()}
 
 
 class RecordWriter:
@@ -109,12 +145,13 @@ def check_config(folder: str | Path, config: dict, *, overwrite: bool = False) -
     """Write ``config.json`` or check it against the existing one; returns True when resuming.
 
     A folder holding records of another configuration is refused (naming the first differing option) unless
-    ``overwrite``, which deletes its records and report first.
+    ``overwrite``, which deletes its records and report first. A folder whose run failed before it finished any
+    sample (a ``config.json``, no record) holds no result, so a corrected command simply starts there.
     """
     folder = Path(folder)
     path = folder / CONFIG_FILE
-    if path.exists() and overwrite:
-        for p in [*_record_files(folder), folder / MERGED_FILE, path]:
+    if path.exists() and (overwrite or (json.loads(path.read_text()) != config and not read_records(folder))):
+        for p in [*_record_files(folder), folder / MERGED_FILE, path, *(folder / ADVERSARIAL_DIR).glob("*.npz")]:
             p.unlink(missing_ok=True)
     if path.exists():
         old = json.loads(path.read_text())

@@ -230,32 +230,54 @@ def _decode(img: dict) -> np.ndarray:
     return a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)
 
 
+def _plot_title(rep: dict) -> str:
+    """One line naming what a plot shows: defense, attack, bound and data."""
+    c, ev = rep["configuration"], rep["configuration"]["eval"]
+    eps = ev.get("eps")
+    if eps is None:  # an unrestricted attack: its own bound (perceptual or spatial), never an L-p radius
+        bound = rep["bound"].split(";")[0]
+    else:
+        bound = f"{ev['norm']} eps " + (f"{eps:.4g} = {eps * 255:.3g}/255" if ev["norm"] == "linf" else f"{eps:.4g}")
+    return f"{_defense_name(c['defense'])}, {ev['attack']} ({bound}), {c['data']}"
+
+
 def _plots(folder: Path, rep: dict, records: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     if rep["attack_curve"]:
         cv = rep["attack_curve"]
+        steps = range(len(cv))
         acc = [100 * a["accuracy"] for a in cv]
         lo = [100 * a["wilson95"][0] for a in cv]
         hi = [100 * a["wilson95"][1] for a in cv]
-        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-        ax.plot(range(len(cv)), acc, marker="o", ms=3, label="robust accuracy (attack's EOT prediction)")
-        ax.fill_between(range(len(cv)), lo, hi, alpha=0.25, label="95% Wilson")
-        ax.set_xlabel("attack step")
+        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+        ax.plot(steps, acc, marker="o", ms=3, label="robust accuracy (attack's EOT prediction)")
+        ax.fill_between(steps, lo, hi, alpha=0.25, label="95% Wilson")
+        ax.set_xlabel("attack step (0: before the first step)")
         ax.set_ylabel("robust accuracy (%)")
-        ax.set_ylim(0, 100)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+        # a little room below 0 and above 100 so that a curve at 0% or 100% is not hidden by the frame
+        ax.set_ylim(-3, 103)
+        ax.axhline(0, color="0.6", lw=0.8, zorder=0)
+        ax.grid(alpha=0.3)
+        ax.set_title(_plot_title(rep), fontsize=8)
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(folder / "curve.png")
         plt.close(fig)
     shown = [r for r in records if "images" in r]
     if shown:
-        rows = (("clean", "clean", "clean_pred"), ("adversarial", "adversarial", None),
-                ("purified adv.", "purified", "adv_pred"))
-        fig, axes = plt.subplots(3, len(shown), figsize=(1.1 * len(shown) + 0.6, 3.6), dpi=120, squeeze=False)
+        undefended = rep["configuration"]["defense"].get("method", "").startswith("none")
+        rows = [("clean", "clean", "clean_pred"), ("adversarial", "adversarial", None),
+                ("purified adv.", "purified", "adv_pred")]
+        if undefended:  # nothing is purified: the adversarial row carries the classifier's prediction
+            rows = [("clean", "clean", "clean_pred"), ("adversarial", "adversarial", "adv_pred")]
+        fig, axes = plt.subplots(len(rows), len(shown), figsize=(1.2 * len(shown) + 0.8, 1.25 * len(rows) + 0.7),
+                                 dpi=120, squeeze=False)
         for j, r in enumerate(shown):
             for i, (title, key, pred_key) in enumerate(rows):
                 ax = axes[i, j]
@@ -263,11 +285,15 @@ def _plots(folder: Path, rep: dict, records: list[dict]) -> None:
                 ax.imshow(a, cmap="gray" if a.ndim == 2 else None, vmin=0, vmax=255)
                 ax.set_xticks([])
                 ax.set_yticks([])
+                if i == 0:
+                    ax.set_title(f"#{r['index']} true {r['label']}", fontsize=7)
                 if pred_key:
-                    p = r[pred_key][0]
-                    ax.set_title(f"pred {p}", fontsize=7, color="green" if p == r["label"] else "red")
+                    p = r[pred_key][0]  # the first judgement's prediction
+                    ax.set_xlabel(f"pred {p}", fontsize=7, color="green" if p == r["label"] else "red")
                 if j == 0:
                     ax.set_ylabel(title, fontsize=7)
+        fig.suptitle(_plot_title(rep) + "\n(pred: the first of the N judgements; green correct, red wrong)",
+                     fontsize=7)
         fig.tight_layout()
         fig.savefig(folder / "grid.png")
         plt.close(fig)

@@ -37,11 +37,18 @@ class ScoreModel(nn.Module):
     """Base class: subclasses implement ``eps``; ``score`` and ``forward`` follow from it.
 
     ``in_channels`` and ``image_size`` (None when unknown) let callers reject inputs the network was not built for.
+    ``default_t_star`` (None: the method's own default) is DiffPure's t* for the data this network was trained on,
+    used by ``method="diffpure"`` when ``t_star`` is not given: ``load_score_model`` sets 0.15 for guided-diffusion's
+    ImageNet model (DiffPure's ImageNet run scripts, ``--t 150``) and 0.1 for score_sde's CIFAR-10 model (``--t 100``).
+
+    The network itself is ``.net`` (an ``EpsModel``'s): a forward hook on the ``ScoreModel`` fires on ``model(x, t)``
+    but not on the engine's calls, which go through ``eps``; hook ``model.net`` to see every network call.
     """
 
     schedule: VPSchedule = DIFFPURE_SCHEDULE
     in_channels: int | None = None
     image_size: int | None = None
+    default_t_star: float | None = None
 
     def __init__(self):
         super().__init__()

@@ -417,6 +417,11 @@ def _check_device(device) -> torch.device:
     return dev
 
 
+# DiffPure's t* per family, from its run scripts: CIFAR-10 (score_sde) --t 100, ImageNet (guided_diffusion) --t 150.
+# celebahq_ddpm runs with the celebahq-ddpm runner, whose own default (--t 500) holds; digits: the method's (0.1).
+_DEFAULT_T_STAR = {"score_sde": 0.1, "guided_diffusion": 0.15}
+
+
 def load_score_model(family: str, checkpoint: str | os.PathLike | Mapping[str, Any] | None = None,
                      config: Mapping[str, Any] | None = None, *, device: str | torch.device | None = None,
                      dtype: torch.dtype | None = None, use_ema: bool = True, trust_checkpoint: bool = False,
@@ -520,6 +525,7 @@ def load_score_model(family: str, checkpoint: str | os.PathLike | Mapping[str, A
         model = EpsModel(unet, time_input="discrete", learned_sigma=unet.out_channels == 2 * unet.in_channels,
                          schedule=schedule)
     model.family = fam
+    model.default_t_star = _DEFAULT_T_STAR.get(fam)
     return _fast(model.eval(), compile, channels_last)
 
 
@@ -528,6 +534,7 @@ def _fast(model: EpsModel, compile: bool, channels_last: bool) -> ScoreModel:
         return model
     fast = fast_score_model(model, compile=compile, channels_last=channels_last)
     fast.family = model.family
+    fast.default_t_star = model.default_t_star
     if hasattr(model, "var_type"):
         fast.var_type = model.var_type
     return fast.eval()
