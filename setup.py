@@ -81,6 +81,7 @@ setup(
         "torchvision": ["torchvision"],
         # the digits data (scikit-learn), image folders (Pillow), the report's plots (matplotlib), AutoAttack
         "eval": ["scikit-learn", "pillow", "matplotlib", "pyautoattack"],
+        "certify": ["scipy"],
         "dev": ["pytest", "ruff", "torchsde", "torchdiffeq", "ninja", "cmake"],
     },
     entry_points={"console_scripts": ["diffpure-fast=diffpure_fast.cli:main"]},

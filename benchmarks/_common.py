@@ -1,20 +1,27 @@
-"""Shared by the benchmark scripts: the machine/version header of a results file, timing, peak-memory probes."""
+"""Shared by the benchmark scripts: the results-file header (the package's ``machine_header`` plus the git commit),
+worker processes, results files. Timing, peak memory and network calls are the package's (``diffpure_fast.bench``,
+also behind ``diffpure-fast bench``): one implementation, re-exported here for the scripts."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from diffpure_fast.info import cpu_model
+from diffpure_fast.bench import (  # noqa: F401  (re-exported for the scripts)
+    count_network_calls,
+    machine_header,
+    measure_call,
+    median_time,
+    network_call_seconds,
+    peak_rss_since_reset,
+    reset_peak_rss,
+)
+from diffpure_fast.info import cpu_model  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -27,65 +34,22 @@ def _sh(cmd: list[str]) -> str:
         return "unknown"
 
 
-def header(command: str) -> str:
-    """Markdown lines naming the command, machine, versions and commit of a results file."""
+def header(command: str, *, threads: int | None = None) -> str:
+    """Markdown lines naming the command, machine, versions and commit of a results file. threads: the torch CPU
+    threads the measurements ran with, when they ran elsewhere (worker processes); default this process's."""
+    h = machine_header(command, threads=threads, devices=("cuda",) if torch.cuda.is_available() else ())
     sha = _sh(["git", "rev-parse", "--short", "HEAD"])
     dirty = _sh(["git", "status", "--porcelain", "--untracked-files=no"])
-    dev = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     return "\n".join([
         f"Command: `{command}`",
         "",
-        f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}; {dev}",
-        f"Versions: torch {torch.__version__}, Python {platform.python_version()}; git {sha}"
+        f"Machine: {h['cpu']}, {h['logical_cpus']} logical CPUs, torch threads {h['torch_threads']}; "
+        + (h["gpu"] if h["gpu"] != "none used" else "no GPU"),
+        f"Versions: torch {h['torch']}, Python {h['python']}; git {sha}"
         + (" (+uncommitted changes)" if dirty not in ("", "unknown") else ""),
-        f"Load average (1, 5, 15 min) when written: {load}",
+        f"Load average (1, 5, 15 min) when written: {', '.join(f'{v:.2f}' for v in h['load_average_1_5_15'])}",
         "",
     ])
-
-
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of fn() in seconds (CUDA synchronised around each call)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def network_call_seconds(model, x: torch.Tensor) -> float:
-    """Median time of one no-grad ``model.eps(x, t)`` (10 calls after 2 warm-ups): the unit of a "network calls"
-    column. Time it in the process that timed the mode, right after: this VM's speed drifts by 20% between
-    processes, so a call timed elsewhere misstates the count (a parent process's 73 ms against a worker's 57 ms once
-    gave a 100-call purification as 79 calls)."""
-    t = torch.full((x.shape[0],), 0.05, device=x.device)
-    with torch.no_grad():
-        return median_time(lambda: model.eps(x, t), repeats=10, warmup=2)
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def reset_peak_rss() -> int:
-    """Reset the kernel's peak-RSS mark (Linux: write 5 to clear_refs); returns the current RSS in bytes."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kib("VmRSS") * 1024
-
-
-def peak_rss_since_reset() -> int:
-    return _status_kib("VmHWM") * 1024
 
 
 def run_isolated(script: Path, args: list[str]) -> str:
@@ -128,13 +92,9 @@ def worker_parser(doc: str, modes) -> argparse.ArgumentParser:
 
 
 def measure(fn, repeats: int) -> tuple[dict, object]:
-    """Time and peak memory of fn(): the first call gives the peak RSS above the RSS before it (and the time when
-    repeats <= 1); otherwise the time is the median of ``repeats`` further calls. Returns ({seconds, peak_bytes},
-    the first call's result)."""
-    base = reset_peak_rss()
-    t0 = time.perf_counter()
-    result = fn()
-    first = time.perf_counter() - t0
-    peak = peak_rss_since_reset() - base
+    """Time and peak memory of fn() (``diffpure_fast.bench.measure_call``): the first call gives the peak RSS above
+    the RSS before it (and the time when repeats <= 1); otherwise the time is the median of ``repeats`` further
+    calls. Returns ({seconds, peak_bytes}, the first call's result)."""
+    first, _, extra, result = measure_call(fn, torch.device("cpu"))
     sec = first if repeats <= 1 else median_time(fn, repeats, warmup=0)
-    return {"seconds": sec, "peak_bytes": peak}, result
+    return {"seconds": sec, "peak_bytes": extra}, result

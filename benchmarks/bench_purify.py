@@ -8,7 +8,8 @@ interleaved (A B C A B C ...) so that machine drift hits them alike:
 * DiffPure's RevVPSDE over ``torchsde.sdeint_adjoint`` (as the official code calls it; forward only, no_grad);
 * the same over ``torchsde.sdeint``; both with torchsde's default BrownianInterval.
 
-Overhead is measured inside each run: the network is wrapped by a timer, so ``overhead = total / (time inside
+Overhead is measured inside each run: the network calls are counted and timed (``diffpure_fast.bench.
+count_network_calls(timed=True)``, the counter behind ``diffpure-fast bench``), so ``overhead = total / (time inside
 the network's calls) - 1`` needs no separately timed "one call" (on a shared VM, separate timings drift by 10-15%
 from run to run, more than the overhead itself).
 
@@ -28,8 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import diffpure_fast as dpf
-from benchmarks._common import RESULTS, header
-from diffpure_fast.models.base import ScoreModel
+from benchmarks._common import RESULTS, count_network_calls, header
 from diffpure_fast.models.ncsnpp import NCSNpp
 
 
@@ -37,25 +37,6 @@ def bench_model(device) -> dpf.EpsModel:
     torch.manual_seed(0)
     net = NCSNpp(nf=32, num_res_blocks=2).to(device).eval()
     return dpf.EpsModel(net, time_input="continuous")
-
-
-class TimedModel(ScoreModel):
-    """Counts the seconds spent inside the wrapped model's ``eps`` (CUDA synchronised)."""
-
-    def __init__(self, inner: ScoreModel):
-        super().__init__()
-        self.inner, self.seconds, self.calls = inner, 0.0, 0
-        self.in_channels, self.image_size = inner.in_channels, inner.image_size
-
-    def eps(self, x, t, levels=None):
-        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
-        out = self.inner.eps(x, t, levels)
-        sync()
-        self.seconds += time.perf_counter() - t0
-        self.calls += 1
-        return out
 
 
 def main() -> None:
@@ -72,7 +53,7 @@ def main() -> None:
     import torchsde
 
     dev = torch.device(args.device)
-    model = TimedModel(bench_model(dev))
+    model = bench_model(dev)
     n_params = sum(p.numel() for p in model.parameters())
     x = torch.rand(args.batch, 3, 32, 32, device=dev)
     steps = len(dpf.PurifyConfig.build(t_star=args.t_star).plan())
@@ -88,17 +69,17 @@ def main() -> None:
     }
     runs: dict[str, list[tuple[float, float, int]]] = {k: [] for k in engines}
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    with torch.no_grad():
+    with torch.no_grad(), count_network_calls(model, timed=True) as counter:
         for fn in engines.values():
             fn()  # warm-up
         for _ in range(args.repeats):
             for name, fn in engines.items():
-                model.seconds, model.calls = 0.0, 0
+                counter.reset()
                 sync()
                 t0 = time.perf_counter()
                 fn()
                 sync()
-                runs[name].append((time.perf_counter() - t0, model.seconds, model.calls))
+                runs[name].append((time.perf_counter() - t0, counter.seconds, counter.calls))
 
     def med(name, i):
         return statistics.median(r[i] for r in runs[name])

@@ -9,8 +9,8 @@ Modes: none | bpda | full | full_cache (grad_cache_steps = all steps: the memory
 surrogate (10 DDPM steps). Every (sweep point, mode) runs in a fresh process, so that its peak memory is its own:
 CPU: the RSS high-water mark above the RSS before the first call (Linux clear_refs/VmHWM, as bench_grad.py);
 CUDA: max_memory_allocated above the memory allocated before; both after a warm-up call on one image (imports and
-lazy initialisation excluded). Time: the first measured call with --repeats 1, else the median of --repeats further
-calls.
+lazy initialisation excluded). Time: the median of --repeats calls, the first of which gives the memory and the
+counted network calls. Each point is ``diffpure_fast.bench.purify_row``, the code behind ``diffpure-fast bench``.
 
     python benchmarks/bench_scaling.py                      # -> benchmarks/results/scaling_cpu.{csv,md}
     python benchmarks/bench_scaling.py --quick              # digits, tiny sweeps -> out/bench_quick/ (a smoke run)
@@ -23,9 +23,7 @@ import argparse
 import csv
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,12 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import diffpure_fast as dpf
-from benchmarks._common import RESULTS, cpu_model, header, measure, run_isolated
+from benchmarks._common import RESULTS, cpu_model, header, run_isolated
+from diffpure_fast.bench import purify_row
 
 MODES = ("none", "bpda", "full", "full_cache", "adjoint", "surrogate")
 T_STAR = 0.1
 COLUMNS = ["sweep", "net", "device", "grad_mode", "batch", "steps", "seconds", "seconds_per_image", "peak_mib",
-           "machine", "load_1min"]
+           "network_calls", "threads", "machine", "load_1min"]
 
 
 def build(net: str, device: torch.device):
@@ -50,57 +49,25 @@ def build(net: str, device: torch.device):
     return bench_model(device), (3, 32, 32)
 
 
-def _cuda_measure(fn, repeats: int) -> dict:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    first = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() - base
-    times = []
-    for _ in range(repeats if repeats > 1 else 0):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return {"seconds": statistics.median(times) if times else first, "peak_bytes": peak}
-
-
 def run_point(net: str, device: str, mode: str, batch: int, steps: int, repeats: int, threads: int | None) -> dict:
-    """One measurement (in this process): time and peak memory of one purification."""
+    """One measurement (in this process): ``diffpure_fast.bench.purify_row``, the code behind ``diffpure-fast
+    bench``, after a cheap warm-up, with the torch threads that ran."""
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
     model, shape = build(net, dev)
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, *shape, generator=g).to(dev)
-    w = torch.randn(x.shape, generator=g).to(dev)
-    dt = T_STAR / steps
-    grad_mode = "full" if mode == "full_cache" else mode
-    kw = dict(t_star=T_STAR, dt=dt, seed=0, grad_mode=grad_mode)
-    n_steps = len(dpf.PurifyConfig.build(t_star=T_STAR, dt=dt).plan())
-    if mode == "full_cache":
-        kw["grad_cache_steps"] = n_steps
-
-    def fn():
-        if mode == "none":
-            with torch.no_grad():
-                return dpf.purify(x, model, **kw)
-        xg = x.clone().requires_grad_(True)
-        return torch.autograd.grad((dpf.purify(xg, model, **kw) * w).sum(), xg)[0]
-
+    x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(0)).to(dev)
     # Warm-up on one image and two steps first: the first call of a process imports and initialises (torch's
-    # custom-op machinery alone took 1 s and ~100 MiB on the 2-core VM), which would swamp small points.
-    warm = dict(kw, dt=T_STAR / 2, grad_cache_steps=0)
+    # custom-op machinery alone took 1 s and ~100 MiB on the 2-core VM), which would swamp small points; a full
+    # warm-up call (purify_row's warmup) would double the sweep's time.
     xw = x[:1].clone().requires_grad_(mode != "none")
-    out = dpf.purify(xw, model, **warm)
+    out = dpf.purify(xw, model, t_star=T_STAR, dt=T_STAR / 2, seed=0,
+                     grad_mode="full" if mode == "full_cache" else mode)
     if mode != "none":
         out.sum().backward()
     del xw, out
-    res = _cuda_measure(fn, repeats) if dev.type == "cuda" else measure(fn, repeats)[0]
-    return {"steps": n_steps, **res}
+    row = purify_row(model, x, t_star=T_STAR, dt=T_STAR / steps, grad_mode=mode, repeats=repeats, warmup=0)
+    return {**row, "threads": torch.get_num_threads()}
 
 
 def sweep_points(args) -> list[tuple[str, str, int, int]]:
@@ -154,12 +121,12 @@ def main(argv=None) -> None:
                     threads=args.threads)
         res = json.loads(run_isolated(Path(__file__), ["--worker", json.dumps(spec)]).strip().splitlines()[-1])
         rows.append({"sweep": sweep, "net": args.net, "device": dev.type, "grad_mode": mode, "batch": batch,
-                     "steps": res["steps"], "seconds": f"{res['seconds']:.4g}",
-                     "seconds_per_image": f"{res['seconds'] / batch:.4g}",
-                     "peak_mib": f"{res['peak_bytes'] / 2**20:.1f}", "machine": machine,
-                     "load_1min": f"{os.getloadavg()[0]:.2f}"})
-        print(f"{sweep:5s} {mode:10s} batch {batch:3d} steps {res['steps']:4d}: {res['seconds']:.3f} s, "
-              f"{res['peak_bytes'] / 2**20:.0f} MiB", flush=True)
+                     "steps": res["steps"], "seconds": f"{res['median_s']:.4g}",
+                     "seconds_per_image": f"{res['median_s'] / batch:.4g}",
+                     "peak_mib": f"{res['peak_extra_mib']:.1f}", "network_calls": res["network_calls"],
+                     "threads": res["threads"], "machine": machine, "load_1min": f"{os.getloadavg()[0]:.2f}"})
+        print(f"{sweep:5s} {mode:10s} batch {batch:3d} steps {res['steps']:4d}: {res['median_s']:.3f} s, "
+              f"{res['peak_extra_mib']:.0f} MiB, {res['network_calls']} network calls", flush=True)
 
     with out_csv.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -167,15 +134,18 @@ def main(argv=None) -> None:
         writer.writerows(rows)
     loads = [float(r["load_1min"]) for r in rows]
     command = "python benchmarks/bench_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    lines = [f"# Purification scaling ({dev.type})", "", header(command),
-             f"Network: {args.net}; t* = {T_STAR}, dt = t* / steps (Euler–Maruyama), float32; measuring processes' "
-             f"torch threads: {args.threads or 'torch default'}; load average (1 min) "
+    threads = sorted({r["threads"] for r in rows})
+    lines = [f"# Purification scaling ({dev.type})", "", header(command, threads=threads[0] if len(threads) == 1
+                                                              else threads),
+             f"Network: {args.net}; t* = {T_STAR}, dt = t* / steps (Euler–Maruyama), float32; the measuring "
+             f"processes ran {', '.join(map(str, threads))} torch thread(s) "
+             f"({'--threads' if args.threads else 'torch default'}); load average (1 min) "
              f"during the runs {min(loads):.2f}-{max(loads):.2f} (timings on a loaded machine are noisy). Plots: "
              "`python benchmarks/plot_results.py`.", "",
-             "| sweep | grad_mode | batch | steps | s / purification | s / image | peak extra (MiB) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| sweep | grad_mode | batch | steps | s / purification | s / image | peak extra (MiB) | network calls |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['sweep']} | {r['grad_mode']} | {r['batch']} | {r['steps']} | {r['seconds']} | "
-              f"{r['seconds_per_image']} | {r['peak_mib']} |" for r in rows]
+              f"{r['seconds_per_image']} | {r['peak_mib']} | {r['network_calls']} |" for r in rows]
     out_csv.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out_csv} and {out_csv.with_suffix('.md')}")

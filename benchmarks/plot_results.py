@@ -42,7 +42,20 @@ def _subtitle(rows: list[dict]) -> str:
     machine = rows[0].get("machine", "")
     loads = [float(r["load_1min"]) for r in rows if r.get("load_1min")]
     load = f"; load avg {min(loads):.1f}-{max(loads):.1f}" if loads else ""
-    return f"{rows[0].get('net', '')} on {rows[0].get('device', '')}: {machine}{load}"
+    threads = sorted({r["threads"] for r in rows if r.get("threads")})
+    ran = f", {'/'.join(threads)} torch thread(s)" if threads else ""
+    return f"{rows[0].get('net', '')} on {rows[0].get('device', '')}: {machine}{ran}{load}"
+
+
+def _linear_from_zero(ax) -> None:
+    """Linear axes that start at 0 (a log axis hid how times and memory grow; a y axis not from 0 overstated small
+    differences), integer ticks (batch sizes and steps are counts), a light grid."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
 
 
 def _save(fig, path: Path) -> Path:
@@ -68,13 +81,13 @@ def plot_scaling(csv_path: Path) -> list[Path]:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
         b = [int(r["batch"]) for r in batch]
         ax1.plot(b, [float(r["seconds"]) for r in batch], "o-")
-        ax1.set(xlabel="batch size", ylabel="seconds per purification", xscale="log", yscale="log",
+        ax1.set(xlabel="batch size (images)", ylabel="seconds per purification",
                 title=f"{batch[0]['steps']} steps, grad_mode none")
         ax2.plot(b, [1e3 * float(r["seconds_per_image"]) for r in batch], "o-")
-        ax2.set(xlabel="batch size", ylabel="ms per image", xscale="log", title="per image")
+        ax2.set(xlabel="batch size (images)", ylabel="ms per image", title="per image")
         for ax in (ax1, ax2):
+            _linear_from_zero(ax)
             ax.set_xticks(b, [str(v) for v in b])
-            ax.grid(alpha=0.3)
         fig.suptitle(_subtitle(batch), fontsize=9)
         out.append(_save(fig, csv_path.parent / f"purify_vs_batch_{dev}.png"))
     steps = [r for r in rows if r["sweep"] == "steps"]
@@ -82,19 +95,27 @@ def plot_scaling(csv_path: Path) -> list[Path]:
         by_mode = defaultdict(list)
         for r in steps:
             by_mode[r["grad_mode"]].append(r)
+        step_ticks = sorted({int(r["steps"]) for r in steps})
         for name, column, ylabel in (("purify_vs_steps", "seconds", "seconds per purification"),
                                      ("memory_vs_steps", "peak_mib", "peak extra memory (MiB)")):
-            fig, ax = plt.subplots(figsize=(6, 4))
-            for mode, rs in by_mode.items():
-                rs.sort(key=lambda r: int(r["steps"]))
-                colour, marker = STYLE.get(mode, (None, "o"))
-                ax.plot([int(r["steps"]) for r in rs], [float(r[column]) for r in rs], marker=marker, color=colour,
-                        label=mode)
-            ax.set(xlabel="solver steps", ylabel=ylabel, title=f"batch {steps[0]['batch']}, per grad_mode")
-            if column == "peak_mib":
-                ax.set_yscale("symlog", linthresh=10)  # full_cache grows to GBs while the others stay flat
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            # Memory: full_cache grows to GBs while the others stay flat near 0 on the same linear axis, so a
+            # second panel shows the others alone (linear from 0 too: a log axis was unreadable).
+            panels = [list(by_mode)]
+            if column == "peak_mib" and "full_cache" in by_mode and len(by_mode) > 1:
+                panels.append([m for m in by_mode if m != "full_cache"])
+            fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+            for ax, modes in zip(axes[0], panels):
+                for mode in modes:
+                    rs = sorted(by_mode[mode], key=lambda r: int(r["steps"]))
+                    colour, marker = STYLE.get(mode, (None, "o"))
+                    ax.plot([int(r["steps"]) for r in rs], [float(r[column]) for r in rs], marker=marker,
+                            color=colour, label=mode)
+                title = f"batch {steps[0]['batch']}, per grad_mode" + ("" if modes is panels[0] else
+                                                                        ", without full_cache")
+                ax.set(xlabel="solver steps", ylabel=ylabel, title=title)
+                _linear_from_zero(ax)
+                ax.set_xticks(step_ticks, [str(v) for v in step_ticks])
+                ax.legend(fontsize=8)
             fig.suptitle(_subtitle(steps), fontsize=9)
             out.append(_save(fig, csv_path.parent / f"{name}_{dev}.png"))
     return out

@@ -10,7 +10,9 @@ Importing compiles nothing: the C++/CUDA extension and Triton are used when pres
 
 __version__ = "0.1.0"
 
+from .bench import count_network_calls
 from .engine import GRAD_MODES, Purifier, PurifyConfig, purify
+from .eval.certify import CertifyConfig, certify
 from .eval.defenses import build_defense
 from .eval.harness import EvalConfig, evaluate
 from .info import info
@@ -25,6 +27,6 @@ from .models import (
 )
 from .schedule import DIFFPURE_SCHEDULE, VPSchedule
 
-__all__ = ["DIFFPURE_SCHEDULE", "GRAD_MODES", "EpsModel", "EvalConfig", "FastScoreModel", "Purifier", "PurifyConfig",
-           "ScoreModel", "VPSchedule", "__version__", "build_defense", "evaluate", "fast_score_model", "info",
-           "load_auxiliary", "load_classifier", "load_score_model", "purify"]
+__all__ = ["DIFFPURE_SCHEDULE", "GRAD_MODES", "CertifyConfig", "EpsModel", "EvalConfig", "FastScoreModel", "Purifier",
+           "PurifyConfig", "ScoreModel", "VPSchedule", "__version__", "build_defense", "certify", "count_network_calls",
+           "evaluate", "fast_score_model", "info", "load_auxiliary", "load_classifier", "load_score_model", "purify"]

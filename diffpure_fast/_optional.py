@@ -2,9 +2,10 @@
 
 The package needs torch, numpy, tqdm and safetensors (``setup.py``'s ``install_requires``). Everything else is
 optional and serves one feature: scikit-learn (the digits data set), Pillow (image folders, the demo's grid),
-matplotlib (an evaluation report's plots), an AutoAttack package, triton (a GPU kernel; the package falls back
-without it). A feature whose package is missing either refuses before any work starts (``require``, raising
-``MissingDependency`` with the install command), or degrades and says so in its output (the plots of a report).
+matplotlib (an evaluation report's plots), scipy (certify's exact binomial bound), an AutoAttack package, triton
+(a GPU kernel; the package falls back without it). A feature whose package is missing either refuses before any
+work starts (``require``, raising ``MissingDependency`` with the install command), or degrades and says so in its
+output (the plots of a report).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ INSTALL = {
     "pyautoattack": "pip install pyautoattack",
     "triton": "pip install triton",
     "torchsde": "pip install torchsde",
+    "yaml": "pip install pyyaml",
+    "scipy": "pip install scipy",
 }
 
 

@@ -4,14 +4,14 @@ A method (``diffpure_fast.methods``) describes its purification as a :class:`Cha
 from the previous round's output ``y_{r-1}`` (``y_{-1}`` is the input ``x_in`` in [-1, 1]):
 
     x_0 = s_r y_{r-1} + n_r z_r              (forward diffusion; s_r = 0, n_r = 1: start from pure noise)
-    x_{k+1} = a_k x_k + b_k eps(x_k, t_k) + c_k z_k + G_k(x_k, eps(x_k), x_in)
+    x_{k+1} = a_k x_k + b_k eps(x_k, t_k) + c_k z_k + G_k(x_k, eps(x_k), x_in)  [+ p_k x_{k-1} + q_k eps(x_{k-1})]
 
-and its last state is ``y_r``. ``G_k`` is the method's guidance term (zero where a step has none); it may itself be
-a gradient (of a distance between the predicted clean image and ``x_in``), computed with autograd inside the step,
-and it carries whatever part of a step is not of the fused form: DiffPure's Langevin runner's pull toward x_in,
-guided-diffusion's clipped x0 and its noise scaled by the network's learned variance (``needs_variance``).
-The same functions run the forward pass here and the recompute of the exact adjoint (``diffpure_fast.grad``), so
-what is differentiated is what ran.
+and its last state is ``y_r`` (the bracket: a multistep or two-stage solver's history term, ``solvers.base``).
+``G_k`` is the method's guidance term (zero where a step has none); it may itself be a gradient (of a distance
+between the predicted clean image and ``x_in``), computed with autograd inside the step, and it carries whatever
+part of a step is not of the fused form: DiffPure's Langevin runner's pull toward x_in, guided-diffusion's clipped
+x0 and its noise scaled by the network's learned variance (``needs_variance``). The same functions run the forward
+pass here and the recompute of the exact adjoint (``diffpure_fast.grad``), so what is differentiated is what ran.
 
 Noise is counter-based (``diffpure_fast.noise``): round r's start noise is (seed, id, step=r, STREAM_FORWARD), the
 solver noise of global step k is (seed, id, step=k, STREAM_REVERSE), and a guidance term that needs fresh noise
@@ -72,9 +72,15 @@ class Noise:
             return self.forward
         return self.draw(r, STREAM_FORWARD, like)
 
-    def step(self, x: torch.Tensor, eps: torch.Tensor, k: int, step: Step,
-             guide: torch.Tensor | None = None) -> torch.Tensor:
-        """x_{k+1} = a x + b eps + c z_k (+ guide) through the fused op."""
+    def step(self, x: torch.Tensor, eps: torch.Tensor, k: int, step: Step, guide: torch.Tensor | None = None,
+             prev: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x_{k+1} = a x + b eps + c z_k (+ guide) (+ a_prev x_{k-1} + b_prev eps_{k-1}) through the fused op.
+
+        prev: (x_{k-1}, eps_{k-1}), read where the step has a history term (``Step.has_history``; multistep and
+        two-stage solvers); that term is itself one fused ``a x + b eps`` (c = 0) added as the step's guide."""
+        if step.has_history:
+            hist = ops.sde_step(prev[0], prev[1], step.a_prev, step.b_prev, 0.0, z=prev[0])
+            guide = hist if guide is None else guide + hist
         if self.increments is not None:
             return ops.sde_step(x, eps, step.a, step.b, step.c_increment, z=self.increments[k], guide=guide)
         return ops.sde_step(x, eps, step.a, step.b, step.c_unit, seed=self.seed, sample_ids=self.sample_ids, step=k,
@@ -221,12 +227,13 @@ def step_terms(model: ScoreModel, guidance: Guidance | None, k: int, step: Step,
 def solve_round(x: torch.Tensor, model: ScoreModel, rnd: Round, noise: Noise, *, guidance: Guidance | None = None,
                 ref: torch.Tensor | None = None, states: list | None = None) -> torch.Tensor:
     """The steps of one round from its start state x (B, C, H, W); appends x_k to ``states`` when given."""
+    prev = None
     for j, step in enumerate(rnd.plan.steps):
         k = rnd.first_step + j
         if states is not None:
             states.append(x)
         eps, g = step_terms(model, guidance, k, step, x, ref, noise, create_graph=False)
-        x = noise.step(x, eps, k, step, g)
+        x, prev = noise.step(x, eps, k, step, g, prev), (x, eps)
     return x
 
 

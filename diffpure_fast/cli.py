@@ -1,4 +1,5 @@
-"""``diffpure-fast`` (also ``python -m diffpure_fast``): demo | purify | eval | report | conformance | info.
+"""``diffpure-fast`` (also ``python -m diffpure_fast``): demo | purify | eval | certify | report | bench | conformance |
+info.
 
 Errors in what the user gave (missing or unreadable files, wrong shapes or channel counts, a checkpoint of the
 wrong family, an output that exists, a missing optional package) print one line and exit with status 2, never a
@@ -17,9 +18,11 @@ from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
-from ._optional import missing_module
+from ._optional import missing_module, require
 from ._validate import FlagSpelling, OptionError
 from .methods import DIFFUSION_TYPES, GUIDANCE_GRADS, METHODS
+from .solvers import SOLVERS
+from .solvers.ddim import DDIM_GRIDS
 from .solvers.ddpm import VAR_TYPES
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError)
@@ -27,6 +30,9 @@ MODELS = ("digits", "score_sde", "guided_diffusion", "celebahq_ddpm")
 # One batch size for purify and eval (and the API's EvalConfig): images per purification batch / samples per attack
 # batch. 16 keeps an exact-gradient batch of DiffPure's CIFAR-10 NCSN++ with EOT copies within a few GB.
 BATCH_SIZE = 16
+SOLVER_HELP = ("DiffPure's reverse solver (--diffusion-type sde): euler (default, Euler–Maruyama), ddpm (ancestral), "
+               "ddim (--eta), dpm-solver (--order), dpm-solver++ (2M), heun (stochastic Heun); the few-step ones need "
+               "--steps, counted in network calls")
 
 # The one table between API keywords and flags: where a flag is not "--" + the keyword with "-" for "_" (those
 # are found in each sub-command's parser). Keys (scope, keyword): scope None holds in every sub-command; the
@@ -80,6 +86,25 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "official checkpoint family of --checkpoint")
     p.add_argument("--checkpoint", default=None, help="checkpoint path of the --model family (score_sde, "
                    "guided_diffusion, celebahq_ddpm); never downloaded")
+
+
+def _add_classifier_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--classifier", default=None, help="digits (the default with the digits model, and only "
+                   "there), a TorchScript file, or module:function returning an nn.Module (inputs in [0, 1]; the "
+                   "module is imported from the current directory or PYTHONPATH)")
+    p.add_argument("--data", default=None, help="digits:test (the default with the digits model, and only there), "
+                   "cifar10:FOLDER[:test|:train], an image folder (class sub-folders or labels.txt), .npz (x, y) or "
+                   ".npy with --labels")
+
+
+def _classifier_and_data(args, family: str) -> tuple[str, str]:
+    """--classifier and --data, whose digits defaults fit only the embedded digits model: another model needs both."""
+    if family != "digits":
+        for flag, value in (("--classifier", args.classifier), ("--data", args.data)):
+            if value is None:
+                raise ValueError(f"{flag}: required with --model {family} (the default is the digits one, which "
+                                 f"fits only the embedded digits model)")
+    return args.classifier or "digits", args.data or "digits:test"
 
 
 def _model_family(args) -> str:
@@ -157,26 +182,34 @@ def _add_runner_args(p: argparse.ArgumentParser) -> None:
                    "model), celebahq-ddpm (SDEdit's sampler)")
     r.add_argument("--sigma2", type=float, default=None, help="ldsde: sigma2 (default 1e-3)")
     r.add_argument("--lambda-ld", type=float, default=None, help="ldsde: lambda_ld (default 1e-2)")
-    r.add_argument("--eta", type=float, default=None, help="ldsde: eta (default 5)")
+    r.add_argument("--eta", type=float, default=None, help="ldsde: eta (default 5); sde with --solver ddim: DDIM's "
+                   "eta in [0, 1] (default 0: deterministic; 1: ancestral)")
+    r.add_argument("--order", type=int, default=None, help="sde with --solver dpm-solver: its order, 1 or 2 "
+                   "(default 2)")
+    r.add_argument("--time-grid", default=None, choices=DDIM_GRIDS,
+                   help="sde with --solver ddim, dpm-solver, dpm-solver++ or heun: the time grid from t* to 1e-5 "
+                   "(default uniform; levels: ddim only, the ddpm solver's respaced levels)")
     r.add_argument("--var-type", default=None, choices=VAR_TYPES,
                    help="celebahq-ddpm: the fixed variance (default fixedsmall, celeba.yml's)")
 
 
 # The flags of each DiffPure runner and the option each sets (--t-star: t*; --dt: the step size).
 RUNNER_FLAGS = {
-    "sde": {"--t-star": "t_star", "--steps": "steps", "--dt": "dt", "--solver": "solver"},
+    "sde": {"--t-star": "t_star", "--steps": "steps", "--dt": "dt", "--solver": "solver", "--eta": "eta",
+            "--order": "order", "--time-grid": "time_grid"},
     "ode": {"--t-star": "t_star", "--dt": "step_size"},
     "ldsde": {"--t-star": "t_star", "--dt": "dt", "--sigma2": "sigma2", "--lambda-ld": "lambda_ld", "--eta": "eta"},
     "ddpm": {"--t-star": "t_star"},
     "celebahq-ddpm": {"--t-star": "t_star", "--var-type": "var_type"},
 }
-_RUNNER_ONLY = ("--diffusion-type", "--sigma2", "--lambda-ld", "--eta", "--var-type")
+_RUNNER_ONLY = ("--diffusion-type", "--sigma2", "--lambda-ld", "--eta", "--var-type", "--order", "--time-grid")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="diffpure-fast", description="DiffPure adversarial purification: fused "
                                  "kernels, exact gradients, official checkpoints.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{demo,purify,eval,report,conformance,info}")
+    sub = ap.add_subparsers(dest="command", required=True,
+                            metavar="{demo,purify,eval,certify,report,bench,conformance,info}")
 
     d = sub.add_parser("demo", help="attack and purify handwritten digits with the embedded models (CPU, minutes)",
                        description="Clean, PGD, transfer and adaptive PGD-EOT accuracies with 95% Wilson intervals "
@@ -228,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="purification method, at its released defaults (default diffpure); --t-star, --steps, "
                         "--dt, --solver and the runner flags are DiffPure's options (--t-star and --steps also "
                         "AGDM's)")
-    p.add_argument("--solver", default=None, choices=("euler", "ddpm"), help="reverse solver (default euler)")
+    p.add_argument("--solver", default=None, choices=tuple(SOLVERS), help=SOLVER_HELP)
     p.add_argument("--value-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="the range of a float input's values, kept in the output (default 0 1; e.g. 0 255 for "
                         "float images in 0..255); uint8 arrays and image files are always 0..255")
@@ -245,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON instead of aligned text")
 
     _add_eval_parsers(sub)
+    _add_bench_parser(sub)
     return ap
 
 
@@ -365,7 +399,7 @@ def _cmd_demo(args) -> int:
                      guided_images=args.guided_images, guided_eot=args.guided_eot, n_eval=args.n_eval,
                      ode_images=ode_images,
                      batch_size=args.batch_size, device=args.device)
-    command = "diffpure-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "diffpure-fast " + shlex.join(args.argv)
     report = run_demo(args.output, cfg, overwrite=args.overwrite, command=command)
     print((Path(args.output) / "report.md").read_text())
     print(f"wrote {args.output}/report.md, report.json, grid.png in {report['timings_s']['total']:.0f} s")
@@ -431,12 +465,7 @@ def _add_eval_parsers(sub) -> None:
     e.add_argument("--defense", dest="method", choices=(*DEFENSES, "none"), action=_Deprecated, new="--method",
                    help="deprecated name of --method (removed in the next release)")
     _add_model_args(e)
-    e.add_argument("--classifier", default=None, help="digits (the default with the digits model, and only "
-                   "there), a TorchScript file, or module:function returning an nn.Module (inputs in [0, 1]; the "
-                   "module is imported from the current directory or PYTHONPATH)")
-    e.add_argument("--data", default=None, help="digits:test (the default with the digits model, and only there), "
-                   "cifar10:FOLDER[:test|:train], an image folder (class sub-folders or labels.txt), .npz (x, y) or "
-                   ".npy with --labels")
+    _add_classifier_data_args(e)
     e.add_argument("--labels", default=None, help="labels .npy for an .npy --data")
     e.add_argument("--attack", default="pgd-eot", choices=tuple(ATTACK_SPECS), help="; ".join(
         f"{name}: {spec.summary}" for name, spec in ATTACK_SPECS.items()) + " (default pgd-eot)")
@@ -449,8 +478,7 @@ def _add_eval_parsers(sub) -> None:
                    help="guided defenses with --grad-mode full: exact (through the guidance), detached (the "
                    "released evaluations' gradient), straight_through (mimic: declared sign surrogate); "
                    "default exact")
-    e.add_argument("--solver", default=None, choices=("euler", "ddpm"), help="DiffPure's reverse solver "
-                   "(default euler)")
+    e.add_argument("--solver", default=None, choices=tuple(SOLVERS), help=SOLVER_HELP)
     e.add_argument("--norm", default=None, choices=NORMS, help="threat model of the L-p attacks (default linf)")
     e.add_argument("--eps", type=_radius, default=None, help="radius of the L-p attacks in pixel units of [0, 1] "
                    "images: a number or a fraction such as 4/255 (default 8/255)")
@@ -512,10 +540,73 @@ def _add_eval_parsers(sub) -> None:
     _add_runner_args(e)
     _add_agdm_args(e)
 
-    r = sub.add_parser("report", help="rebuild report.md/json and the plots of an eval folder from its records",
-                       description="Rebuild report.md, report.json, curve.png and grid.png from the records alone.")
-    r.add_argument("folder", help="the --output folder of diffpure-fast eval")
+    _add_certify_parser(sub)
+
+    r = sub.add_parser("report", help="rebuild report.md/json and the plots of an eval or certify folder from its "
+                       "records", description="Rebuild report.md, report.json and the plots (eval: curve.png, "
+                       "grid.png; certify: radius.png) from the records alone.")
+    r.add_argument("folder", help="the --output folder of diffpure-fast eval or certify")
     r.add_argument("--quiet", action="store_true", help="do not print the report")
+
+
+def _add_certify_parser(sub) -> None:
+    from .eval.certify import CERTIFY_DENOISERS, MULTISTEP_DEFAULTS, CertifyConfig
+
+    dc = CertifyConfig()
+    c = sub.add_parser("certify", help="L2 certified robustness by randomized smoothing with a diffusion denoiser "
+                       "(records, report, radius plot)", description="Cohen et al.'s CERTIFY with denoised smoothing "
+                       "(Carlini et al. 2023: one network call predicts x0 at the noise level matching --sigma; "
+                       "--denoiser multistep: DensePure-style majority over --votes reverse solves). Counter-based "
+                       "noise: reproducible certificates; resumable (rerun the same command).")
+    _add_model_args(c)
+    _add_classifier_data_args(c)
+    c.add_argument("--labels", default=None, help="labels .npy for an .npy --data")
+    c.add_argument("--sigma", type=float, required=True, help="smoothing noise std in [0, 1] pixel units")
+    c.add_argument("--n0", type=int, default=dc.n0, help=f"selection draws (default {dc.n0})")
+    c.add_argument("--n", type=int, default=dc.n, help=f"estimation draws (default {dc.n})")
+    c.add_argument("--alpha", type=float, default=dc.alpha, help=f"failure probability per certificate (default "
+                   f"{dc.alpha})")
+    c.add_argument("--denoiser", default=dc.denoiser, choices=CERTIFY_DENOISERS,
+                   help="one-shot (default: one network call per draw) or multistep (DensePure-style votes)")
+    c.add_argument("--votes", type=int, default=None, help=f"multistep: reverse solves per draw (default "
+                   f"{MULTISTEP_DEFAULTS['votes']})")
+    c.add_argument("--solver", default=None, choices=tuple(s for s in SOLVERS if s != "ddpm"),
+                   help=f"multistep: the reverse solver (default {MULTISTEP_DEFAULTS['solver']}, eta "
+                        f"{MULTISTEP_DEFAULTS['eta']}: the ancestral chain)")
+    c.add_argument("--steps", type=int, default=None, help=f"multistep: network calls per reverse solve (default "
+                   f"{MULTISTEP_DEFAULTS['steps']})")
+    c.add_argument("--eta", type=float, default=None, help="multistep with --solver ddim: DDIM's eta")
+    c.add_argument("--order", type=int, default=None, help="multistep with --solver dpm-solver: its order")
+    c.add_argument("--time-grid", default=None, choices=DDIM_GRIDS[:-1], help="multistep: the reverse time grid")
+    c.add_argument("--n-images", type=int, default=None, help="samples to certify (default: all)")
+    c.add_argument("--start", type=int, default=0, help="index of the first sample (default 0)")
+    c.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    c.add_argument("--batch-size", type=int, default=dc.batch_size, help=f"noise draws per network batch (memory, "
+                   f"not results; default {dc.batch_size})")
+    c.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    c.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    c.add_argument("--output", required=True, help="output folder (records, report.md/json, radius.png); rerunning "
+                   "the same command there resumes")
+    c.add_argument("--overwrite", action="store_true", help="discard records of another configuration there")
+    c.add_argument("--quiet", action="store_true", help="no progress bar, no report on stdout")
+
+
+def _cmd_certify(args) -> int:
+    from .eval.certify import CertifyConfig, certify
+
+    family = _model_family(args)
+    classifier, data = _classifier_and_data(args, family)
+    cfg = CertifyConfig(sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha, denoiser=args.denoiser,
+                        votes=args.votes, solver=args.solver, steps=args.steps, eta=args.eta, order=args.order,
+                        time_grid=args.time_grid, n_images=args.n_images, start=args.start, seed=args.seed,
+                        batch_size=args.batch_size)
+    model = _load_model(args, family, args.quiet)
+    command = "diffpure-fast " + shlex.join(args.argv)
+    certify(model, classifier, data, args.output, config=cfg, labels=args.labels, device=args.device,
+            progress=not args.quiet, overwrite=args.overwrite, command=command)
+    if not args.quiet:
+        print((Path(args.output) / "report.md").read_text())
+    return 0
 
 
 def _cmd_eval(args) -> int:
@@ -524,13 +615,7 @@ def _cmd_eval(args) -> int:
 
     grad_mode = args.grad_mode or ("bpda" if args.attack == "bpda-eot" else "full")
     family = _model_family(args)
-    # the embedded digits classifier and data fit the digits model only: another model needs them given
-    if family != "digits":
-        for flag, value in (("--classifier", args.classifier), ("--data", args.data)):
-            if value is None:
-                raise ValueError(f"{flag}: required with --model {family} (the default is the digits one, which "
-                                 f"fits only the embedded digits model)")
-    classifier, data = args.classifier or "digits", args.data or "digits:test"
+    classifier, data = _classifier_and_data(args, family)
     try:
         cfg = EvalConfig(attack=args.attack, norm=args.norm, eps=args.eps, steps=args.attack_steps,
                          step_size=args.step_size, random_start=False if args.no_random_start else None,
@@ -550,7 +635,7 @@ def _cmd_eval(args) -> int:
         model = _load_model(args, family, args.quiet)
         defense = build_defense(model, method=args.method, grad_mode=grad_mode, guidance_grad=args.guidance_grad,
                                 surrogate_steps=args.surrogate_steps, **_method_options(args, args.method))
-    command = "diffpure-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "diffpure-fast " + shlex.join(args.argv)
     report = evaluate(defense, classifier, data, args.output, config=cfg, labels=args.labels, device=args.device,
                       progress=not args.quiet, overwrite=args.overwrite, command=command,
                       save_adversarial=args.save_adversarial)
@@ -566,12 +651,139 @@ def _cmd_report(args) -> int:
     folder = Path(args.folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
-    if (folder / CONFIG_FILE).is_file():
+    config = folder / CONFIG_FILE
+    if config.exists() and "certify" in json.loads(config.read_text()):
+        from .eval.certify import certify_report
+
+        certify_report(folder)
+    elif config.is_file():
         write_report(folder)
     else:  # a study: one evaluation per sub-folder
         write_study_report(folder)
     if not args.quiet:
         print((folder / "report.md").read_text())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench: latency, throughput, memory and network calls of purification on the user's model (diffpure_fast.bench).
+
+# --quick: what each of these flags is set to when not given (a tiny run: about a minute on the digits model).
+_QUICK = {"batch_sizes": "1,2", "steps": "5", "grad_modes": "none,full", "repeats": 2}
+
+
+def _add_bench_parser(sub) -> None:
+    from .bench import BENCH_GRAD_MODES, DTYPES, BenchConfig
+
+    bc = BenchConfig()
+    b = sub.add_parser("bench", help="latency, throughput, peak memory and network calls of purification on your "
+                       "model, against DiffPure's torchsde pipeline", description="Measure DiffPure purification "
+                       "(reverse SDE, Euler–Maruyama, dt = t* / steps) for every combination of batch size, steps, "
+                       "grad mode, device and dtype: median latency and spread over --repeats after --warmup "
+                       "excluded calls, images/s, peak memory, network calls counted per purification and the "
+                       "gradient's cost in no-grad units; and, where torchsde is installed, the official pipeline "
+                       "on the same network and noise. Writes bench.md, bench.json, bench.csv and bench.png to --out.")
+    b.add_argument("--model", default="digits", choices=MODELS, help="score model (default: the embedded digits "
+                   "model)")
+    b.add_argument("--checkpoint", default=None, help="checkpoint path (score_sde, guided_diffusion, "
+                   "celebahq_ddpm); never downloaded")
+    b.add_argument("--config", default=None, help="the model's official configuration: a .json file, or .yaml/.yml "
+                   "(needs PyYAML); default the family's DiffPure config")
+    b.add_argument("--trust-checkpoint", action="store_true", help="read a .pt/.pth checkpoint with the full "
+                   "unpickler (only for a file whose source you trust)")
+    b.add_argument("--image-shape", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
+                   help="input shape, when the model does not state its channels and size")
+    b.add_argument("--batch-sizes", default=None, help="comma-separated batch sizes (default "
+                   f"{','.join(map(str, bc.batch_sizes))})")
+    b.add_argument("--steps", default=None, help="comma-separated solver step counts; dt = t* / steps "
+                   f"(default {','.join(map(str, bc.steps))}: DiffPure's dt 1e-3 at t* 0.1)")
+    b.add_argument("--grad-modes", default=None, help=f"comma-separated subset of {','.join(BENCH_GRAD_MODES)} "
+                   "(full_cache: full keeping every step's graph) (default "
+                   f"{','.join(bc.grad_modes)})")
+    b.add_argument("--devices", default="cpu", help="comma-separated devices, e.g. cpu,cuda (default cpu)")
+    b.add_argument("--dtypes", default="float32", help=f"comma-separated subset of {','.join(DTYPES)}: the score "
+                   "network in float32 or under autocast (default float32)")
+    b.add_argument("--t-star", type=float, default=bc.t_star, help=f"diffusion time t* (default {bc.t_star})")
+    b.add_argument("--repeats", type=int, default=None, help=f"timed calls per row (default {bc.repeats})")
+    b.add_argument("--warmup", type=int, default=bc.warmup, help=f"untimed calls first per row (default "
+                   f"{bc.warmup})")
+    b.add_argument("--no-official", action="store_true", help="skip DiffPure's torchsde pipeline rows")
+    b.add_argument("--seed", type=int, default=0, help="input and noise seed (default 0)")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's own: all cores; "
+                   "the number that ran is printed)")
+    b.add_argument("--quick", action="store_true", help="a tiny run: batch sizes 1,2, 5 steps, grad modes "
+                   "none,full, 2 repeats (flags given explicitly still apply)")
+    b.add_argument("--out", required=True, help="output folder for bench.md, bench.json, bench.csv, bench.png")
+    b.add_argument("--overwrite", action="store_true", help="replace earlier bench outputs in --out")
+
+
+def _comma_list(key: str, text: str, kind=str) -> tuple:
+    items = [v.strip() for v in str(text).split(",")]
+    try:
+        return tuple(kind(v) for v in items)
+    except ValueError:
+        raise OptionError(key, f"expected a comma-separated list of {kind.__name__}s, got {text!r}") from None
+
+
+def _read_config(path: str) -> dict:
+    """A model configuration file: JSON, or YAML (PyYAML imported only then)."""
+    src = Path(path)
+    if not src.is_file():
+        raise FileNotFoundError(f"--config: {path}: no such file")
+    if src.suffix.lower() in (".yaml", ".yml"):
+        return require("yaml", "--config with a YAML file").safe_load(src.read_text())
+    if src.suffix.lower() != ".json":
+        raise ValueError(f"--config: expected a .json, .yaml or .yml file, got {path!r}")
+    return json.loads(src.read_text())
+
+
+def _cmd_bench(args) -> int:
+    import torch
+
+    from .bench import BenchConfig, machine_header, run_bench
+    from .bench_report import OUTPUTS, write_outputs
+    from .models.loading import load_score_model
+
+    require("matplotlib", "bench's plot")  # before minutes of measuring, not after
+    out = Path(args.out)
+    if out.resolve().is_relative_to(Path(__file__).resolve().parent):
+        raise ValueError(f"--out: {args.out} is inside the installed package; choose a folder of your own")
+    existing = [name for name in OUTPUTS if (out / name).exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"--out: {out / existing[0]} exists; pass --overwrite to replace it")
+    if args.model != "digits" and args.checkpoint is None:
+        raise ValueError(f"--checkpoint: --model {args.model} needs a checkpoint path (nothing is downloaded)")
+    # flags left out keep BenchConfig's defaults, or --quick's
+    options = {k: v for k, v in ((k, getattr(args, k)) for k in _QUICK) if v is not None}
+    if args.quick:
+        options = {**_QUICK, **options}
+    lists = {"batch_sizes": int, "steps": int, "grad_modes": str, "devices": str, "dtypes": str}
+    options.update(devices=args.devices, dtypes=args.dtypes)
+    options = {k: _comma_list(k, v, lists[k]) if k in lists else v for k, v in options.items()}
+    cfg = BenchConfig(**options, t_star=args.t_star, warmup=args.warmup, official=not args.no_official,
+                      seed=args.seed)
+    config = None if args.config is None else _read_config(args.config)
+
+    def load(device):
+        return load_score_model(args.model, args.checkpoint, config, device=device,
+                                trust_checkpoint=args.trust_checkpoint)
+
+    command = "diffpure-fast " + shlex.join(args.argv)
+    header = {**machine_header(command, devices=cfg.devices), "model": args.model
+              + (f" ({args.checkpoint})" if args.checkpoint else " (embedded)"), "t_star": cfg.t_star}
+    print(f"torch CPU threads: {torch.get_num_threads()} ({'--threads' if args.threads else 'torch default'})",
+          flush=True)
+
+    def progress(row):
+        what = (f"{row['engine']} {row['device']} {row['dtype']} batch {row['batch']} steps {row.get('steps', '-')} "
+                f"{row['grad_mode']}")
+        done = f"{row['median_s']:.3f} s, {row['network_calls']} calls" if row["status"] == "ok" else row["status"]
+        print(f"  {what}: {done}", file=sys.stderr, flush=True)
+
+    rows = run_bench(load, cfg, image_shape=None if args.image_shape is None else tuple(args.image_shape),
+                     on_row=progress)
+    print(write_outputs(out, header, rows, warmup=cfg.warmup))
+    print(f"wrote {', '.join(str(out / name) for name in OUTPUTS)}")
     return 0
 
 
@@ -582,10 +794,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return conformance_main(argv[1:])
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command as given, for records and results headers
     try:
         _check_common(args)
         return {"info": _cmd_info, "purify": _cmd_purify, "demo": _cmd_demo, "eval": _cmd_eval,
-                "report": _cmd_report}[args.command](args)
+                "certify": _cmd_certify, "report": _cmd_report, "bench": _cmd_bench}[args.command](args)
     except USER_ERRORS as e:
         print(f"diffpure-fast {args.command}: error: {_message(e, args.command)}", file=sys.stderr)
         return 2

@@ -49,6 +49,7 @@ from . import ops
 from .chain import Chain, Noise, solve_round, start_state
 from .config import PurifyConfig
 from .grad import GraphGuard
+from .grad.discrete_adjoint import carry_into, history_cotangents
 from .models.base import ScoreModel, network_vjp, with_autocast
 from .solvers.base import Step
 
@@ -302,9 +303,16 @@ class GraphedChainAdjoint(torch.autograd.Function):
         vjp = ctx.graphs.vjp_runner(states[0], with_levels)
         g = grad_out.contiguous()
         for rnd in reversed(chain.rounds):
+            carry = None  # a multistep step's history term's share (ChainAdjoint's carry)
             for j in range(len(rnd.plan) - 1, -1, -1):
                 k = rnd.first_step + j
                 step = rnd.plan.steps[j]
-                g = g * step.a + vjp.run(states[k], step, g) * step.b
+                g_next = g
+                if carry is None:
+                    g = g * step.a + vjp.run(states[k], step, g) * step.b
+                else:
+                    g_eps, g_x = carry_into(carry, g * step.b, g * step.a)
+                    g = g_x + vjp.run(states[k], step, g_eps)
+                carry = history_cotangents(step, g_next)
             g = torch.zeros_like(g) if rnd.from_noise else g * rnd.start_scale
         return g, None, None, None, None

@@ -19,6 +19,8 @@ from diffpure_fast.models import NCSNpp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from test_bench import png_size  # noqa: E402
+
 from benchmarks import bench_gpu, bench_guided, bench_scaling, plot_results, profile_network  # noqa: E402
 
 
@@ -139,7 +141,9 @@ def test_beyond_l2_sizes_stream_from_dram():
 @pytest.mark.parametrize("mode", ["none", "full_cache", "adjoint"])
 def test_bench_scaling_point(mode, one_thread):
     res = bench_scaling.run_point("digits", "cpu", mode, batch=1, steps=3, repeats=1, threads=None)
-    assert res["steps"] == 3 and res["seconds"] > 0 and res["peak_bytes"] >= 0
+    assert res["steps"] == 3 and res["median_s"] > 0 and res["peak_extra_mib"] >= 0 and res["threads"] == 1
+    # counted, not computed: the exact adjoint recomputes each step's call; a cached graph needs no recompute
+    assert res["network_calls"] == {"none": 3, "full_cache": 3, "adjoint": 6}[mode]
 
 
 def test_plot_results_renders_every_plot(tmp_path):
@@ -164,6 +168,30 @@ def test_plot_results_renders_every_plot(tmp_path):
     assert names == ["gpu_throughput.png", "memory_vs_steps_cpu.png", "purify_vs_batch_cpu.png",
                      "purify_vs_steps_cpu.png", "sde_step_cpu.png"]
     assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in written)
+    # figure size x dpi 110: the memory plot gains a panel without full_cache (flat modes were hidden under it)
+    sizes = {p.name: png_size(p) for p in written}
+    assert sizes["purify_vs_batch_cpu.png"] == (990, 396) and sizes["purify_vs_steps_cpu.png"] == (660, 440)
+    assert sizes["memory_vs_steps_cpu.png"] == (1320, 440)
+
+
+def test_scaling_plots_are_linear_from_zero(tmp_path, monkeypatch):
+    """bench_scaling's plots: no log axis, every y axis from 0, the threads that ran in the title (issue 20.11)."""
+    rows = [dict(sweep="batch", grad_mode="none", batch=b, steps=10, seconds=1 + 0.5 * b, seconds_per_image=0.5,
+                 threads=1) for b in (1, 2, 4)]
+    rows += [dict(sweep="steps", grad_mode=m, batch=4, steps=s, seconds=1 + 0.01 * s, seconds_per_image=0.1,
+                  threads=1) for m in ("none", "full") for s in (10, 20)]
+    with (tmp_path / "scaling_cpu.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=bench_scaling.COLUMNS)
+        w.writeheader()
+        w.writerows({**r, "net": "digits", "device": "cpu", "peak_mib": 10.0, "machine": "test", "load_1min": 1.0}
+                    for r in rows)
+    axes = []
+    monkeypatch.setattr(plot_results, "_save", lambda fig, path: axes.extend(fig.axes) or path)
+    plot_results.plot_scaling(tmp_path / "scaling_cpu.csv")
+    assert len(axes) == 4
+    for ax in axes:
+        assert ax.get_xscale() == ax.get_yscale() == "linear" and ax.get_ylim()[0] == 0 and ax.get_xlim()[0] == 0
+    assert "1 torch thread(s)" in axes[0].figure._suptitle.get_text()
 
 
 def test_profile_network_sorts_operators_into_categories(one_thread):

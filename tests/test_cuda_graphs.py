@@ -25,7 +25,10 @@ from diffpure_fast.testing.nets import tiny_score_model
 # Few steps keep the CPU tests fast (the tiny network makes each step cheap, the step count sets the time).
 PLANS = {"euler": dict(t_star=0.05, steps=5), "ddpm": dict(t_star=0.05, solver="ddpm", steps=4),
          "ode": dict(diffusion_type="ode", t_star=0.005),
-         "celebahq": dict(diffusion_type="celebahq-ddpm", t_star=0.004)}
+         "celebahq": dict(diffusion_type="celebahq-ddpm", t_star=0.004),
+         # solvers whose steps have a history term (the captured backward carries it as ChainAdjoint does)
+         "dpm-solver++": dict(t_star=0.05, solver="dpm-solver++", steps=4),
+         "heun": dict(t_star=0.05, solver="heun", steps=4)}
 FAST = PLANS["euler"]
 
 

@@ -283,7 +283,8 @@ def test_surrogate_and_bpda_serve_every_runner():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(diffusion_type="ode", sigma2=1e-3), r"sigma2: not an option of method='diffpure' with diffusion_type='ode'"),
     (dict(diffusion_type="ode", dt=1e-3), r"dt: not an option of method='diffpure' with diffusion_type='ode'"),
-    (dict(diffusion_type="sde", eta=5.0), r"eta: not an option of method='diffpure' with diffusion_type='sde'"),
+    # eta is an option of the sde runner's DDIM solver, not of its default Euler solver
+    (dict(diffusion_type="sde", eta=5.0), r"eta: not an option of solver='euler' \(it is an option of solver='ddim'"),
     (dict(diffusion_type="ddpm", steps=10), r"steps: not an option .* diffusion_type='ddpm'"),
     (dict(diffusion_type="celebahq-ddpm", step_size=1e-3), r"step_size: not an option"),
     (dict(diffusion_type="SDE"), r"diffusion_type: expected one of \('sde', 'ode', 'ldsde', 'ddpm', "),

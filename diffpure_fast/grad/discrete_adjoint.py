@@ -6,6 +6,10 @@ vector-Jacobian product of one step is
 
     g_k = a_k g_{k+1} + J_{eps}(x_k)^T (b_k g_{k+1}) + J_{G_k, x}^T g_{k+1},     g_in += J_{G_k, x_in}^T g_{k+1},
 
+and a step with a history term ``p_k x_{k-1} + q_k eps(x_{k-1})`` (multistep and two-stage solvers) adds
+``p_k g_{k+1}`` to g_{k-1} and ``q_k g_{k+1}`` to the cotangent of eps(x_{k-1}) before its one VJP: still one VJP
+per step, and nothing stored beyond the states.
+
 with the second-order terms inside ``J_{G_k}`` where the guidance is itself a gradient (a double backward through
 the network where it depends on it). The forward pass runs without a graph and keeps only the states x_k (one image
 each; the noise is never stored); the backward pass walks the steps in reverse, recomputes each step's network call
@@ -30,7 +34,23 @@ import torch
 from ..chain import Chain, Noise, model_eps, start_state, step_terms
 from ..models.base import ScoreModel, network_vjp
 
-__all__ = ["ChainAdjoint", "GraphGuard"]
+__all__ = ["ChainAdjoint", "GraphGuard", "carry_into", "history_cotangents"]
+
+
+def history_cotangents(step, g_next: torch.Tensor):
+    """What a step's history term ``a_prev x_{k-1} + b_prev eps(x_{k-1})`` passes back, given the cotangent
+    g_next of its output x_{k+1}: (a_prev g_next, b_prev g_next), None for a factor that is zero; None for a step
+    without history."""
+    if not step.has_history:
+        return None
+    return (g_next * step.a_prev if step.a_prev != 0.0 else None,
+            g_next * step.b_prev if step.b_prev != 0.0 else None)
+
+
+def carry_into(carry, g_eps: torch.Tensor, g_x: torch.Tensor):
+    """The cotangents of eps(x_k) and (directly) of x_k with the next step's history term's share added."""
+    to_x, to_eps = carry
+    return (g_eps if to_eps is None else g_eps + to_eps), (g_x if to_x is None else g_x + to_x)
 
 
 class GraphGuard:
@@ -82,6 +102,7 @@ class ChainAdjoint(torch.autograd.Function):
         y = ref
         for r, rnd in enumerate(chain.rounds):
             x = start_state(y, rnd, r, noise, ref)
+            prev = None
             for j, step in enumerate(rnd.plan.steps):
                 k = rnd.first_step + j
                 states.append(x)
@@ -94,7 +115,7 @@ class ChainAdjoint(torch.autograd.Function):
                     eps_graph, g_graph = _graph_terms(model, chain, k, step, xk, ref_leaf, noise, True)
                     cached[k] = (xk, eps_graph, g_graph)
                     eps, g = eps_graph.detach(), None if g_graph is None else g_graph.detach()
-                x = noise.step(x, eps, k, step, g)
+                x, prev = noise.step(x, eps, k, step, g, prev), (x, eps)
             y = x
         ctx.model, ctx.chain, ctx.noise, ctx.states, ctx.cached, ctx.guard = model, chain, noise, states, cached, guard
         ctx.ref, ctx.guided, ctx.params, ctx.expose = ref_leaf, guided, params, expose
@@ -112,6 +133,7 @@ class ChainAdjoint(torch.autograd.Function):
         g_ref = torch.zeros_like(grad_out)
         g = grad_out
         for rnd in reversed(chain.rounds):
+            carry = None  # what step k+1's history term owes to x_k and eps(x_k)
             for j in range(len(rnd.plan) - 1, -1, -1):
                 k = rnd.first_step + j
                 step = rnd.plan.steps[j]
@@ -123,18 +145,28 @@ class ChainAdjoint(torch.autograd.Function):
                     eps, gk = _graph_terms(model, chain, k, step, xk, ref, noise, guided)
                 if gk is not None and not gk.requires_grad:
                     gk = None  # a guidance with a zero derivative (e.g. a sign of the input): nothing flows back
-                if gk is None or not guided:
+                unguided = gk is None or not guided
+                g_next = g
+                if unguided and carry is None:
+                    # J^T (b g) = b J^T g: the VJP of g itself (every chain without history terms takes this path)
                     vjp, *vjp_params = network_vjp(model, eps, (xk, *params), g, allow_unused=True)
                     g = g * step.a + vjp * step.b
                     vjp_params = [None if v is None else v * step.b for v in vjp_params]
                 else:
-                    vjp, vjp_ref, *vjp_params = network_vjp(model, (eps, gk), (xk, ref, *params), (g * step.b, g),
-                                                            allow_unused=True)
-                    g = g * step.a + vjp
-                    if vjp_ref is not None:
-                        g_ref += vjp_ref
+                    g_eps, g_x = g * step.b, g * step.a
+                    if carry is not None:
+                        g_eps, g_x = carry_into(carry, g_eps, g_x)
+                    if unguided:
+                        vjp, *vjp_params = network_vjp(model, eps, (xk, *params), g_eps, allow_unused=True)
+                    else:
+                        vjp, vjp_ref, *vjp_params = network_vjp(model, (eps, gk), (xk, ref, *params), (g_eps, g),
+                                                                allow_unused=True)
+                        if vjp_ref is not None:
+                            g_ref += vjp_ref
+                    g = g_x + vjp
                 if k in exposed:  # x_k is an output too: its own gradient joins d L / d x_k
                     g = g + exposed[k]
+                carry = history_cotangents(step, g_next)
                 for acc, vp in zip(param_grads, vjp_params):
                     if vp is not None:
                         acc.add_(vp)

@@ -60,10 +60,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .._validate import OptionError, check_choice, check_float, check_int
+from .._validate import OptionError, OptionTypeError, check_choice, check_float, check_int
 from ..chain import Chain, Guidance, Noise, Round
 from ..schedule import VPSchedule
-from ..solvers import SOLVERS, Plan, get_solver
+from ..solvers import SOLVER_OPTIONS, SOLVERS, Plan, get_solver
 from ..solvers.base import Step
 from ..solvers.ddpm import (
     VAR_TYPES,
@@ -73,6 +73,7 @@ from ..solvers.ddpm import (
     epsilon_mean_plan,
     posterior_mean_steps,
 )
+from ..solvers.dpm_solver import DPM_SOLVER_ORDERS
 from ..solvers.euler import T_END
 from ..solvers.langevin import langevin_plan
 from ..solvers.ode import ode_euler_plan
@@ -108,12 +109,19 @@ def _check_t_star(v, kind: str) -> float:
 
 @dataclass(frozen=True)
 class DiffPureOptions(RunnerOptions):
-    """``diffusion_type="sde"``: the reverse VP-SDE (today's default)."""
+    """``diffusion_type="sde"``: diffuse to t*, then the reverse process by ``solver``.
+
+    eta (ddim), order (dpm-solver), time_grid (ddim, dpm-solver, dpm-solver++, heun): the solver's own options
+    (``Solver.options``), None until given; stored as used (the solver's default where not given), and an error
+    naming the option when given to a solver that does not take it."""
 
     t_star: float = 0.1
     dt: float | None = None    # None: DEFAULT_DT for solver="euler" without steps, else none (stored as used)
     steps: int | None = None
     solver: str = "euler"
+    eta: float | None = None
+    order: int | None = None
+    time_grid: str | None = None
     diffusion_type: str = "sde"
 
     def __post_init__(self):
@@ -125,18 +133,43 @@ class DiffPureOptions(RunnerOptions):
                                         f"got {self.t_star}")
         if self.steps is not None:
             self._set("steps", check_int("steps", self.steps))
+        self._solver_options()
         if self.dt is not None:
             self._set("dt", check_float("dt", self.dt, low=0.0, low_open=True))
             # A dt that would not be used is an error, never ignored.
-            if self.solver != "euler":
+            if self.solver == "ddpm":
                 raise OptionError("dt", lambda s: f"{s.setting('solver', self.solver)} walks discrete levels and "
                                                   f"takes no step size; give {s.name('steps')} (default: one step "
                                                   f"per level)")
+            if self.solver != "euler":
+                raise OptionError("dt", lambda s: f"{s.setting('solver', self.solver)} takes a step count "
+                                                  f"{s.name('steps')} (network calls), not a step size")
             if self.steps is not None:
                 raise OptionError("dt", lambda s: f"give a step size {s.name('dt')} or a step count "
                                                   f"{s.name('steps')}, not both")
         elif self.solver == "euler" and self.steps is None:
             self._set("dt", DEFAULT_DT)
+
+    def _solver_options(self) -> None:
+        """Check eta / order / time_grid against the solver's own options; fill in its defaults."""
+        own = SOLVERS[self.solver].options
+        for name in SOLVER_OPTIONS:
+            v = getattr(self, name)
+            if name not in own:
+                if v is not None:
+                    takers = [n for n, sv in SOLVERS.items() if name in sv.options]
+                    raise OptionError(name, lambda s, takers=takers: (
+                        f"not an option of {s.setting('solver', self.solver)} (it is an option of "
+                        f"{' and '.join(s.setting('solver', n) for n in takers)})"))
+                continue
+            if v is None:
+                self._set(name, own[name])
+            elif name == "eta":
+                self._set(name, check_float(name, v, low=0.0, high=1.0))
+            elif name == "order":
+                self._set(name, check_choice(name, check_int(name, v), DPM_SOLVER_ORDERS))
+            elif not isinstance(v, str):
+                raise OptionTypeError(name, f"expected a str, got {v!r} of type {type(v).__name__}")
 
 
 @dataclass(frozen=True)
@@ -272,8 +305,9 @@ class DiffPure(Method):
         if schedule.level_of(opts.t_star) < 1:
             raise OptionError("t_star", f"expected round({schedule.num_levels} t*) >= 1 (DiffPure's diffusion level), "
                                         f"got {opts.t_star}")
-        return get_solver(opts.solver).plan(schedule, opts.t_star, dt=opts.dt, steps=opts.steps,
-                                            dtype=_np_dtype(dtype))
+        solver = get_solver(opts.solver)
+        return solver.plan(schedule, opts.t_star, dt=opts.dt, steps=opts.steps, dtype=_np_dtype(dtype),
+                           **{name: getattr(opts, name) for name in solver.options})
 
     def chain(self, opts: RunnerOptions, schedule: VPSchedule, dtype: torch.dtype, guidance_grad: str) -> Chain:
         kind, np_dtype = opts.diffusion_type, _np_dtype(dtype)
@@ -337,7 +371,9 @@ class DiffPure(Method):
         return schedule.level_of(opts.t_star) if opts.diffusion_type == "sde" else _level(schedule, opts)
 
     def describe(self, opts: RunnerOptions) -> str:
-        return ", ".join(f"{k}={getattr(opts, k)!r}" for k in ("diffusion_type", *opts.names()[:-1]))
+        # a solver option the run's solver does not take is None: not part of what ran
+        names = [k for k in opts.names()[:-1] if not (k in SOLVER_OPTIONS and getattr(opts, k) is None)]
+        return ", ".join(f"{k}={getattr(opts, k)!r}" for k in ("diffusion_type", *names))
 
 
 _OPTIONS = {"sde": DiffPureOptions, "ode": ODEOptions, "ldsde": LDSDEOptions, "ddpm": GuidedDDPMOptions,

@@ -41,8 +41,12 @@ class ScoreModel(nn.Module):
     used by ``method="diffpure"`` when ``t_star`` is not given: ``load_score_model`` sets 0.15 for guided-diffusion's
     ImageNet model (DiffPure's ImageNet run scripts, ``--t 150``) and 0.1 for score_sde's CIFAR-10 model (``--t 100``).
 
-    The network itself is ``.net`` (an ``EpsModel``'s): a forward hook on the ``ScoreModel`` fires on ``model(x, t)``
-    but not on the engine's calls, which go through ``eps``; hook ``model.net`` to see every network call.
+    Structure: a loaded model is a wrapper (``EpsModel``; ``AutocastModel`` and ``FastScoreModel`` wrap another
+    ``ScoreModel``) around the network, ``model.net`` (NCSN++, guided-diffusion's UNet, ...). The engine calls
+    ``model.eps(x, t)``, which calls ``model.net`` directly, never ``model(x, t)``: a forward hook registered on the
+    wrapper therefore never fires (it counts 0 calls); one on ``model.net`` fires once per network evaluation. To
+    count calls whatever the wrapper, use ``diffpure_fast.count_network_calls(model)`` (``diffpure_fast.bench``),
+    which counts ``eps`` and ``eps_and_variance`` calls.
     """
 
     schedule: VPSchedule = DIFFPURE_SCHEDULE

@@ -26,10 +26,11 @@ def autograd_chain(x: torch.Tensor, model, cfg: PurifyConfig, seed: int, *, keep
         xk = start_state(y, rnd, r, noise, x_in)
         if not xk.requires_grad:  # a round that starts from noise
             xk = xk.requires_grad_(True)
+        prev = None
         for j, step in enumerate(rnd.plan.steps):
             k = rnd.first_step + j
             states.append(xk)
             eps, g = step_terms(model, chain.guidance, k, step, xk, x_in, noise, create_graph=True)
-            xk = noise.step(xk, eps, k, step, g)
+            xk, prev = noise.step(xk, eps, k, step, g, prev), (xk, eps)
         y = xk
     return ((y + 1) / 2, states) if keep_states else (y + 1) / 2
