@@ -78,10 +78,13 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm", "safetensors"],
     extras_require={
         "triton": ["triton"],
+        # the library classifiers (models/classifiers/libraries.py): robustbench:NAME, torchvision:NAME, timm:NAME
+        "robustbench": ["robustbench"],
         "torchvision": ["torchvision"],
         # the digits data (scikit-learn), image folders (Pillow), the report's plots (matplotlib), AutoAttack
         "eval": ["scikit-learn", "pillow", "matplotlib", "pyautoattack"],
         "certify": ["scipy"],
+        "timm": ["timm"],
         "dev": ["pytest", "ruff", "torchsde", "torchdiffeq", "ninja", "cmake"],
     },
     entry_points={"console_scripts": ["diffpure-fast=diffpure_fast.cli:main"]},

@@ -3,9 +3,10 @@
 The package needs torch, numpy, tqdm and safetensors (``setup.py``'s ``install_requires``). Everything else is
 optional and serves one feature: scikit-learn (the digits data set), Pillow (image folders, the demo's grid),
 matplotlib (an evaluation report's plots), scipy (certify's exact binomial bound), an AutoAttack package, triton
-(a GPU kernel; the package falls back without it). A feature whose package is missing either refuses before any
-work starts (``require``, raising ``MissingDependency`` with the install command), or degrades and says so in its
-output (the plots of a report).
+(a GPU kernel; the package falls back without it), robustbench / torchvision / timm (the ``robustbench:``,
+``torchvision:``, ``timm:`` classifiers). A feature whose package is missing either refuses before any work starts
+(``require``, raising ``MissingDependency`` with the install command), or degrades and says so in its output (the
+plots of a report).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ INSTALL = {
     "torchsde": "pip install torchsde",
     "yaml": "pip install pyyaml",
     "scipy": "pip install scipy",
+    # the extras of the library classifiers (setup.py's extras_require), named so the message says which extra
+    "robustbench": "pip install 'diffpure_fast[robustbench]'",
+    "torchvision": "pip install 'diffpure_fast[torchvision]' (a torchvision built for the installed torch)",
+    "timm": "pip install 'diffpure_fast[timm]'",
 }
 
 
@@ -40,11 +45,15 @@ def _install(module: str) -> str:
 def require(module: str, purpose: str) -> ModuleType:
     """Import ``module`` (e.g. ``"sklearn.datasets"``) or raise ``MissingDependency``: "<package> is not installed
     (needed for ``purpose``); <install command>"."""
+    top = module.split(".")[0]
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        top = module.split(".")[0]
         raise MissingDependency(f"{top} is not installed (needed for {purpose}); {_install(top)}") from exc
+    except Exception as exc:  # installed but broken, e.g. a torchvision built for another torch (RuntimeError)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise MissingDependency(f"{top} is installed but does not import ({type(exc).__name__}: {first}); needed "
+                                f"for {purpose}; {_install(top)}") from exc
 
 
 def available(module: str) -> bool:

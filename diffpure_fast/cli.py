@@ -16,10 +16,13 @@ import shlex
 import sys
 from pathlib import Path
 
+import numpy as np
+
 __all__ = ["main", "build_parser"]
 
 from ._optional import missing_module, require
 from ._validate import FlagSpelling, OptionError
+from .config import RESIZE_MODES
 from .methods import DIFFUSION_TYPES, GUIDANCE_GRADS, METHODS
 from .solvers import SOLVERS
 from .solvers.ddim import DDIM_GRIDS
@@ -41,6 +44,8 @@ _FLAGS = {
     (None, "family"): "--model", (None, "scale"): "--guidance-scale", (None, "random_start"): "--no-random-start",
     (None, "folder"): "FOLDER", ("purify", "x"): "--input", ("eval", "x"): "--data", ("eval", "method"): "--method",
     ("eval", "defense"): "--method", ("attack", "steps"): "--attack-steps", ("runner", "step_size"): "--dt",
+    ("purify", "data"): "--input", ("classifier", "name"): "--classifier",
+    ("classifier", "checkpoint"): "--classifier-checkpoint", ("classifier", "normalize"): "--classifier-normalize",
 }
 # Flags that set their keyword to False when given.
 _NEGATED = frozenset({"random_start"})
@@ -89,12 +94,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_classifier_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--classifier", default=None, help="digits (the default with the digits model, and only "
-                   "there), a TorchScript file, or module:function returning an nn.Module (inputs in [0, 1]; the "
-                   "module is imported from the current directory or PYTHONPATH)")
+    p.add_argument("--classifier", default=None, help="a DiffPure classifier name (cifar10-wideresnet-28-10, "
+                   "cifar10-wideresnet-70-16, cifar10-wrn-70-16-dropout, cifar10-resnet-50, imagenet-resnet18/50/101, "
+                   "imagenet-wideresnet-50-2, imagenet-deit-s, celebahq__<Attribute>) with --classifier-checkpoint, "
+                   "robustbench:NAME / torchvision:NAME / timm:NAME (the library installed), digits (the default "
+                   "with the digits model, and only there), a TorchScript file, or module:function returning an "
+                   "nn.Module (inputs in [0, 1]; the module is imported from the current directory or PYTHONPATH)")
     p.add_argument("--data", default=None, help="digits:test (the default with the digits model, and only there), "
-                   "cifar10:FOLDER[:test|:train], an image folder (class sub-folders or labels.txt), .npz (x, y) or "
-                   ".npy with --labels")
+                   "cifar10:ROOT[:test|:train] (the cifar-10-batches-py folder or torchvision's root holding it), an "
+                   "image folder (class sub-folders such as ImageNet's synsets, or images with a labels.txt of one "
+                   "integer per line in file-name order), .npz (x, y) or .npy with --labels")
 
 
 def _classifier_and_data(args, family: str) -> tuple[str, str]:
@@ -119,7 +128,7 @@ def _model_family(args) -> str:
     return args.model
 
 
-def _load_model(args, family: str, quiet: bool):
+def _load_model(args, family: str, quiet: bool, config=None):
     """load_score_model, with a line on stderr first where it reads a checkpoint (a 2 GB file takes a while)."""
     import os
 
@@ -129,7 +138,7 @@ def _load_model(args, family: str, quiet: bool):
         size = os.path.getsize(args.checkpoint)
         print(f"diffpure-fast: loading the {family} checkpoint {args.checkpoint} ({size / 1e6:,.0f} MB) ...",
               file=sys.stderr, flush=True)
-    return load_score_model(family, args.checkpoint, device=args.device,
+    return load_score_model(family, args.checkpoint, config, device=args.device,
                             trust_checkpoint=getattr(args, "trust_checkpoint", False))
 
 
@@ -193,6 +202,72 @@ def _add_runner_args(p: argparse.ArgumentParser) -> None:
                    help="celebahq-ddpm: the fixed variance (default fixedsmall, celeba.yml's)")
 
 
+def _add_defense_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="the score model's official config, JSON or YAML (DiffPure's "
+                   "configs/*.yml; for guided_diffusion its model section or create_model's keywords); default: "
+                   "DiffPure's config of the family")
+    p.add_argument("--resize", default=None, choices=tuple(m for m in RESIZE_MODES if m),
+                   help="resize inputs of another size to the score model's and back, inside the defense (DiffPure's "
+                   "ImageNet pipeline: 224 -> 256 -> 224, bilinear, align_corners=False); the attack's budget stays "
+                   "in the input's space")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="read .pt/.pth checkpoints with the full unpickler. By default only tensors, numbers, "
+                   "containers and the NumPy scalars of official score_sde checkpoints are unpickled, because a "
+                   "pickle can run arbitrary code; pass this only for files whose source you trust")
+
+
+def _add_selection_args(p: argparse.ArgumentParser, *, range_flags: bool) -> None:
+    if range_flags:
+        p.add_argument("--n-images", type=int, default=None, help="samples to take (default: all)")
+        p.add_argument("--start", type=int, default=0, help="index of the first sample (default 0)")
+    p.add_argument("--subset", type=int, default=None, help="instead of --start/--n-images, DiffPure's seeded random "
+                   "subset of N samples (its --num_sub: np.random.RandomState(--data-seed).choice)")
+    p.add_argument("--data-seed", type=int, default=None, help="the seed of --subset (DiffPure's --data_seed; "
+                   "default 0)")
+    p.add_argument("--class-index", default=None, help="for a folder of class sub-folders: the file mapping folder "
+                   "names to labels (torchvision's imagenet_class_index.json, a JSON {name: index}, or one name per "
+                   "line); default: integer folder names are the labels, other names are sorted as torchvision's "
+                   "ImageFolder sorts them")
+
+
+def _read_config(path: str | None, family: str):
+    """A config file as a dict (JSON, or YAML with PyYAML); guided_diffusion takes a DiffPure yml's model section."""
+    if path is None:
+        return None
+    text = Path(path).read_text() if Path(path).is_file() else None
+    if text is None:
+        raise FileNotFoundError(f"--config: no such file: {path}")
+    if path.endswith((".yml", ".yaml")):
+        from ._optional import require
+
+        config = require("yaml", "reading a YAML --config").safe_load(text)
+    else:
+        try:
+            config = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config: {path} is not JSON ({e}); YAML files end in .yml or .yaml") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"--config: {path} does not hold a mapping")
+    if family in ("guided_diffusion", "adm") and "image_size" not in config and isinstance(config.get("model"), dict):
+        config = config["model"]   # DiffPure's imagenet.yml: create_model's keywords under model:
+    return config
+
+
+def _check_model_first(args, shape, config, where: str) -> None:
+    """The cheap checks of the score model's options: a checkpoint path given and present, and images the model can
+    take (its size from the config), before its (possibly multi-GB) checkpoint is read."""
+    from .models.loading import config_image_size
+
+    family = _model_family(args)
+    if family != "digits" and not Path(args.checkpoint).exists():
+        raise FileNotFoundError(f"--checkpoint: file not found: {args.checkpoint!r}")
+    size = config_image_size(family, config)
+    if args.resize is None and size is not None and tuple(shape[2:]) != (size, size):
+        raise OptionError("x", f"images of {shape[2]}x{shape[3]}, but --model {family} is configured for {size}x"
+                               f"{size}; pass --resize bilinear to resize inside the defense (DiffPure's ImageNet "
+                               f"pipeline: 224 -> 256 and back)", where=where)
+
+
 # The flags of each DiffPure runner and the option each sets (--t-star: t*; --dt: the step size).
 RUNNER_FLAGS = {
     "sde": {"--t-star": "t_star", "--steps": "steps", "--dt": "dt", "--solver": "solver", "--eta": "eta",
@@ -248,13 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Purify a batch of images in [0, 1] (uint8 arrays and image files are read as "
                        "0..255) with DiffPure and write them back in the same kind.")
     _add_model_args(p)
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="read a .pt/.pth checkpoint with the full unpickler. By default only tensors, numbers, "
-                   "containers and the NumPy scalars of official score_sde checkpoints are unpickled, because a "
-                   "pickle can run arbitrary code; pass this only for a file whose source you trust")
-    p.add_argument("--input", required=True, help="a folder of PNG/JPEG images, an .npy/.npz array (N, C, H, W) "
-                   "or a .pt tensor")
-    p.add_argument("--output", required=True, help="where to write, in the input's kind (folder, .npy, .npz, .pt)")
+    p.add_argument("--input", required=True, help="a folder of PNG/JPEG images (flat, or in class sub-folders as "
+                   "eval reads them), cifar10:ROOT[:test|:train], digits:SPLIT, an .npy/.npz array (N, C, H, W) or "
+                   "a .pt tensor")
+    p.add_argument("--output", required=True, help="where to write: a folder for a folder (the same relative file "
+                   "names, as PNG unless --image-format keep, and labels.txt when the input had one), an .npz (x, y, "
+                   "index) for cifar10:/digits:, else the array kind its extension names (.npy, .npz, .pt; an .npz "
+                   "input's other arrays are kept, so it is written as .npz)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (outputs are always written "
                    "to a temporary file and renamed into place, so an interrupted run leaves no partial file)")
     p.add_argument("--method", default="diffpure", choices=tuple(METHODS),
@@ -266,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the range of a float input's values, kept in the output (default 0 1; e.g. 0 255 for "
                         "float images in 0..255); uint8 arrays and image files are always 0..255")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--image-format", default="png", choices=("png", "keep"), help="a folder's output files: png "
+                   "(default; lossless, a.jpg is written as a.png) or keep (each input's name and format)")
+    p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality 1..95 of --image-format keep for JPEG "
+                   "inputs (default 95)")
+    _add_defense_args(p)
+    _add_selection_args(p, range_flags=True)
     _add_solver_args(p, steps_default=None, t_star_default=None)
     _add_runner_args(p)
     _add_agdm_args(p)
@@ -346,40 +427,97 @@ def _check_runner_options(options: dict, flags: dict) -> None:
         raise
 
 
+def _purify_input(args):
+    """(get(positions) -> images (B, C, H, W), the ImageBatch that says how to write the output, the selected source
+    indices (the noise ids), a description for errors) of purify's --input, as eval reads data where the layouts
+    are shared (image folders, cifar10:, digits:), else an array file read whole."""
+    import torch
+
+    from .eval.datasets import load_data, select_indices
+    from .image_io import ImageBatch, kind_of, read_images
+
+    src = args.input
+    selection = dict(start=args.start, n_images=args.n_images, subset=args.subset, data_seed=args.data_seed)
+    selecting = args.subset is not None or args.start != 0 or args.n_images is not None
+    if src.startswith(("cifar10:", "digits:")) or Path(src).is_dir():
+        source = load_data(src, class_index=args.class_index, need_labels=False)
+        idx = select_indices(len(source), **selection, description=source.description)
+        if source.folder is None:   # cifar10:, digits: an .npz with the images, their labels and indices
+            if kind_of(Path(args.output)) != "npz":
+                raise ValueError(f"--output: {src} is written as an .npz (x, y, index), got {args.output}")
+            _, y = source.get(idx)
+            batch = ImageBatch(torch.empty(0), "npz", key="x", uint8=True,
+                               extra={"y": y.numpy(), "index": np.asarray(idx, dtype=np.int64)})
+        else:
+            names = [source.names[i] for i in idx]
+            labels = None
+            if source.has_labels and "/" not in names[0]:   # a flat folder with labels.txt: one for what is written
+                labels = source.get(idx)[1].tolist()
+            batch = ImageBatch(torch.empty(0), "folder", names=names, uint8=True, labels=labels)
+        return (lambda pos: source.get([idx[p] for p in pos])[0]), batch, idx, src
+    if args.class_index is not None:
+        raise ValueError(f"--class-index: maps the class sub-folders of an image folder; {src} is not a folder")
+    batch = read_images(Path(src))
+    idx = select_indices(len(batch.x), **selection, description=src)
+    if selecting:
+        if batch.kind != "npz":
+            raise ValueError(f"--subset/--start/--n-images: a selection of a .{batch.kind} input would be written "
+                             f"without saying which rows it holds; use an .npz input (written with an 'index' array)")
+        n = len(batch.x)   # the input's other arrays of one row per image follow the selection
+        batch.extra = {**{k: v[idx] if v.ndim and len(v) == n else v for k, v in batch.extra.items()},
+                       "index": np.asarray(idx, dtype=np.int64)}
+    x = batch.x
+    return (lambda pos: x[[idx[p] for p in pos]]), batch, idx, src
+
+
 def _cmd_purify(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
+    from .bench import count_network_calls
     from .engine import purify
-    from .image_io import kind_of, read_images, write_images
+    from .image_io import kind_of, write_images
 
     family = _model_family(args)   # the flags first: a wrong combination fails before any file is read
-    src, dst = Path(args.input), Path(args.output)
+    dst = Path(args.output)
     if dst.exists() and not args.overwrite:
         raise FileExistsError(f"{dst}: exists; pass --overwrite to replace it")
-    batch = read_images(src)
+    get, batch, idx, src = _purify_input(args)
     out_kind = kind_of(dst) if dst.suffix else "folder"
-    if out_kind != batch.kind:
-        raise ValueError(f"--output: the input is a {batch.kind}, so the output must be one too, got {dst}")
+    if (out_kind == "folder") != (batch.kind == "folder"):
+        raise ValueError(f"--output: the input is {'a folder' if batch.kind == 'folder' else 'an array'}, so the "
+                         f"output must be {'a folder' if batch.kind == 'folder' else 'a .npy, .npz or .pt file'}, "
+                         f"got {dst}")
     if args.value_range is not None and batch.uint8:
         raise ValueError(f"--value-range: {src} holds 0..255 integers (uint8 or image files), read as [0, 1] and "
                          f"written back as 0..255; --value-range is for float inputs")
-    model = _load_model(args, family, args.no_progress)
-    x = batch.x.to(args.device)
+    config = _read_config(args.config, family)
+    _check_model_first(args, get([0]).shape, config, str(src))
+    model = _load_model(args, family, args.no_progress, config)
     options = _method_options(args, args.method)
     if args.value_range is not None:
         options["value_range"] = tuple(args.value_range)
     outs = []
-    for i in tqdm(range(0, len(x), args.batch_size), desc="purify", disable=args.no_progress):
-        ids = torch.arange(i, min(i + args.batch_size, len(x)), device=x.device)
-        try:
-            outs.append(purify(x[i:i + args.batch_size], model, method=args.method, seed=args.seed, noise_ids=ids,
-                               **options).cpu())
-        except OptionError as e:
-            if e.option == "x":   # purify's checks of the images (channels, size, range): name the file
-                e.where = str(src)
-            raise
-    write_images(dst, batch, torch.cat(outs), overwrite=args.overwrite)
+    starts = range(0, len(idx), args.batch_size)
+    # Progress per network call, not per batch: one large batch of an ImageNet model is minutes of calls.
+    with tqdm(total=None, desc="purify", unit="net call", disable=args.no_progress, dynamic_ncols=True) as bar, \
+            count_network_calls(model, on_call=bar.update) as calls:
+        for k, i in enumerate(starts):
+            pos = list(range(i, min(i + args.batch_size, len(idx))))
+            ids = torch.tensor([idx[p] for p in pos], device=args.device)   # a sample's noise follows its index
+            bar.set_postfix_str(f"batch {k + 1}/{len(starts)}")
+            try:
+                outs.append(purify(get(pos).to(args.device), model, method=args.method, seed=args.seed,
+                                   noise_ids=ids, resize=args.resize, **options).cpu())
+            except OptionError as e:
+                if e.option == "x":   # purify's checks of the images (channels, size, range): name the file
+                    e.where = str(src)
+                raise
+            if k == 0:   # every batch makes the same number of calls: the total is known after the first
+                bar.total = calls.calls * len(starts)
+                bar.refresh()
+    write_images(dst, batch, torch.cat(outs), overwrite=args.overwrite, image_format=args.image_format,
+                 jpeg_quality=args.jpeg_quality)
     return 0
 
 
@@ -466,6 +604,13 @@ def _add_eval_parsers(sub) -> None:
                    help="deprecated name of --method (removed in the next release)")
     _add_model_args(e)
     _add_classifier_data_args(e)
+    e.add_argument("--classifier-checkpoint", default=None, help="the classifier's weights in the official layout "
+                   "(Standard.pt, weights-best.pt, weights.pt, resnet50-0676ba61.pth, "
+                   "deit_small_patch16_224-cd65a155.pth, net_best.pth, ...; robustbench: its model folder); never "
+                   "downloaded")
+    e.add_argument("--classifier-normalize", nargs=2, default=None, metavar=("MEAN", "STD"),
+                   help="(x - MEAN) / STD before a classifier of one's own, each one value or one per channel "
+                   "separated by commas (e.g. 0.485,0.456,0.406 0.229,0.224,0.225)")
     e.add_argument("--labels", default=None, help="labels .npy for an .npy --data")
     e.add_argument("--attack", default="pgd-eot", choices=tuple(ATTACK_SPECS), help="; ".join(
         f"{name}: {spec.summary}" for name, spec in ATTACK_SPECS.items()) + " (default pgd-eot)")
@@ -525,8 +670,7 @@ def _add_eval_parsers(sub) -> None:
     e.add_argument("--aa-queries", type=int, default=None, help="Square's queries in the native standard version "
                    "(default 5000)")
     e.add_argument("--n-eval", type=int, default=10, help="fresh-noise evaluations per sample (default 10)")
-    e.add_argument("--n-images", type=int, default=None, help="samples to evaluate (default: all)")
-    e.add_argument("--start", type=int, default=0, help="index of the first sample (default 0)")
+    _add_selection_args(e, range_flags=True)
     e.add_argument("--chunk-size", type=int, default=None, help="at most this many image copies per purifier "
                    "call (memory budget; default a whole batch x EOT)")
     e.add_argument("--output", required=True, help="output folder (records, report.md/json, curve.png, grid.png); "
@@ -536,6 +680,7 @@ def _add_eval_parsers(sub) -> None:
                    "(float32, as judged) under OUTPUT/adversarial/, one .npz (x_adv, index, label) per batch "
                    "(diffpure_fast.eval.records.read_adversarial reads them back)")
     e.add_argument("--quiet", action="store_true", help="no progress bar, no report on stdout")
+    _add_defense_args(e)
     _add_solver_args(e, steps_default=None, t_star_default=None)
     _add_runner_args(e)
     _add_agdm_args(e)
@@ -609,7 +754,20 @@ def _cmd_certify(args) -> int:
     return 0
 
 
+def _normalize(pair):
+    """--classifier-normalize MEAN STD: each a number or numbers separated by commas."""
+    if pair is None:
+        return None
+    try:
+        return tuple(tuple(float(v) for v in part.split(",")) for part in pair)
+    except ValueError:
+        raise ValueError(f"--classifier-normalize: expected MEAN STD, each a number or numbers separated by commas "
+                         f"(0.485,0.456,0.406 0.229,0.224,0.225), got {' '.join(pair)}") from None
+
+
 def _cmd_eval(args) -> int:
+    from .eval.classifiers import load_classifier_spec
+    from .eval.datasets import load_data, select_indices
     from .eval.defenses import build_defense
     from .eval.harness import EvalConfig, evaluate
 
@@ -625,20 +783,36 @@ def _cmd_eval(args) -> int:
                          fixed_noise=True if args.fixed_noise else None, n_targets=args.n_targets,
                          dev_weight=args.dev_weight, dev_every=args.dev_every, bound=args.bound, lpips=args.lpips,
                          lf_factor=args.lf_factor, smoothness=args.smoothness,
-                         n_images=args.n_images, start=args.start, seed=args.seed, batch_size=args.batch_size,
-                         chunk_size=args.chunk_size)
+                         n_images=args.n_images, start=args.start, subset=args.subset, data_seed=args.data_seed,
+                         seed=args.seed, batch_size=args.batch_size, chunk_size=args.chunk_size)
     except OptionError as e:
         e.cli_scope = "attack"   # EvalConfig's steps are the attack's: --attack-steps
         raise
+    # The data and the classifier first: a shape the model cannot take is refused before a large checkpoint is read.
+    source = load_data(data, labels=args.labels, class_index=args.class_index)
+    first = select_indices(len(source), start=cfg.start, n_images=cfg.n_images, subset=cfg.subset,
+                           data_seed=cfg.data_seed, description=source.description)[:1]
+    shape = source.get(first)[0].shape
+    try:
+        clf = load_classifier_spec(classifier, args.device, checkpoint=args.classifier_checkpoint,
+                                   normalize=_normalize(args.classifier_normalize),
+                                   trust_checkpoint=args.trust_checkpoint)
+    except OptionError as e:
+        e.cli_scope = "classifier"   # load_classifier's checkpoint/normalize are the classifier's flags here
+        raise
     defense = None
     if args.method != "none":
-        model = _load_model(args, family, args.quiet)
+        config = _read_config(args.config, family)
+        _check_model_first(args, shape, config, source.description)
+        model = _load_model(args, family, args.quiet, config)
         defense = build_defense(model, method=args.method, grad_mode=grad_mode, guidance_grad=args.guidance_grad,
-                                surrogate_steps=args.surrogate_steps, **_method_options(args, args.method))
+                                surrogate_steps=args.surrogate_steps, resize=args.resize,
+                                **_method_options(args, args.method))
+    elif args.resize is not None:
+        raise ValueError("--resize: resizes inside a purification defense; --method none has none")
     command = "diffpure-fast " + shlex.join(args.argv)
-    report = evaluate(defense, classifier, data, args.output, config=cfg, labels=args.labels, device=args.device,
-                      progress=not args.quiet, overwrite=args.overwrite, command=command,
-                      save_adversarial=args.save_adversarial)
+    report = evaluate(defense, clf, source, args.output, config=cfg, device=args.device, progress=not args.quiet,
+                      overwrite=args.overwrite, command=command, save_adversarial=args.save_adversarial)
     if report is not None and not args.quiet:
         print((Path(args.output) / "report.md").read_text())
     return 0
@@ -725,18 +899,6 @@ def _comma_list(key: str, text: str, kind=str) -> tuple:
         raise OptionError(key, f"expected a comma-separated list of {kind.__name__}s, got {text!r}") from None
 
 
-def _read_config(path: str) -> dict:
-    """A model configuration file: JSON, or YAML (PyYAML imported only then)."""
-    src = Path(path)
-    if not src.is_file():
-        raise FileNotFoundError(f"--config: {path}: no such file")
-    if src.suffix.lower() in (".yaml", ".yml"):
-        return require("yaml", "--config with a YAML file").safe_load(src.read_text())
-    if src.suffix.lower() != ".json":
-        raise ValueError(f"--config: expected a .json, .yaml or .yml file, got {path!r}")
-    return json.loads(src.read_text())
-
-
 def _cmd_bench(args) -> int:
     import torch
 
@@ -762,7 +924,7 @@ def _cmd_bench(args) -> int:
     options = {k: _comma_list(k, v, lists[k]) if k in lists else v for k, v in options.items()}
     cfg = BenchConfig(**options, t_star=args.t_star, warmup=args.warmup, official=not args.no_official,
                       seed=args.seed)
-    config = None if args.config is None else _read_config(args.config)
+    config = None if args.config is None else _read_config(args.config, args.model)
 
     def load(device):
         return load_score_model(args.model, args.checkpoint, config, device=device,

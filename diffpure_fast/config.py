@@ -18,7 +18,7 @@ from .methods.base import ddpm_surrogate_chain
 from .schedule import DIFFPURE_SCHEDULE, VPSchedule
 from .solvers import Plan
 
-__all__ = ["AUTOCAST_MODES", "CUDA_GRAPH_GRAD_MODES", "GRAD_MODES", "GUIDANCE_GRADS", "PurifyConfig"]
+__all__ = ["AUTOCAST_MODES", "CUDA_GRAPH_GRAD_MODES", "GRAD_MODES", "GUIDANCE_GRADS", "RESIZE_MODES", "PurifyConfig"]
 
 GRAD_MODES = ("none", "full", "adjoint", "bpda", "surrogate")
 # Reduced-precision autocast of the score network (the solver state stays in the input's dtype): see
@@ -28,6 +28,9 @@ AUTOCAST_MODES = (None, "bf16", "fp16")
 # "full"/"surrogate" replay a captured forward and one captured per-step VJP. "adjoint" re-solves the state backward
 # with Brownian bridges drawn on the host side, step by step: not captured.
 CUDA_GRAPH_GRAD_MODES = ("none", "bpda", "full", "surrogate")
+# The resize stage a defense may own (engine._purify): inputs of another size are resized to the score model's size,
+# purified, and resized back, as DiffPure's ImageNet pipeline does (F.interpolate, align_corners=False, 224 <-> 256).
+RESIZE_MODES = (None, "bilinear")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class PurifyConfig:
     schedule: VPSchedule = DIFFPURE_SCHEDULE
     cuda_graph: bool = False
     autocast: str | None = None
+    resize: str | None = None
 
     @classmethod
     def build(cls, method: str = "diffpure", **kwargs) -> PurifyConfig:
@@ -78,6 +82,7 @@ class PurifyConfig:
             raise OptionError("autocast", f"expected one of {AUTOCAST_MODES} (the score network's reduced precision; "
                                           f"the solver state keeps the input's dtype), got {self.autocast!r}")
         check_bool("cuda_graph", self.cuda_graph)
+        check_choice("resize", self.resize, RESIZE_MODES)   # None: inputs must have the score model's size
         if not isinstance(self.schedule, VPSchedule):
             raise OptionTypeError("schedule", f"expected a VPSchedule, got {type(self.schedule).__name__}")
         # Chains per state dtype, built once (purify runs every attack step with the same config): not a field,
@@ -157,4 +162,5 @@ class PurifyConfig:
 
     def describe(self) -> str:
         used = ", ".join(f"{k} {v}" for k, v in self.resolved().items())
-        return f"method={self.method!r}, " + self.method_impl.describe(self.options) + f" (used: {used})"
+        resize = "" if self.resize is None else f", inputs resized ({self.resize}) to the model's size and back"
+        return f"method={self.method!r}, " + self.method_impl.describe(self.options) + f" (used: {used}){resize}"

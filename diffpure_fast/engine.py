@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._validate import OptionError, OptionTypeError, check_eval_mode, check_int
@@ -72,8 +73,9 @@ def _check_inputs(x, model, cfg: PurifyConfig, chain: Chain, forward_noise, incr
     if channels is not None and x.shape[1] != channels:
         raise OptionError("x", f"the model takes {channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
     if size is not None and tuple(x.shape[2:]) != (size, size):
-        raise OptionError("x", f"the model was built for {size}x{size} images, got {x.shape[2]}x{x.shape[3]} "
-                               f"(resize before purifying; DiffPure's ImageNet pipeline resizes 224 -> 256 and back)")
+        raise OptionError("x", lambda s: f"the model was built for {size}x{size} images, got {x.shape[2]}x"
+                                         f"{x.shape[3]} (pass {s.setting('resize', 'bilinear')} to resize inside the "
+                                         f"defense, as DiffPure's ImageNet pipeline does 224 -> 256 and back)")
     dev = _model_device(model)
     if dev is not None and dev != x.device:
         raise OptionError("x", f"is on {x.device} but the model's parameters are on {dev}; move one of them")
@@ -185,7 +187,7 @@ def purify(x: torch.Tensor, model: ScoreModel, *, method: str = "diffpure", seed
            value_range: tuple[float, float] = (0.0, 1.0), grad_mode: str = "none", guidance_grad: str = "exact",
            surrogate_steps: int = 10, grad_cache_steps: int = 0, param_grads: bool = False,
            schedule: VPSchedule | None = None, cuda_graph: bool = False, autocast: str | None = None,
-           **options) -> torch.Tensor:
+           resize: str | None = None, **options) -> torch.Tensor:
     """Purify a batch with a purification method.
 
     Args:
@@ -270,7 +272,8 @@ def purify(x: torch.Tensor, model: ScoreModel, *, method: str = "diffpure", seed
     cfg = PurifyConfig.build(method, value_range=value_range, grad_mode=grad_mode, guidance_grad=guidance_grad,
                              surrogate_steps=surrogate_steps, grad_cache_steps=grad_cache_steps,
                              param_grads=param_grads, schedule=_model_schedule(schedule, model),
-                             cuda_graph=cuda_graph, autocast=autocast, **_model_defaults(model, method, options))
+                             cuda_graph=cuda_graph, autocast=autocast, resize=resize,
+                             **_model_defaults(model, method, options))
     return _purify(x, model, cfg, seed=seed, noise_ids=noise_ids, forward_noise=forward_noise, increments=increments)
 
 
@@ -329,6 +332,7 @@ def _purify(x, model, cfg: PurifyConfig, *, seed, noise_ids, forward_noise=None,
     check_eval_mode("model", model)
     _model_schedule(cfg.schedule, model)
     chain = cfg.chain(x.dtype if isinstance(x, torch.Tensor) else torch.float32)
+    x_user, x = x, _resized(x, model, cfg.resize)
     _check_inputs(x, model, cfg, chain, forward_noise, increments, noise_ids)
     expose = () if states_every is None else _state_steps(chain, states_every)
     if cfg.cuda_graph:
@@ -365,15 +369,33 @@ def _purify(x, model, cfg: PurifyConfig, *, seed, noise_ids, forward_noise=None,
             # BPDA (DiffPure's BPDA+EOT): the purification's value, the identity's gradient d out / d x = I.
             out = x_unit + (out - x_unit.detach())
     elif graphs is not None:
-        out = graphs.differentiable(x_unit, chain, noise, x_user=x)
+        out = graphs.differentiable(x_unit, chain, noise, x_user=x_user)
     elif expose:
-        out, *states = differentiable_chain(x_unit, net, chain, noise, cfg, x_user=x, expose=expose)
+        out, *states = differentiable_chain(x_unit, net, chain, noise, cfg, x_user=x_user, expose=expose)
     else:
-        out = differentiable_chain(x_unit, net, chain, noise, cfg, x_user=x)
+        out = differentiable_chain(x_unit, net, chain, noise, cfg, x_user=x_user)
     out = out if (lo, hi) == (-1.0, 1.0) else (out + 1.0) * scale + lo
+    out = out if x is x_user else F.interpolate(out, size=tuple(x_user.shape[2:]), mode=cfg.resize,
+                                                align_corners=False)
     if states_every is None:
         return out
     return _trajectory(chain, cfg, noise, x_unit, out, expose, states or [])
+
+
+def _resized(x, model: ScoreModel, resize: str | None):
+    """x resized to the score model's size (``resize``: the interpolation, DiffPure's ``F.interpolate(...,
+    mode='bilinear', align_corners=False)``), or x itself (no resize asked, or already that size). Differentiable:
+    the attack's budget stays in the input's space, the resize being part of the defense."""
+    if resize is None:
+        return x
+    _check_image(x)
+    size = getattr(model, "image_size", None)
+    if size is None:
+        raise OptionError("resize", "the score model does not say its image size (model.image_size is None); "
+                                    "set it, or resize the images yourself")
+    if tuple(x.shape[2:]) == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode=resize, align_corners=False)
 
 
 class Purifier(nn.Module):
@@ -395,14 +417,15 @@ class Purifier(nn.Module):
                  value_range: tuple[float, float] = (0.0, 1.0), grad_mode: str = "none", guidance_grad: str = "exact",
                  surrogate_steps: int = 10, grad_cache_steps: int = 0, param_grads: bool = False,
                  schedule: VPSchedule | None = None, cuda_graph: bool = False, autocast: str | None = None,
-                 **options):
+                 resize: str | None = None, **options):
         super().__init__()
         model = as_score_model(model)
         self.config = PurifyConfig.build(method, value_range=value_range, grad_mode=grad_mode,
                                          guidance_grad=guidance_grad, surrogate_steps=surrogate_steps,
                                          grad_cache_steps=grad_cache_steps, param_grads=param_grads,
                                          schedule=_model_schedule(schedule, model), cuda_graph=cuda_graph,
-                                         autocast=autocast, **_model_defaults(model, method, options))
+                                         autocast=autocast, resize=resize,
+                                         **_model_defaults(model, method, options))
         # The Purifier owns its score network: eval mode now and on every .train() (forward still checks it, since
         # the network itself can be switched back: purifier.model.train()).
         self.model = model.eval()
@@ -429,5 +452,6 @@ class Purifier(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         extra = (", cuda_graph=True" if c.cuda_graph else "") + (f", autocast={c.autocast!r}" if c.autocast else "")
+        extra += f", resize={c.resize!r}" if c.resize else ""
         return (f"{c.describe()}, grad_mode={c.grad_mode!r}, guidance_grad={c.guidance_grad!r}, "
                 f"value_range={c.value_range}, seed={self.seed}{extra}")

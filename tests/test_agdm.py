@@ -358,7 +358,8 @@ def test_cli_eval_agdm_exact_and_detached(tmp_path):
 @pytest.mark.parametrize("argv,match", [
     (["--method", "gdmp", "--auxiliary", "digits"], "--auxiliary: an option of AGDM"),
     (["--method", "agdm", "--dt", "0.001"], "--dt: an option of DiffPure"),
-    (["--method", "agdm", "--auxiliary", "nowhere.pt"], "auxiliary: 'nowhere.pt' is neither"),
+    (["--method", "agdm", "--auxiliary", "nowhere.pt"],
+     "auxiliary: 'nowhere.pt' is not a file, module:function or 'digits'"),
 ])
 def test_cli_purify_agdm_option_errors(tmp_path, capsys, argv, match):
     from diffpure_fast.cli import main

@@ -108,8 +108,13 @@ def test_purify_errors_are_one_line(tmp_path, capsys):
     rc, _, err = _run(["purify", "--model", "score_sde", "--input", tmp_path / "ok.npy", "--output",
                        tmp_path / "o.npy"], capsys)
     _assert_one_line_error(rc, err, "--checkpoint")
+    # the images' size is checked against the config before the checkpoint is read
     rc, _, err = _run(["purify", "--model", "score_sde", "--checkpoint", tmp_path / "adm.pt", "--input",
                        tmp_path / "ok.npy", "--output", tmp_path / "o.npy"], capsys)
+    _assert_one_line_error(rc, err, "images of 16x16, but --model score_sde is configured for 32x32; pass --resize")
+    np.save(tmp_path / "c32.npy", np.zeros((1, 3, 32, 32), np.float32))
+    rc, _, err = _run(["purify", "--model", "score_sde", "--checkpoint", tmp_path / "adm.pt", "--input",
+                       tmp_path / "c32.npy", "--output", tmp_path / "o.npy"], capsys)
     assert rc == 2 and "Traceback" not in err and "guided" in err.lower(), err
 
 
@@ -256,8 +261,9 @@ def test_purify_float_images_in_0_255_name_the_cli_flag(tmp_path, capsys):
     (["purify", "--method", "agdm", "--guidance-scale", "-1"], "--guidance-scale"),
     (["purify", "--method", "agdm", "--auxiliary", "nowhere.pt"], "--auxiliary"),
     (["purify", "--model", "guided_diffusion", "--checkpoint", "nowhere.pt"], "--checkpoint"),
-    (["purify", "--model", "score_sde", "--checkpoint", "{adm}"], "use --model guided_diffusion"),
-    (["purify", "--model", "guided_diffusion", "--checkpoint", "{evil}"], "--trust-checkpoint"),
+    # inputs of the configured size: a wrong size is refused before the checkpoint is read
+    (["purify", "--model", "score_sde", "--checkpoint", "{adm}", "--input", "{c32}"], "use --model guided_diffusion"),
+    (["purify", "--model", "guided_diffusion", "--checkpoint", "{evil}", "--input", "{c256}"], "--trust-checkpoint"),
     (["purify", "--value-range", "1", "0"], "--value-range"),
     (["purify", "--input", "{u8}", "--value-range", "0", "255"], "--value-range"),
     (["eval", "--attack-steps", "-1"], "--attack-steps"),
@@ -286,6 +292,8 @@ def test_cli_errors_name_flags_never_api_keywords(tmp_path, capsys, argv, flag):
     torch.save(create_adm_state_dict(), tmp_path / "adm.pt")
     np.save(tmp_path / "u8.npy", np.zeros((1, 1, 16, 16), np.uint8))
     np.save(tmp_path / "ok.npy", np.zeros((1, 1, 16, 16), np.float32))
+    np.save(tmp_path / "c32.npy", np.zeros((1, 3, 32, 32), np.float32))
+    np.save(tmp_path / "c256.npy", np.zeros((1, 3, 256, 256), np.float32))
     torch.save({"step": _Evil()}, tmp_path / "evil.pt")
     prev = tmp_path / "prev"
     if "{prev}" in argv:
@@ -293,6 +301,7 @@ def test_cli_errors_name_flags_never_api_keywords(tmp_path, capsys, argv, flag):
                      "--eot", "1", "--n-eval", "1", "--eps", "0.1", "--quiet"]) == 0
         capsys.readouterr()
     subs = {"{adm}": tmp_path / "adm.pt", "{evil}": tmp_path / "evil.pt", "{u8}": tmp_path / "u8.npy",
+            "{c32}": tmp_path / "c32.npy", "{c256}": tmp_path / "c256.npy",
             "{prev}": prev, "{tmp}": tmp_path}
     argv = [str(subs.get(a, a)) for a in argv]
     command = argv[0]
@@ -340,6 +349,7 @@ def test_missing_optional_packages_are_one_line_errors(tmp_path, capsys, monkeyp
     monkeypatch.setitem(sys.modules, "PIL", None)                 # Pillow is not installed
     monkeypatch.setitem(sys.modules, "PIL.Image", None)
     (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(b"")   # an image is listed; reading it needs Pillow
     rc, _, err = _run(["purify", "--model", "digits", "--input", tmp_path / "imgs", "--output", tmp_path / "o",
                        "--no-progress"], capsys)
     _assert_one_line_error(rc, err, "pip install pillow")

@@ -169,3 +169,60 @@ def test_failed_start_leaves_a_folder_the_corrected_command_resumes(tmp_path, ca
     (out / "config.json").write_text(json.dumps({"eval": {"attack": "something else"}}))
     assert main(base) == 0
     assert json.loads((out / "config.json").read_text())["eval"]["attack"] == "pgd-eot"
+
+
+def test_module_function_specs_are_found_in_the_current_directory(tmp_path, monkeypatch):
+    """The installed diffpure-fast script does not put the current directory on sys.path (python -m does): a
+    module:function classifier next to the user's data is found all the same, and sys.path is left as it was."""
+    import sys
+
+    from diffpure_fast.eval.classifiers import load_classifier_spec
+
+    (tmp_path / "my_digits_clf.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 10))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    before = list(sys.path)
+    clf = load_classifier_spec("my_digits_clf:make")
+    assert clf(torch.rand(2, 1, 16, 16)).shape == (2, 10) and not clf.training
+    assert sys.path == before
+    with pytest.raises(ValueError, match=r"classifier: cannot import module 'no_such_module_here' .*current "
+                                         r"directory"):
+        load_classifier_spec("no_such_module_here:make")
+
+
+def test_purify_outputs_png_by_default_keeps_npz_arrays_and_takes_the_output_extension(tmp_path):
+    """Folders: PNG by default (a JPEG input is not re-encoded lossily), JPEG kept only on request; .npz: every other
+    array of the input written back (the selected rows of per-image ones); an array input written as the kind the
+    output's extension names; a kind that would drop arrays is refused."""
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for name in ("a.jpg", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(src / name)
+    common = ["--steps", "1", "--t-star", "0.05", "--no-progress"]
+    assert main(["purify", "--input", str(src), "--output", str(tmp_path / "png"), *common]) == 0
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["a.png", "b.png"]
+    assert main(["purify", "--input", str(src), "--output", str(tmp_path / "keep"), "--image-format", "keep",
+                 "--jpeg-quality", "90", *common]) == 0
+    assert sorted(p.name for p in (tmp_path / "keep").iterdir()) == ["a.jpg", "b.png"]
+    with Image.open(tmp_path / "keep" / "a.jpg") as im:
+        assert im.format == "JPEG"
+    # an .npz with labels and metadata: all kept, per-image arrays follow the selection
+    x = rng.random((4, 1, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x, y=np.arange(4), meta=np.array([7.0]))
+    assert main(["purify", "--input", str(tmp_path / "in.npz"), "--output", str(tmp_path / "out.npz"),
+                 "--start", "1", "--n-images", "2", *common]) == 0
+    with np.load(tmp_path / "out.npz") as z:
+        assert sorted(z.keys()) == ["index", "meta", "x", "y"]
+        assert z["y"].tolist() == [1, 2] and z["index"].tolist() == [1, 2] and z["meta"].tolist() == [7.0]
+        assert z["x"].shape == (2, 1, 16, 16)
+    assert main(["purify", "--input", str(tmp_path / "in.npz"), "--output", str(tmp_path / "out.npy"), *common]) == 2
+    # an .npy input written as .pt because the output says so
+    np.save(tmp_path / "in.npy", x)
+    assert main(["purify", "--input", str(tmp_path / "in.npy"), "--output", str(tmp_path / "out.pt"), *common]) == 0
+    assert torch.load(tmp_path / "out.pt").shape == (4, 1, 16, 16)

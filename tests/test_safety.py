@@ -89,7 +89,7 @@ def test_pickle_payload_never_runs_through_the_cli(tmp_path, capsys):
     marker = tmp_path / "PWNED"
     evil = tmp_path / "evil.pt"
     torch.save({"model": _payloads(marker)["os.system"]}, evil)
-    np.save(tmp_path / "in.npy", np.zeros((1, 3, 16, 16), np.float32))
+    np.save(tmp_path / "in.npy", np.zeros((1, 3, 32, 32), np.float32))   # the size score_sde is configured for
     rc = main(["purify", "--model", "score_sde", "--checkpoint", str(evil), "--input", str(tmp_path / "in.npy"),
                "--output", str(tmp_path / "out.npy"), "--no-progress"])
     err = capsys.readouterr().err

@@ -60,5 +60,7 @@ def describe_defense(defense) -> dict:
                       else jsonable_option(v))
     if hasattr(config, "resolved"):  # the values the run uses where options are rounded or derived (the level)
         out["resolved"] = config.resolved()
+    if getattr(config, "resize", None) is not None:  # the size the defense resizes its inputs to (and back from)
+        out["resize_to"] = getattr(model, "image_size", None)
     out.setdefault("method", "diffpure")
     return out

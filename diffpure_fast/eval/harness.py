@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._validate import OptionError, check_bool, check_choice, check_float, check_int
+from .._validate import OptionError, OptionTypeError, check_bool, check_choice, check_float, check_int
 from ..attacks import DefendedClassifier, derive_seed
 from ..attacks.pgd import EOT_REDUCTIONS, LOSSES, NORMS, TARGETED_LOSSES
 from ..attacks.selection import select_candidates
@@ -44,7 +44,7 @@ from . import records as rec
 from .attacks import ATTACK_SPECS, ATTACKS, AttackRun, noise_seed
 from .defenses import describe_defense, module_fingerprint
 
-__all__ = ["ATTACKS", "ATTACK_OPTIONS", "EvalConfig", "evaluate", "evaluate_batch"]
+__all__ = ["ATTACKS", "ATTACK_OPTIONS", "EvalConfig", "check_input_size", "evaluate", "evaluate_batch"]
 
 # The options each attack takes (``AttackSpec.options``); AutoAttack as released takes fewer. Any other attack
 # option given is an error naming it.
@@ -92,7 +92,9 @@ class EvalConfig:
     n_select: fresh-noise evaluations that choose among a sample's candidates when an attack leaves several
     (restarts, targets, the runs of AutoAttack's ensemble; ``attacks.selection``); default n_eval.
     n_eval: fresh-noise evaluations that judge each sample; n_images: samples from index ``start`` (None: to the
-    end); batch_size: samples per block; chunk_size: at most this many image copies per purifier call (memory
+    end); subset, data_seed: instead of that range, DiffPure's seeded random subset of ``subset`` samples
+    (``np.random.RandomState(data_seed).choice``, data_seed 0 by default; ``datasets.select_indices``);
+    batch_size: samples per block; chunk_size: at most this many image copies per purifier call (memory
     budget; None: a whole block's eot * batch_size).
     """
 
@@ -122,6 +124,8 @@ class EvalConfig:
     n_eval: int = 10
     n_images: int | None = None
     start: int = 0
+    subset: int | None = None
+    data_seed: int | None = None
     seed: int = 0
     batch_size: int = 16
     chunk_size: int | None = None
@@ -169,7 +173,8 @@ class EvalConfig:
         # Attack options may be None here only where the attack does not take them.
         for name, lo in (("steps", 0), ("restarts", 1), ("eot", 1), ("n_eval", 1), ("n_select", 1), ("start", 0),
                          ("seed", 0), ("batch_size", 1), ("grid_images", 0), ("aa_queries", 1), ("n_images", 1),
-                         ("chunk_size", 1), ("n_targets", 1), ("dev_every", 1), ("lf_factor", 1)):
+                         ("chunk_size", 1), ("subset", 1), ("data_seed", 0), ("n_targets", 1), ("dev_every", 1),
+                         ("lf_factor", 1)):
             v = getattr(self, name)
             if v is not None:
                 object.__setattr__(self, name, check_int(name, v, low=lo))
@@ -256,6 +261,9 @@ class EvalConfig:
         if not self.package_batches:
             d.pop("batch_size")
         d.pop("chunk_size")
+        for k in ("subset", "data_seed"):   # absent when unused, as in the records of runs that predate them
+            if d[k] is None:
+                d.pop(k)
         return d
 
 
@@ -351,6 +359,20 @@ def evaluate_batch(defended: DefendedClassifier, x: torch.Tensor, y: torch.Tenso
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def check_input_size(shape, defense, classifier) -> None:
+    """Refuse data of a shape (B, C, H, W) that the defense's score model or the classifier cannot take, before any
+    work: an error naming ``data``, with ``resize`` as the remedy where the defense could resize."""
+    shape = tuple(shape)
+    size = getattr(getattr(defense, "model", None), "image_size", None)
+    if defense is not None and size is not None and defense.config.resize is None and shape[2:] != (size, size):
+        raise OptionError("data", lambda s: f"images of {shape[2]}x{shape[3]}, but the score model was built for "
+                                            f"{size}x{size}; pass {s.setting('resize', 'bilinear')} to resize inside "
+                                            f"the defense (DiffPure's ImageNet pipeline: 224 -> 256 and back)")
+    check = getattr(classifier, "check_input", None)
+    if callable(check):
+        check(shape, "data")
+
+
 def _dist_context(device):
     """(rank, world, device): torch.distributed's when initialised or when torchrun set WORLD_SIZE > 1."""
     import torch.distributed as dist
@@ -419,17 +441,21 @@ def _check_classifier(clf: torch.nn.Module, source, index: int, device) -> None:
 
 
 def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = None, labels=None,
-             device="cpu", progress: bool = True, overwrite: bool = False, command: str | None = None,
-             report: bool = True, save_adversarial: bool = False, **options) -> dict | None:
+             class_index=None, device="cpu", progress: bool = True, overwrite: bool = False,
+             command: str | None = None, report: bool = True, save_adversarial: bool = False,
+             **options) -> dict | None:
     """Evaluate ``defense`` (+ ``classifier``) on ``data`` against an attack; records and report in ``output``.
 
     Args:
         defense: a ``Purifier`` (e.g. ``build_defense(model, grad_mode="full")``; its grad_mode is the attack's
             gradient), or None for the undefended classifier.
-        classifier: an ``nn.Module`` taking (B, C, H, W) in [0, 1] to logits (B, K), or a spec (``"digits"``, a
-            TorchScript file, ``"module:function"``).
-        data: a spec (``"digits:test"``, ``"cifar10:FOLDER"``, an image folder, ``.npz``, ``.npy`` with
-            ``labels=``), an ``(x, y)`` pair of tensors, or a map-style ``torch.utils.data.Dataset``.
+        classifier: an ``nn.Module`` taking (B, C, H, W) in [0, 1] to logits (B, K) (e.g.
+            ``dpf.load_classifier("cifar10-wideresnet-28-10", checkpoint="Standard.pt")``), or a spec
+            (``"digits"``, a TorchScript file, ``"module:function"``).
+        data: a spec (``"digits:test"``, ``"cifar10:ROOT"``, an image folder: class sub-folders or ``labels.txt``,
+            ``.npz``, ``.npy`` with ``labels=``), an ``(x, y)`` pair of tensors, or a map-style
+            ``torch.utils.data.Dataset`` (``datasets.load_data``); class_index: a class-index file for a folder of
+            class sub-folders (e.g. ImageNet synsets).
         output: a folder; a finished or killed run there with the same configuration is resumed, another
             configuration is refused unless ``overwrite``.
         config / options: an ``EvalConfig``, or its fields as keywords (attack, norm, eps, steps, eot, n_eval, ...).
@@ -441,7 +467,7 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
         the report dict (rank 0; None on other ranks), also written as report.json / report.md.
     """
     from .classifiers import load_classifier_spec
-    from .datasets import load_data
+    from .datasets import load_data, select_indices
 
     if config is None:
         config = EvalConfig(**options)
@@ -455,6 +481,12 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
         from ..attacks.autoattack import autoattack_package
 
         autoattack_package(cfg.aa_package)  # a missing package fails now, not after the clean evaluation
+    from ..config import PurifyConfig
+
+    if defense is not None and not isinstance(getattr(defense, "config", None), PurifyConfig):
+        raise OptionTypeError("defense", lambda s: (
+            f"expected a Purifier (dpf.build_defense or dpf.Purifier), got {type(defense).__name__}; a resize "
+            f"around the purifier belongs inside it ({s.setting('resize', 'bilinear')}), where the report records it"))
     rank, world, device = _dist_context(device)
     clf = load_classifier_spec(classifier, device)
     if defense is not None:
@@ -477,23 +509,19 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
                                      "has none")
     defended = DefendedClassifier(defense, clf)
     resources = cfg.spec.prepare(cfg, device) if cfg.spec.prepare is not None else {}
-    source = load_data(data, labels=labels)
-    end = len(source) if cfg.n_images is None else cfg.start + cfg.n_images
-    if cfg.start >= len(source):
-        raise OptionError("start", f"{source.description} has {len(source)} samples (indices 0..{len(source) - 1}), "
-                                   f"got {cfg.start}")
-    if end > len(source):
-        raise OptionError("n_images", lambda s: f"{source.description} has {len(source)} samples; "
-                                                f"{s.setting('start', cfg.start)} with "
-                                                f"{s.setting('n_images', cfg.n_images)} asks for indices up to "
-                                                f"{end - 1}")
-    indices = list(range(cfg.start, end))
+    source = load_data(data, labels=labels, class_index=class_index)
+    indices = select_indices(len(source), start=cfg.start, n_images=cfg.n_images, subset=cfg.subset,
+                             data_seed=cfg.data_seed, description=source.description)
+    shape = tuple(source.get(indices[:1])[0].shape)
+    check_input_size(shape, defense, clf)
     _check_classifier(clf, source, indices[0], device)
 
     out = Path(output)
+    name = classifier if isinstance(classifier, str) else getattr(clf, "name", "")
+    name = name if isinstance(name, str) else ""
     deciding = {"eval": cfg.deciding(), "defense": describe_defense(defense), "grad_mode": defended.grad_mode,
-                "classifier": (f"{classifier} " if isinstance(classifier, str) else "") + module_fingerprint(clf),
-                "data": source.description, "n_samples": len(indices)}
+                "classifier": (f"{name} " if name else "") + module_fingerprint(clf),
+                "data": source.description, "input_size": list(shape[1:]), "n_samples": len(indices)}
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         resumed = rec.check_config(out, deciding, overwrite=overwrite)
@@ -530,6 +558,7 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
                                   on_adversarial=save)
             for r in recs:
                 r["rank"] = rank
+                r["source"] = source.names[r["index"]]
             writer.write(recs)
             n_done += len(recs)
             n_robust += sum(r["adv_pred"][0] == r["label"] for r in recs)

@@ -65,11 +65,16 @@ def _noise_mode(config: dict) -> str:
 
 
 def _defense_name(defense: dict) -> str:
-    """The method, with DiffPure's runner when it is not the default sde one (e.g. ``diffpure (ode)``)."""
+    """The method, with DiffPure's runner when it is not the default sde one (e.g. ``diffpure (ode)``), and the
+    defense's resize stage when it has one."""
     name = defense.get("method", defense.get("class", "defense"))
     options = defense.get("options")
     kind = options.get("diffusion_type") if isinstance(options, dict) else None
-    return f"{name} ({kind})" if kind not in (None, "sde") else name
+    name = f"{name} ({kind})" if kind not in (None, "sde") else name
+    if defense.get("resize"):   # the resize stage is part of the defense (the attack's budget is the input's)
+        to = defense.get("resize_to")
+        name += f", inputs resized ({defense['resize']}) to {f'{to}x{to}' if to else 'the model size'} and back"
+    return name
 
 
 _NAMES = {"single_shot": "single-shot (evaluation 1)", "mean": "mean over the N evaluations",
@@ -207,9 +212,11 @@ def _markdown(rep: dict) -> str:
                   f"sample counts as robust at step s when every run still classifies it correctly): {pts}",
                   "", *(["![robust accuracy against attack step](curve.png)", ""] if plots else [])]
     p = rep["perturbation"]
+    size = c.get("input_size")
+    at = f" (on the {'x'.join(map(str, size))} inputs, where the budget is)" if size else ""
     extra = "".join(f", {k[4:]} {p[k]:.5g} (bound {p['bound']:.5g})" for k in ("max_lpips", "max_flow_linf")
                     if k in p)
-    lines += [f"Largest perturbation: L-inf {p['max_linf']:.5g}, L2 {p['max_l2']:.5g}{extra}.", "",
+    lines += [f"Largest perturbation{at}: L-inf {p['max_linf']:.5g}, L2 {p['max_l2']:.5g}{extra}.", "",
               *(["![clean / adversarial / purified](grid.png)", ""] if plots else [skipped, ""]),
               "Defense: " + ", ".join(f"{k}={v}" for k, v in c["defense"].items()), "",
               f"Classifier: {c['classifier']}", "",

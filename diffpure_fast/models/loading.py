@@ -59,7 +59,7 @@ from .fast import fast_score_model
 from .ncsnpp import NCSNPP_CIFAR10_CONFIG, NCSNpp, _section
 from .state_dicts import is_state_dict, load_state_dict_strict, strip_wrapper_prefixes, unwrap_state_dict
 
-__all__ = ["FAMILIES", "build_network", "load_classifier", "load_score_model", "official_safe_globals",
+__all__ = ["FAMILIES", "build_network", "config_image_size", "load_score_model", "official_safe_globals",
            "read_checkpoint", "refused_object", "safe_torch_load"]
 
 FAMILIES = ("score_sde", "guided_diffusion", "celebahq_ddpm", "digits")
@@ -196,6 +196,26 @@ def build_network(family: str, config: Mapping[str, Any] | None = None) -> torch
     if family == "celebahq_ddpm":
         return DDPMUNet.from_config(_celebahq_config(config))
     return create_adm_model(ADM_IMAGENET256_UNCOND_CONFIG if config is None else config)
+
+
+def config_image_size(family: str, config=None) -> int | None:
+    """The image size a family's config builds its network for (None when the config does not say), read without
+    building the network or reading a checkpoint: inputs can be checked against it before a large file is loaded.
+    score_sde and celebahq_ddpm: ``data.image_size``; guided_diffusion: ``image_size``; digits: 16."""
+    fam = _family(family)
+    if fam == "digits":
+        from .digits import DIGITS_SCORE_CONFIG
+
+        return DIGITS_SCORE_CONFIG["image_size"]
+    from .ddpm_unet import CELEBAHQ_DDPM_CONFIG
+
+    default = {"score_sde": NCSNPP_CIFAR10_CONFIG, "celebahq_ddpm": CELEBAHQ_DDPM_CONFIG,
+               "guided_diffusion": ADM_IMAGENET256_UNCOND_CONFIG}[fam]
+    cfg = _plain_dict(default if config is None else config)
+    if not isinstance(cfg, Mapping):
+        return None
+    size = cfg.get("image_size") if fam == "guided_diffusion" else (cfg.get("data") or {}).get("image_size")
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
 
 
 def _family(family: str) -> str:
@@ -538,16 +558,3 @@ def _fast(model: EpsModel, compile: bool, channels_last: bool) -> ScoreModel:
     if hasattr(model, "var_type"):
         fast.var_type = model.var_type
     return fast.eval()
-
-
-def load_classifier(name: str = "digits", *, device: str | torch.device | None = None) -> torch.nn.Module:
-    """A classifier shipped with the package (inputs in [0, 1], logits), in eval mode with frozen parameters.
-
-    name: ``"digits"`` (a small CNN for 1x16x16 digits; test accuracy in ``diffpure_fast/weights``'s training log).
-    """
-    if name != "digits":
-        raise ValueError(f"name: the package ships only the 'digits' classifier, got {name!r}; load your own "
-                         "classifier (e.g. from RobustBench) and wrap it yourself")
-    from .digits import load_digits_classifier
-
-    return load_digits_classifier(device)

@@ -3,15 +3,20 @@ shipped safetensors weights): the same saved form is accepted everywhere or nowh
 
 Training code wraps networks, and the wrappers leave their marks on the saved keys and containers:
 
-* key prefixes: ``module.`` (``nn.DataParallel`` / ``DistributedDataParallel``), ``_orig_mod.`` (``torch.compile``),
-  ``model.`` (a training module holding the network as ``self.model``, e.g. PyTorch Lightning), in any nesting;
+* key prefixes: ``module.`` (``nn.DataParallel`` / ``DistributedDataParallel``), ``module.0.`` (``DataParallel`` around
+  ``Sequential(net)``: the save format of Gowal et al.'s reimplementation, DiffPure's ``weights-best.pt``),
+  ``_orig_mod.`` (``torch.compile``), ``model.`` (a training module holding the network as ``self.model``, e.g.
+  PyTorch Lightning), in any nesting;
 * wrapping dicts: ``{"state_dict": ...}`` (Lightning), ``{"model_state_dict": ...}``, ``{"model": ...}``,
   ``{"ema": ...}``, ``{"net": ...}`` around the state dict itself.
 
 A prefix is removed only when every key carries it and the network's own keys do not (so a network whose
 parameters really live under ``model.`` keeps them); a wrapping dict is opened only when exactly one of its entries
 is a state dict (two, e.g. raw and EMA weights side by side, are an error asking which one). A key still missing or
-unexpected after that is an error naming the file and the keys.
+unexpected after that is an error naming the file and the keys, with one exception: BatchNorm's
+``num_batches_tracked`` buffers, absent from files saved before torch 0.4.1 (torchvision's ResNet-18/50 weights), are
+filled with the network's own value, as torch's ``load_state_dict`` does for such files (the buffer only sets the
+running-average momentum when training with ``momentum=None``; it never changes an eval-mode output).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from .._validate import OptionError
 __all__ = ["WRAPPER_KEYS", "WRAPPER_PREFIXES", "is_state_dict", "load_state_dict_strict", "strip_wrapper_prefixes",
            "unwrap_state_dict"]
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+WRAPPER_PREFIXES = ("module.0.", "module.", "_orig_mod.", "model.")
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "ema", "net")
 
 
@@ -44,12 +49,17 @@ def is_state_dict(d: Any) -> bool:
 
 def strip_wrapper_prefixes(state: Mapping[str, Any], expected: Iterable[str] | None = None) -> dict[str, Any]:
     """``state`` with the prefixes of ``WRAPPER_PREFIXES`` removed, repeatedly, while every key carries the same
-    one; with ``expected`` (the network's own keys), a prefix those keys all carry too is kept."""
+    one; with ``expected`` (the network's own keys), a prefix those keys all carry too is kept (and ``module.0.``
+    is read as ``module.`` when the network's own keys all start with ``0.``, i.e. it is a ``Sequential``)."""
     out = dict(state)
     expected = list(expected) if expected is not None else []
+
+    def kept(p: str) -> bool:
+        own = p[len("module."):] if p == "module.0." else p
+        return bool(expected) and all(k.startswith(own) for k in expected)
+
     while out:
-        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in out)
-                       and not (expected and all(k.startswith(p) for k in expected))), None)
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in out) and not kept(p)), None)
         if prefix is None:
             break
         out = {k[len(prefix):]: v for k, v in out.items()}
@@ -85,6 +95,9 @@ def load_state_dict_strict(net: nn.Module, state: Mapping[str, Any], *, option: 
     network)."""
     expected = net.state_dict()
     state = strip_wrapper_prefixes(state, expected.keys())
+    for k in expected:  # files saved before torch 0.4.1 lack these buffers (see the module doc)
+        if k.endswith(".num_batches_tracked") and k not in state:
+            state[k] = expected[k].clone()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
