@@ -32,7 +32,7 @@ from .schedule import VPSchedule
 from .solvers.base import Plan, Step
 
 __all__ = ["Chain", "Guidance", "Noise", "Round", "forward_diffuse", "model_eps", "reverse_solve", "run_chain",
-           "solve_round", "start_state", "step_terms"]
+           "solve_round", "start_state", "state_alpha_bar", "step_terms"]
 
 
 class Noise:
@@ -175,6 +175,14 @@ def start_state(y: torch.Tensor, rnd: Round, r: int, noise: Noise, like: torch.T
     if rnd.from_noise:
         return z if rnd.noise_scale == 1.0 else z * rnd.noise_scale
     return y * rnd.start_scale + z * rnd.noise_scale
+
+
+def state_alpha_bar(step: Step, schedule: VPSchedule) -> float:
+    """alpha_bar of the forward marginal at the state a step starts from: the discrete ``alpha_bar[level]`` of an
+    ancestral DDPM step, the continuous ``alpha_bar(t)`` of an Euler–Maruyama step (its state is at time t)."""
+    if step.level is not None:
+        return float(schedule.discrete_alpha_bar()[step.level])
+    return schedule.alpha_bar(step.t)
 
 
 def forward_diffuse(x: torch.Tensor, z: torch.Tensor, t_star: float, schedule: VPSchedule) -> torch.Tensor:

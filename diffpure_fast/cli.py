@@ -589,9 +589,9 @@ def _radius(text: str) -> float:
 
 def _add_eval_parsers(sub) -> None:
     from .attacks.autoattack import AA_MODES, AA_PACKAGES, AA_VERSIONS
-    from .attacks.pgd import EOT_REDUCTIONS, LOSSES, NORMS
+    from .attacks.pgd import EOT_REDUCTIONS, LOSSES, NORMS, TARGETED_LOSSES
+    from .eval.attacks import ATTACK_SPECS
     from .eval.defenses import DEFENSES
-    from .eval.harness import ATTACKS
 
     e = sub.add_parser("eval", help="attack a purification defense and report robust accuracy (records, report, "
                        "plots)", description="Evaluate a defense against an adaptive attack with an explicit "
@@ -612,9 +612,8 @@ def _add_eval_parsers(sub) -> None:
                    help="(x - MEAN) / STD before a classifier of one's own, each one value or one per channel "
                    "separated by commas (e.g. 0.485,0.456,0.406 0.229,0.224,0.225)")
     e.add_argument("--labels", default=None, help="labels .npy for an .npy --data")
-    e.add_argument("--attack", default="pgd-eot", choices=ATTACKS, help="pgd-eot, bpda-eot (DiffPure's: "
-                   "identity backward, 50 x 2/255, 15 EOT), apgd-eot (Croce & Hein's APGD with EOT) or autoattack "
-                   "(default pgd-eot)")
+    e.add_argument("--attack", default="pgd-eot", choices=tuple(ATTACK_SPECS), help="; ".join(
+        f"{name}: {spec.summary}" for name, spec in ATTACK_SPECS.items()) + " (default pgd-eot)")
     e.add_argument("--grad-mode", default=None, choices=("full", "adjoint", "bpda", "surrogate"),
                    help="the attack's gradient through the purifier: full (exact discrete adjoint), adjoint "
                    "(continuous adjoint), bpda (identity), surrogate (shorter DDPM chain); default full, bpda for "
@@ -625,19 +624,36 @@ def _add_eval_parsers(sub) -> None:
                    "released evaluations' gradient), straight_through (mimic: declared sign surrogate); "
                    "default exact")
     e.add_argument("--solver", default=None, choices=tuple(SOLVERS), help=SOLVER_HELP)
-    e.add_argument("--norm", default="linf", choices=NORMS, help="threat model (default linf)")
-    e.add_argument("--eps", type=_radius, default=8 / 255, help="the perturbation radius in pixel units of [0, 1] "
+    e.add_argument("--norm", default=None, choices=NORMS, help="threat model of the L-p attacks (default linf)")
+    e.add_argument("--eps", type=_radius, default=None, help="radius of the L-p attacks in pixel units of [0, 1] "
                    "images: a number or a fraction such as 4/255 (default 8/255)")
+    e.add_argument("--bound", type=float, default=None, help="the unrestricted attacks' bound instead of --eps: "
+                   "LPIPS distance for lf and ppgd (default 0.5), flow size for stadv in grid_sample units (default "
+                   "0.05)")
+    e.add_argument("--lpips", default=None, help="lf, ppgd: the LPIPS network, read from a local file (never "
+                   "downloaded): digits, alexnet:PATH or vgg16:PATH (a torchvision state dict), or module:function")
+    e.add_argument("--lf-factor", type=int, default=None, help="lf: the perturbation lives on a grid this many times "
+                   "coarser than the image (default 4)")
+    e.add_argument("--smoothness", type=float, default=None, help="stadv: weight of the flow smoothness loss "
+                   "(default 0.05)")
+    e.add_argument("--fixed-noise", action="store_true", help="the attack optimises against one fixed set of --eot "
+                   "purification draws per sample (the same noise at every step); the judge still uses fresh noise")
+    e.add_argument("--n-targets", type=int, default=None, help="targeted losses: attack the top N classes after the "
+                   "label, one run each (default 9; more than classes - 1 is an error)")
+    e.add_argument("--dev-weight", type=float, default=None, help="diffattack: weight lambda of the "
+                   "deviated-reconstruction loss (default 1.0)")
+    e.add_argument("--dev-every", type=int, default=None, help="diffattack: the loss reads every k-th state of the "
+                   "chain (default 1)")
     e.add_argument("--attack-steps", type=int, default=None, help="attack iterations (default pgd-eot 20, bpda-eot 50, "
-                   "apgd-eot and autoattack 100)")
+                   "apgd-eot, diffattack, autoattack, lf, stadv 100, diffhammer 50, ppgd 10)")
     e.add_argument("--step-size", type=_radius, default=None, help="PGD step (default 2.5 eps / steps; bpda-eot "
-                   "2/255)")
+                   "2/255); lf, stadv: their signed step (default 0.01)")
     e.add_argument("--eot", type=int, default=None, help="EOT draws per step (default 20; bpda-eot 15; autoattack "
-                   "standard 1)")
+                   "standard 1); diffhammer: its N paths per step (default 10)")
     e.add_argument("--eot-reduce", default=None, choices=EOT_REDUCTIONS, help="average the loss (default) or the "
                    "logits (bpda-eot) over the EOT draws")
-    e.add_argument("--loss", default=None, choices=LOSSES, help="attack loss of pgd-eot, bpda-eot, apgd-eot "
-                   "(default ce)")
+    e.add_argument("--loss", default=None, choices=LOSSES + TARGETED_LOSSES, help="attack loss (default ce; cw for "
+                   "lf, ppgd, stadv); the targeted ones run against each of --n-targets classes")
     e.add_argument("--restarts", type=int, default=None, help="restarts (default 1)")
     e.add_argument("--no-random-start", action="store_true", help="start PGD at x instead of a random point")
     e.add_argument("--n-select", type=int, default=None, help="fresh-noise evaluations that choose among a sample's "
@@ -764,6 +780,9 @@ def _cmd_eval(args) -> int:
                          restarts=args.restarts, loss=args.loss, eot=args.eot, eot_reduce=args.eot_reduce,
                          aa_version=args.aa_version, aa_package=args.aa_package, aa_mode=args.aa_mode,
                          aa_queries=args.aa_queries, n_select=args.n_select, n_eval=args.n_eval,
+                         fixed_noise=True if args.fixed_noise else None, n_targets=args.n_targets,
+                         dev_weight=args.dev_weight, dev_every=args.dev_every, bound=args.bound, lpips=args.lpips,
+                         lf_factor=args.lf_factor, smoothness=args.smoothness,
                          n_images=args.n_images, start=args.start, subset=args.subset, data_seed=args.data_seed,
                          seed=args.seed, batch_size=args.batch_size, chunk_size=args.chunk_size)
     except OptionError as e:
@@ -800,18 +819,21 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from .eval.report import write_report
+    from .eval.records import CONFIG_FILE
+    from .eval.report import write_report, write_study_report
 
     folder = Path(args.folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
-    config = folder / "config.json"
+    config = folder / CONFIG_FILE
     if config.exists() and "certify" in json.loads(config.read_text()):
         from .eval.certify import certify_report
 
         certify_report(folder)
-    else:
+    elif config.is_file():
         write_report(folder)
+    else:  # a study: one evaluation per sub-folder
+        write_study_report(folder)
     if not args.quiet:
         print((folder / "report.md").read_text())
     return 0

@@ -219,3 +219,25 @@ def test_bench_guided_digits_rows_cover_every_demo_method(one_thread):
     methods = [row.split(" | ")[0].lstrip("| ") for row in rows]
     assert set(GUIDED_SETTINGS) <= set(methods)
     assert methods.count("mimic") == 2 and "gdmp (norm_batch=1)" in methods and "agdm" in methods
+
+
+def test_bench_attacks_counts_diffhammer_against_plain_eot(one_thread):
+    """Per attack step at N = 2 paths and one solver step: plain EOT runs 2 purifications with the gradient (forward
+    and recompute: 4 network forwards, 2 VJPs per sample); DiffHammer 2 without a graph and 1 with it (4 forwards,
+    1 VJP). At N the counts are 2N + 2N and N + 2 + 1 (the claim of its benchmark row)."""
+    from benchmarks import bench_attacks
+
+    lines = bench_attacks.main(["--quick", "--attacks", "pgd-eot,diffhammer"])
+    rows = {r.split(" | ")[1]: r.split(" | ") for r in lines if r.startswith("| diffpure |")}
+    assert [float(v) for v in rows["pgd-eot"][4:7]] == [4.0, 2.0, 2.0]
+    assert [float(v) for v in rows["diffhammer"][4:7]] == [4.0, 1.0, 2.0]
+
+
+def test_attack_study_settings_are_valid_configurations():
+    from benchmarks.attack_study import PROTOCOL, STUDY_ATTACKS, STUDY_DEFENSES
+    from diffpure_fast.eval.harness import EvalConfig
+
+    for opts in STUDY_ATTACKS.values():
+        EvalConfig(**opts, **PROTOCOL)
+    assert {s["method"] for s in STUDY_DEFENSES.values()} == {"diffpure", "gdmp"}
+    assert len(STUDY_ATTACKS) == 7

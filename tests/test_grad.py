@@ -196,6 +196,52 @@ def test_full_memory_does_not_grow_with_steps_beyond_stored_states():
     assert none_10 < full_10
 
 
+@pytest.mark.parametrize("method, opts", [
+    ("diffpure", dict(t_star=0.1, steps=4, dt=None)),
+    ("diffpure", dict(t_star=0.02, solver="ddpm", steps=5, dt=None)),
+    ("gdmp", dict(purify_step=3, max_iter=2)),          # two rounds, guidance differentiated in the recompute
+])
+def test_exposed_states_gradient_equals_autograd_float64(method, opts):
+    # Purifier.trajectory returns chosen intermediate states from the exact adjoint; a loss on the output and on the
+    # states has the gradient of plain autograd through the same chain (DiffAttack's loss reads the states).
+    from diffpure_fast.testing.chain_reference import autograd_chain
+
+    model = tiny_score_model(dtype=torch.float64)
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    pur = dpf.Purifier(model, method=method, seed=3, grad_mode="full", **opts)
+    xg = x.clone().requires_grad_(True)
+    tr = pur.trajectory(xg, every=1)
+    chain = pur.config.chain(torch.float64)
+    assert tr.steps == tuple(r.first_step + j for r in chain.rounds for j in range(1, len(r.plan)))
+    w = torch.randn_like(x)
+    ws = [torch.randn_like(s) for s in tr.states]
+    (g_full,) = torch.autograd.grad((tr.output * w).sum() + sum((s * v).sum() for s, v in zip(tr.states, ws)), xg)
+    xa = x.clone().requires_grad_(True)
+    out, states = autograd_chain(xa, model, pur.config, seed=3, keep_states=True)
+    (g_auto,) = torch.autograd.grad((out * w).sum() + sum((states[k] * v).sum() for k, v in zip(tr.steps, ws)), xa)
+    assert all(torch.equal(states[k].detach(), s.detach()) for k, s in zip(tr.steps, tr.states))
+    assert ((g_full - g_auto).norm() / g_auto.norm()).item() <= 1e-10
+    # every other state, and the states' marginals: the continuous alpha_bar(t) of an Euler step, the discrete one
+    # of a DDPM level
+    tr2 = pur.trajectory(x, every=2)
+    assert tr2.steps == tuple(r.first_step + j for r in chain.rounds for j in range(2, len(r.plan), 2))
+    steps = [st for r in chain.rounds for st in r.plan.steps]
+    for k, ab in zip(tr.steps, tr.alpha_bar):
+        want = (DIFFPURE_SCHEDULE.alpha_bar(steps[k].t) if steps[k].level is None
+                else DIFFPURE_SCHEDULE.discrete_alpha_bar()[steps[k].level].item())
+        assert ab == pytest.approx(want, rel=1e-12)
+
+
+def test_exposed_states_refused_without_exact_gradient():
+    model, x, _ = _setup(torch.float32)
+    for mode in ("bpda", "adjoint"):
+        pur = dpf.Purifier(model, t_star=0.02, seed=1, grad_mode=mode)
+        with pytest.raises(ValueError, match="grad_mode"):
+            pur.trajectory(x.clone().requires_grad_(True))
+    with pytest.raises(ValueError, match="every"):
+        dpf.Purifier(model, t_star=0.02, seed=1).trajectory(x, every=0)
+
+
 def test_backward_after_in_place_change_is_an_error():
     model, x, w = _setup(torch.float32)
     xg = x.clone().requires_grad_(True)

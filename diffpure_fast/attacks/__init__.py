@@ -1,7 +1,9 @@
-"""Attacks through the purifier: PGD-EOT (L-inf, L2; CE / DLR / CW losses; batched EOT), BPDA+EOT (PGD-EOT through
-``grad_mode="bpda"``), APGD-EOT (``apgd``: AutoAttack's APGD with EOT), AutoAttack natively or as released
-(``autoattack``; the packages imported lazily), and the fresh-noise selection among an attack's candidates
-(``selection``)."""
+"""Attacks through the purifier: PGD-EOT (L-inf, L2; CE / DLR / CW losses and their targeted forms; batched EOT),
+BPDA+EOT (PGD-EOT through ``grad_mode="bpda"``), APGD-EOT (``apgd``: AutoAttack's APGD with EOT, or another gradient
+oracle), DiffAttack (``diffattack``), DiffHammer (``diffhammer``), the unrestricted LF, PPGD and StAdv
+(``unrestricted``, with the LPIPS distance of ``perceptual``), AutoAttack natively or as released (``autoattack``; the
+packages imported lazily), and the fresh-noise selection among an attack's candidates (``selection``). Every attack
+takes a fixed-noise seed (``randomness.attack_seed``)."""
 
 from .apgd import APGDResult, apgd_eot
 from .defended import CallCountedModel, DefendedClassifier

@@ -26,9 +26,14 @@ import torch
 
 from .._validate import OptionError, check_choice, check_float, check_int
 from .pgd import EOT_REDUCTIONS, LOSSES, NORMS, TARGETED_LOSSES, eot_gradient
-from .randomness import derive_seed
+from .randomness import attack_seed, derive_seed
 
-__all__ = ["APGDResult", "apgd_checkpoints", "apgd_eot", "apgd_start"]
+__all__ = ["APGDResult", "GradientOracle", "apgd_checkpoints", "apgd_eot", "apgd_start", "eot_oracle"]
+
+# What APGD asks at each iterate k: (x_k (B, C, H, W), k) -> (gradient of the loss to maximise (B, C, H, W), the
+# logits whose argmax is the iterate's prediction (B, K), the loss (B,) that decides the best iterate). The default is
+# the EOT gradient (``eot_oracle``); DiffAttack and DiffHammer give their own.
+GradientOracle = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -84,9 +89,19 @@ def apgd_start(x: torch.Tensor, sample_ids: torch.Tensor, *, norm: str, eps: flo
     return (x + eps * _normalize(t, norm)).clamp(0.0, 1.0)
 
 
+def eot_oracle(defended, y: torch.Tensor, sample_ids: torch.Tensor, *, seed: int, noise_seed: int | None = None,
+               **options) -> GradientOracle:
+    """APGD's default oracle: ``pgd.eot_gradient`` at iterate k with purifier seed ``derive_seed(seed, "apgd", k)``
+    (or ``noise_seed`` at every iterate: fixed noise); options: eot, loss, target, eot_reduce, chunk_size."""
+    def oracle(x_k: torch.Tensor, k: int):
+        return eot_gradient(defended, x_k, y, sample_ids, seed=attack_seed(seed, noise_seed, "apgd", k), **options)
+    return oracle
+
+
 def apgd_eot(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor, *, eps: float, steps: int = 100,
              norm: str = "linf", loss: str = "ce", target: torch.Tensor | None = None, eot: int = 1, rho: float = 0.75,
-             seed: int = 0, eot_reduce: str = "loss", chunk_size: int | None = None, x_init: torch.Tensor | None = None,
+             seed: int = 0, noise_seed: int | None = None, eot_reduce: str = "loss", chunk_size: int | None = None,
+             x_init: torch.Tensor | None = None, oracle: GradientOracle | None = None,
              progress: Callable[[int], None] | None = None) -> APGDResult:
     """One APGD-EOT run (one restart) against a ``DefendedClassifier`` (see the module docstring).
 
@@ -98,7 +113,10 @@ def apgd_eot(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tenso
         eot: purification draws per iterate; rho: the checkpoints' oscillation threshold (AutoAttack: 0.75).
         seed: the run's seed: iterate k draws its noise with ``derive_seed(seed, "apgd", k)``, the start with
             ``derive_seed(seed, "apgd-start", index)``; give each restart and each loss its own seed.
+        noise_seed: fixed noise: every iterate's EOT draws use this purifier seed (None: fresh per iterate).
         x_init: (B, C, H, W) a start point instead of the random one (inside the ball; for tests and warm starts).
+        oracle: the gradient at each iterate instead of the EOT gradient (``GradientOracle``; loss, target, eot,
+            eot_reduce, noise_seed and chunk_size are then the oracle's business).
         progress: called with 1 after each gradient evaluation (steps + 1 in all).
     Returns:
         an ``APGDResult``; ``x_best`` lies in the eps-ball and in [0, 1].
@@ -117,11 +135,12 @@ def apgd_eot(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tenso
         if x_init.shape != x.shape:
             raise OptionError("x_init", f"expected shape {tuple(x.shape)} (x's), got {tuple(x_init.shape)}")
         x_adv = x_init.detach().clone().clamp(0.0, 1.0)
-    opts = dict(eot=eot, loss=loss, target=target, eot_reduce=eot_reduce, chunk_size=chunk_size)
+    if oracle is None:
+        oracle = eot_oracle(defended, y, sample_ids, seed=seed, noise_seed=noise_seed, eot=eot, loss=loss,
+                            target=target, eot_reduce=eot_reduce, chunk_size=chunk_size)
 
     def evaluate(x_k: torch.Tensor, k: int):
-        grad, mean_logits, loss_k = eot_gradient(defended, x_k, y, sample_ids, seed=derive_seed(seed, "apgd", k),
-                                                 **opts)
+        grad, mean_logits, loss_k = oracle(x_k, k)
         if progress is not None:
             progress(1)
         return grad, mean_logits.argmax(1), loss_k.detach()

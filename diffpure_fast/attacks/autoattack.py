@@ -35,6 +35,7 @@ from torch import nn
 from .._optional import INSTALL, MissingDependency
 from .._validate import OptionError
 from .apgd import apgd_eot
+from .pgd import ranked_targets
 from .randomness import derive_seed
 from .selection import Candidate
 
@@ -106,18 +107,6 @@ def autoattack_units(version: str, *, steps: int, restarts: int) -> int:
     return apgd_runs * (steps + 1) + (s["targets"] + 1 if version == "standard" else 0)
 
 
-def _ranked_targets(defended, x, y, sample_ids, *, seed: int, eot: int, n_targets: int, chunk_size) -> torch.Tensor:
-    """(B, n_targets) the classes other than y in decreasing order of the clean EOT mean logits (AutoAttack ranks
-    one noisy output and attacks only correctly classified points, whose top class is y; we attack every sample,
-    so y itself is taken out of the ranking: our reading)."""
-    from .pgd import eot_gradient
-
-    _, mean_logits, _ = eot_gradient(defended, x, y, sample_ids, seed=derive_seed(seed, "apgd-t-targets"), eot=eot,
-                                     need_grad=False, chunk_size=chunk_size)
-    ranked = mean_logits.masked_fill(torch.nn.functional.one_hot(y, mean_logits.shape[1]).bool(), float("-inf"))
-    return ranked.argsort(1, descending=True)[:, :n_targets]
-
-
 def _in_ball(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
     d = (x_adv - x).flatten(1)
     size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
@@ -157,8 +146,8 @@ def autoattack_native(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: to
         elif attack == "apgd-dlr":
             add_apgd("apgd-dlr", "dlr")
         elif attack == "apgd-t":
-            targets = _ranked_targets(defended, x, y, sample_ids, seed=seed, eot=eot, n_targets=settings["targets"],
-                                      chunk_size=chunk_size)
+            targets = ranked_targets(defended, x, y, sample_ids, seed=derive_seed(seed, "apgd-t-targets"), eot=eot,
+                                     n_targets=settings["targets"], chunk_size=chunk_size)
             for j in range(settings["targets"]):
                 add_apgd("apgd-t", "dlr-targeted", targets[:, j], tag=(j + 1,))
         elif attack == "fab-t":

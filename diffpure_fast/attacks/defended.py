@@ -8,6 +8,8 @@ packages such as AutoAttack that call ``model(x)``) draws a fresh seed per call 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -43,17 +45,31 @@ class DefendedClassifier(nn.Module):
     def grad_mode(self) -> str:
         return "classifier only" if self.purifier is None else self.purifier.config.grad_mode
 
-    def purify(self, x: torch.Tensor, *, seed: int, noise_ids: torch.Tensor) -> torch.Tensor:
-        """Purified images (B, C, H, W) with the noise of (seed, noise_ids (B,)); x itself if undefended."""
-        if self.purifier is None:
-            return x
+    @contextlib.contextmanager
+    def _seeded(self, seed: int):
         # The Purifier reads its seed at each call; set it for this call only (restored even on error).
         old = self.purifier.seed
         self.purifier.seed = seed
         try:
-            return self.purifier(x, noise_ids=noise_ids)
+            yield self.purifier
         finally:
             self.purifier.seed = old
+
+    def purify(self, x: torch.Tensor, *, seed: int, noise_ids: torch.Tensor) -> torch.Tensor:
+        """Purified images (B, C, H, W) with the noise of (seed, noise_ids (B,)); x itself if undefended."""
+        if self.purifier is None:
+            return x
+        with self._seeded(seed) as purifier:
+            return purifier(x, noise_ids=noise_ids)
+
+    def trajectory(self, x: torch.Tensor, *, seed: int, noise_ids: torch.Tensor, every: int = 1):
+        """``Purifier.trajectory`` with the noise of (seed, noise_ids): the purified images and every ``every``-th
+        intermediate state of each round (an ``engine.Trajectory``)."""
+        if self.purifier is None:
+            raise ValueError("defense: the undefended classifier has no purification chain, so no intermediate states "
+                             "(DiffAttack's loss needs a Purifier)")
+        with self._seeded(seed) as purifier:
+            return purifier.trajectory(x, noise_ids=noise_ids, every=every)
 
     def logits(self, x: torch.Tensor, *, seed: int, noise_ids: torch.Tensor) -> torch.Tensor:
         """(B, K) logits of the purified x; differentiable in x through the purifier's grad_mode."""

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .._validate import check_float, check_int
+from .._validate import OptionError, check_float, check_int
 
 __all__ = ["EOT_REDUCTIONS", "LOSSES", "NORMS", "TARGETED_LOSSES", "PGDResult", "attack_loss", "eot_gradient",
-           "pgd_eot", "pgd_linf"]
+           "pgd_eot", "pgd_linf", "ranked_targets"]
 
 
 def pgd_linf(forward: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tensor, y: torch.Tensor, *,
@@ -59,7 +59,7 @@ def pgd_linf(forward: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tens
 # PGD-EOT against a randomized defense, with batched EOT (the harness's attack).
 
 LOSSES = ("ce", "dlr", "cw")
-TARGETED_LOSSES = ("dlr-targeted",)
+TARGETED_LOSSES = ("dlr-targeted", "cw-targeted")
 NORMS = ("linf", "l2")
 EOT_REDUCTIONS = ("loss", "logits")
 
@@ -70,15 +70,19 @@ def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str, target: torch.
     ``ce``: cross-entropy; ``cw``: the CW margin ``max_{k != y} z_k - z_y``; ``dlr``: Croce & Hein's difference of
     logits ratio ``-(z_y - max_{k != y} z_k) / (z_pi1 - z_pi3 + 1e-12)`` (needs at least 3 classes);
     ``dlr-targeted``: their targeted DLR ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)`` towards ``target``
-    (needs at least 4 classes; Croce & Hein, ICML 2020, eq. 7; ``autopgd_base.dlr_loss_targeted``).
+    (needs at least 4 classes; Croce & Hein, ICML 2020, eq. 7; ``autopgd_base.dlr_loss_targeted``);
+    ``cw-targeted``: the targeted CW margin ``z_t - max_{k != t} z_k`` (Carlini & Wagner 2017, f6).
     logits: (B, K); y, target: (B,) int64.
     """
     if loss == "ce":
         return F.cross_entropy(logits, y, reduction="none")
     z_y = logits.gather(1, y[:, None])[:, 0]
+    if loss in TARGETED_LOSSES and target is None:
+        raise ValueError(f"target: loss {loss!r} needs the target classes, got None")
+    if loss == "cw-targeted":
+        z_t = logits.gather(1, target[:, None])[:, 0]
+        return z_t - logits.masked_fill(F.one_hot(target, logits.shape[1]).bool(), float("-inf")).amax(1)
     if loss == "dlr-targeted":
-        if target is None:
-            raise ValueError("target: loss 'dlr-targeted' needs the target classes, got None")
         if logits.shape[1] < 4:
             raise ValueError(f"loss: 'dlr-targeted' needs at least 4 classes, got {logits.shape[1]}")
         s = logits.sort(1, descending=True).values
@@ -104,6 +108,15 @@ def _copy_sum(per_copy: torch.Tensor, eot: int) -> torch.Tensor:
     return total
 
 
+def eot_copies(y: torch.Tensor, target: torch.Tensor | None, sample_ids: torch.Tensor, eot: int):
+    """The labels, targets (or None) and noise ids of ``eot`` copies of a batch laid out copy-major (``randomness.
+    eot_noise_ids``): ((eot * B,), (eot * B,) or None, (eot * B,) on y's device)."""
+    from .randomness import eot_noise_ids
+
+    return (y.repeat(eot), None if target is None else target.repeat(eot),
+            eot_noise_ids(sample_ids, eot).to(y.device))
+
+
 def _chunks(n: int, chunk: int | None):
     step = n if chunk is None else chunk
     return [(i, min(i + step, n)) for i in range(0, n, step)]
@@ -127,8 +140,6 @@ def eot_gradient(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.T
     global indices; seed: the purifier seed of this step; target: (B,) int64 target classes of a targeted loss.
     Returns: (grad (B, C, H, W) or None without need_grad, mean logits (B, K), loss (B,) of the EOT estimate).
     """
-    from .randomness import eot_noise_ids
-
     if loss not in LOSSES + TARGETED_LOSSES:
         raise ValueError(f"loss: expected one of {LOSSES + TARGETED_LOSSES}, got {loss!r}")
     if (target is not None) != (loss in TARGETED_LOSSES):
@@ -138,9 +149,7 @@ def eot_gradient(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.T
         raise ValueError(f"eot_reduce: expected one of {EOT_REDUCTIONS}, got {eot_reduce!r}")
     b = x.shape[0]
     x = x.detach()
-    ids = eot_noise_ids(sample_ids, eot).to(x.device)
-    y_rep = y.repeat(eot)
-    t_rep = None if target is None else target.repeat(eot)
+    y_rep, t_rep, ids = eot_copies(y, target, sample_ids, eot)
 
     def copy_loss(logits, c0, c1):
         return attack_loss(logits, y_rep[c0:c1], loss, None if t_rep is None else t_rep[c0:c1])
@@ -197,6 +206,23 @@ def eot_gradient(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.T
     return _copy_sum(copy_grads, eot) / eot, mean_logits.detach(), loss_value.detach()
 
 
+def ranked_targets(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor, *, seed: int, eot: int,
+                   n_targets: int, chunk_size: int | None = None) -> torch.Tensor:
+    """(B, n_targets) int64: the classes other than y in decreasing order of the clean EOT mean logits (``eot``
+    draws with purifier seed ``seed``), the targets of a targeted attack over the top-k classes. AutoAttack ranks one
+    noisy output and attacks only correctly classified points, whose top class is y; every sample is attacked here,
+    so y itself is taken out of the ranking (our reading). n_targets above K - 1 is an error, never capped."""
+    n_targets = check_int("n_targets", n_targets)
+    _, mean_logits, _ = eot_gradient(defended, x, y, sample_ids, seed=seed, eot=eot, need_grad=False,
+                                     chunk_size=chunk_size)
+    k = mean_logits.shape[1]
+    if n_targets > k - 1:
+        raise OptionError("n_targets", f"{n_targets} target classes asked for, but the classifier has {k} classes, "
+                                       f"so at most K - 1 = {k - 1} targets exist")
+    ranked = mean_logits.masked_fill(F.one_hot(y, k).bool(), float("-inf"))
+    return ranked.argsort(1, descending=True)[:, :n_targets]
+
+
 def _random_start(x: torch.Tensor, sample_ids: torch.Tensor, *, norm: str, eps: float, seed: int,
                   restart: int) -> torch.Tensor:
     """A start point in the eps-ball per sample, drawn from a generator seeded by (seed, restart, global index)."""
@@ -245,12 +271,14 @@ class PGDResult:
 
 def pgd_eot(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor, *, eps: float, steps: int,
             norm: str = "linf", step_size: float | None = None, random_start: bool = True, restarts: int = 1,
-            loss: str = "ce", eot: int = 1, eot_reduce: str = "loss", seed: int = 0, chunk_size: int | None = None,
-            batched: bool = True, progress: Callable[[int], None] | None = None) -> PGDResult:
+            loss: str = "ce", target: torch.Tensor | None = None, eot: int = 1, eot_reduce: str = "loss", seed: int = 0,
+            noise_seed: int | None = None, chunk_size: int | None = None, batched: bool = True,
+            progress: Callable[[int], None] | None = None) -> PGDResult:
     """PGD with EOT (Madry et al. 2018; Athalye et al. 2018) against a ``DefendedClassifier``, L-inf or L2.
 
     Each step takes the EOT gradient of ``eot`` fresh purification draws (seed ``derive_seed(seed, 'attack',
-    restart, step)``, noise ids from the global ``sample_ids``, see ``randomness``) and moves by ``step_size``
+    restart, step)``, or ``noise_seed`` at every step: fixed noise; noise ids from the global ``sample_ids``, see
+    ``randomness``) and moves by ``step_size``
     along its sign (L-inf) or its unit direction (L2), then projects onto the eps-ball and [0, 1]. After the last
     step one more EOT forward scores the final iterate; with several restarts each sample keeps the restart whose
     final iterate fooled the EOT prediction, else the one of highest EOT loss. The gradient is the purifier's:
@@ -259,11 +287,13 @@ def pgd_eot(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor
     Args:
         x: (B, C, H, W) clean images in [0, 1]; y: (B,) int64 labels; sample_ids: (B,) int64 global indices.
         eps: radius in [0, 1] pixel units; steps: >= 0; step_size: default 2.5 eps / steps (Madry et al.).
-        loss: ``"ce"``, ``"dlr"`` or ``"cw"``; eot: draws per step; eot_reduce: see ``eot_gradient``.
+        loss: ``"ce"``, ``"dlr"``, ``"cw"``, or a targeted loss (``"dlr-targeted"``, ``"cw-targeted"``) with
+            ``target`` (B,) int64; eot: draws per step; eot_reduce: see ``eot_gradient``.
+        noise_seed: fixed noise (one purifier seed for every step and restart), or None (a fresh seed per step).
         chunk_size: at most this many image copies per purifier call (None: all eot * B at once).
         progress: called with the number of steps just done (S + 1 per restart, the final scoring included).
     """
-    from .randomness import derive_seed
+    from .randomness import attack_seed
 
     if norm not in NORMS:
         raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
@@ -278,13 +308,14 @@ def pgd_eot(defended, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor
     preds = torch.empty((restarts, steps + 1, b), dtype=torch.int64)
     losses = torch.empty((restarts, steps + 1, b), dtype=torch.float64)
     finals = []
-    opts = dict(eot=eot, loss=loss, eot_reduce=eot_reduce, chunk_size=chunk_size, batched=batched)
+    opts = dict(eot=eot, loss=loss, target=target, eot_reduce=eot_reduce, chunk_size=chunk_size, batched=batched)
     for r in range(restarts):
         x_adv = _random_start(x, sample_ids, norm=norm, eps=eps, seed=seed, restart=r) if (random_start and eps > 0) \
             else x.clone()
         for s in range(steps + 1):
             last = s == steps
-            grad, mean_logits, lv = eot_gradient(defended, x_adv, y, sample_ids, seed=derive_seed(seed, "attack", r, s),
+            grad, mean_logits, lv = eot_gradient(defended, x_adv, y, sample_ids,
+                                                 seed=attack_seed(seed, noise_seed, "attack", r, s),
                                                  need_grad=not last, **opts)
             preds[r, s] = mean_logits.argmax(1).cpu()
             losses[r, s] = lv.double().cpu()

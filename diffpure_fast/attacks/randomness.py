@@ -6,7 +6,10 @@ needs a fresh draw per (sample, attack step, EOT copy) and the evaluation one pe
 * the *seed* passed to the purifier is ``derive_seed(seed, purpose, restart, step)`` (a 63-bit hash), so each attack
   step and each evaluation draws noise from its own seed;
 * the *noise id* of EOT copy ``j`` of the sample with global index ``i`` is ``i * eot + j`` (``i`` for evaluations),
-  which must stay below 2^32: ``eot * n_samples <= 2^32``, e.g. 64 EOT copies for 67 million samples.
+  which must stay below 2^32: ``eot * n_samples <= 2^32``, e.g. 64 EOT copies for 67 million samples;
+* fixed-noise mode (``attack_seed`` with a ``noise_seed``): every attack step uses that one seed, so with the same
+  noise ids the attack optimises against one fixed set of ``eot`` draws per sample; the judge's seeds
+  (``derive_seed(seed, 'eval', e)``) and the selection's stay fresh.
 
 Nothing depends on the batch a sample sits in, the resume point or the number of processes.
 """
@@ -19,7 +22,7 @@ import torch
 
 from .._validate import check_int
 
-__all__ = ["MAX_NOISE_ID", "derive_seed", "eot_noise_ids"]
+__all__ = ["MAX_NOISE_ID", "attack_seed", "derive_seed", "eot_noise_ids"]
 
 MAX_NOISE_ID = 1 << 32
 
@@ -30,6 +33,12 @@ def derive_seed(seed: int, *parts) -> int:
     seed = check_int("seed", seed, low=0)
     text = "/".join(str(p) for p in (seed, *parts)).encode()
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
+def attack_seed(seed: int, noise_seed: int | None, *parts) -> int:
+    """The purifier seed of one attack step: ``derive_seed(seed, *parts)``, fresh for every step (and run), or
+    ``noise_seed`` itself for every step when it is given (fixed noise)."""
+    return derive_seed(seed, *parts) if noise_seed is None else noise_seed
 
 
 def eot_noise_ids(sample_ids: torch.Tensor, eot: int) -> torch.Tensor:

@@ -21,12 +21,15 @@ __all__ = ["Candidate", "Selection", "select_candidates"]
 
 @dataclass
 class Candidate:
-    """One run's adversarial images for a batch of B: ``x`` (B, C, H, W) in the eps-ball, ``found`` (B,) bool (False
-    where the run produced nothing for the sample, e.g. FAB without an adversarial point inside the ball)."""
+    """One run's adversarial images for a batch of B: ``x`` (B, C, H, W) within the attack's bound, ``found`` (B,)
+    bool (False where the run produced nothing for the sample, e.g. FAB without an adversarial point inside the
+    ball); ``measure`` (B,) the bound's quantity where it is not an L-p norm of x - x_clean (the LPIPS distance, the
+    flow's size), else None."""
 
     name: str
     x: torch.Tensor
     found: torch.Tensor
+    measure: torch.Tensor | None = None
 
 
 @dataclass

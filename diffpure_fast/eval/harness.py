@@ -4,12 +4,12 @@ For each sample (global index i of the data set):
 
 1. clean: the defense classifies x ``n_eval`` times, evaluation e with seed ``derive_seed(seed, 'eval', e)`` and
    noise id i;
-2. attack: PGD-EOT (``pgd-eot``), DiffPure's BPDA+EOT (``bpda-eot``: PGD-EOT through ``grad_mode="bpda"``, 50
-   steps of 2/255, 15 EOT draws averaged in logits), APGD-EOT (``apgd-eot``) or AutoAttack (``autoattack``, native
-   or as released) attacks *every* sample, whatever one clean evaluation said, and leaves one candidate per run
-   (restart, ensemble member); when there are several, the candidate misclassified most often by ``n_select``
-   fresh-noise evaluations is kept (``attacks.selection``). The clean input is never a candidate: only AutoAttack
-   as released can return it, and the report flags every sample judged at distance 0;
+2. attack: one of ``eval.attacks.ATTACKS`` (PGD-EOT, DiffPure's BPDA+EOT, APGD-EOT, DiffAttack, DiffHammer, the
+   unrestricted LF, PPGD and StAdv, AutoAttack native or as released) attacks *every* sample, whatever one clean
+   evaluation said, and leaves one candidate per run (restart, target class, ensemble member); when there are
+   several, the candidate misclassified most often by ``n_select`` fresh-noise evaluations is kept
+   (``attacks.selection``). The clean input is never a candidate: only AutoAttack as released can return it, and the
+   report flags every sample judged at distance 0;
 3. judge: the defense classifies x_adv ``n_eval`` times with the clean evaluations' noise (the same seeds and ids:
    common random numbers, so robust and clean accuracy differ by the perturbation, not by the draws), which the
    attack and the selection never saw.
@@ -36,32 +36,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._validate import OptionError, OptionTypeError, check_bool, check_float, check_int
-from ..attacks import CallCountedModel, DefendedClassifier, derive_seed, pgd_eot
-from ..attacks.apgd import apgd_eot
-from ..attacks.pgd import EOT_REDUCTIONS, LOSSES, NORMS
-from ..attacks.selection import Candidate, select_candidates
+from .._validate import OptionError, OptionTypeError, check_bool, check_choice, check_float, check_int
+from ..attacks import DefendedClassifier, derive_seed
+from ..attacks.pgd import EOT_REDUCTIONS, LOSSES, NORMS, TARGETED_LOSSES
+from ..attacks.selection import select_candidates
 from . import records as rec
+from .attacks import ATTACK_SPECS, ATTACKS, AttackRun, noise_seed
 from .defenses import describe_defense, module_fingerprint
 
-__all__ = ["ATTACKS", "BPDA_EOT_SETTINGS", "EvalConfig", "check_input_size", "evaluate", "evaluate_batch"]
+__all__ = ["ATTACKS", "ATTACK_OPTIONS", "EvalConfig", "check_input_size", "evaluate", "evaluate_batch"]
 
-ATTACKS = ("pgd-eot", "bpda-eot", "apgd-eot", "autoattack")
-# DiffPure's BPDA+EOT (bpda_eot/bpda_eot_attack.py): identity backward, 50 steps of 2/255, 15 EOT, logits averaged
-BPDA_EOT_SETTINGS = {"steps": 50, "step_size": 2 / 255, "eot": 15, "eot_reduce": "logits"}
-PGD_EOT_DEFAULTS = {"steps": 20, "step_size": None, "eot": 20, "eot_reduce": "loss"}
-# APGD-EOT: AutoAttack's 100 iterations and its rand version's 20 EOT draws
-APGD_EOT_DEFAULTS = {"steps": 100, "eot": 20, "eot_reduce": "loss"}
-# The options each attack takes (with its defaults); any other attack option given is an error naming it.
-_PGD_LIKE = ("steps", "step_size", "random_start", "restarts", "loss", "eot", "eot_reduce", "n_select")
-ATTACK_OPTIONS = {
-    "pgd-eot": _PGD_LIKE,
-    "bpda-eot": _PGD_LIKE,
-    "apgd-eot": ("steps", "restarts", "loss", "eot", "eot_reduce", "n_select"),
-    ("autoattack", "native"): ("steps", "restarts", "eot", "n_select", "aa_version", "aa_package", "aa_mode",
-                               "aa_queries"),
-    ("autoattack", "as-released"): ("aa_version", "aa_package", "aa_mode"),
-}
+# The options each attack takes (``AttackSpec.options``); AutoAttack as released takes fewer. Any other attack
+# option given is an error naming it.
+ATTACK_OPTIONS = {name: spec.options for name, spec in ATTACK_SPECS.items()}
+_AS_RELEASED_OPTIONS = ("eps", "norm", "aa_version", "aa_package", "aa_mode")
+# Options added after records existed: recorded only when they change a run (None or False is left out), so that
+# earlier evaluation folders still resume.
+_OPTIONAL_RECORDED = ("fixed_noise", "n_targets")
 # Test hooks: exit hard (as a kill would) after this many blocks were written; sleep this long after each block
 # (so that a test's SIGKILL lands between two known blocks).
 STOP_ENV = "DIFFPURE_FAST_EVAL_STOP_AFTER"
@@ -72,23 +63,34 @@ PAUSE_ENV = "DIFFPURE_FAST_EVAL_PAUSE_S"
 class EvalConfig:
     """Every option that decides an evaluation's numbers (written to ``config.json``).
 
-    attack: ``"pgd-eot"``, ``"bpda-eot"`` (DiffPure's BPDA+EOT settings), ``"apgd-eot"`` (``attacks.apgd``) or
-    ``"autoattack"``. eps in [0, 1] pixel units (L-inf 8/255 and L2 0.5 are CIFAR-10's usual radii).
-    The attack options default to the attack's own settings when None, and an option the attack does not take is an
-    error naming it (``ATTACK_OPTIONS``):
+    attack: one of ``ATTACKS`` (``eval.attacks``): ``"pgd-eot"``, ``"bpda-eot"`` (DiffPure's BPDA+EOT settings),
+    ``"apgd-eot"`` (``attacks.apgd``), ``"diffattack"``, ``"diffhammer"``, ``"lf"``, ``"ppgd"``, ``"stadv"`` or
+    ``"autoattack"``. The attack options default to the attack's own settings when None, and an option the attack does
+    not take is an error naming it (``ATTACK_OPTIONS``):
 
+    * threat model: the L-p attacks (pgd-eot, bpda-eot, apgd-eot, diffattack, diffhammer, autoattack) take ``norm``
+      ("linf") and ``eps`` in [0, 1] pixel units (8/255; L-inf 8/255 and L2 0.5 are CIFAR-10's usual radii); the
+      unrestricted ones take ``bound`` instead: an LPIPS distance for lf and ppgd (0.5, Laidlaw et al.'s AlexNet
+      bound on CIFAR-10) over the network ``lpips`` (required: ``"digits"``, ``"alexnet:PATH"``, ``"vgg16:PATH"``
+      or ``"module:function"``, ``attacks.perceptual``), the flow's size for stadv (0.05, grid_sample units);
     * pgd-eot: steps 20 of step_size 2.5 eps / steps, eot 20, eot_reduce "loss", restarts 1, loss "ce", random start;
       bpda-eot: 50 steps of 2/255, eot 15 averaged in logits;
     * apgd-eot: steps 100, eot 20, restarts 1, loss "ce" (its step size adapts from 2 eps; it always starts at a
-      random point);
+      random point); diffattack: the same with dev_weight 1.0 (lambda) and dev_every 1 (every state of the chain);
+      diffhammer: steps 50, eot 10 (the N paths), restarts 3;
+    * lf: steps 100 of step_size 0.01, lf_factor 4; ppgd: steps 10; stadv: steps 100 of step_size 0.01, smoothness
+      0.05; all three eot 20 and loss "cw";
     * autoattack: aa_mode "native" (every sample attacked, each run's best iterate kept, the candidate chosen by
       fresh-noise evaluations; ``attacks.autoattack``) or "as-released" (the unpatched package: its single noisy
       evaluation decides which samples are attacked and falls back to the clean input; labelled so in the report);
       aa_version "rand" (APGD-CE + APGD-DLR, 20 EOT) or "standard"; aa_package "auto"; in the native mode steps
       (100), eot (rand 20, standard 1), restarts (1) and aa_queries (Square's, standard only: 5000) may be set.
 
+    loss: "ce", "dlr", "cw", or a targeted loss ("dlr-targeted", "cw-targeted") run against each of the top
+    ``n_targets`` classes (default 9, AutoAttack's; more than K - 1 is an error). fixed_noise: the attack optimises
+    against one fixed set of eot draws per sample (the judge's noise stays fresh; ``eval.attacks``), default False.
     n_select: fresh-noise evaluations that choose among a sample's candidates when an attack leaves several
-    (restarts, the runs of AutoAttack's ensemble; ``attacks.selection``); default n_eval.
+    (restarts, targets, the runs of AutoAttack's ensemble; ``attacks.selection``); default n_eval.
     n_eval: fresh-noise evaluations that judge each sample; n_images: samples from index ``start`` (None: to the
     end); subset, data_seed: instead of that range, DiffPure's seeded random subset of ``subset`` samples
     (``np.random.RandomState(data_seed).choice``, data_seed 0 by default; ``datasets.select_indices``);
@@ -97,8 +99,8 @@ class EvalConfig:
     """
 
     attack: str = "pgd-eot"
-    norm: str = "linf"
-    eps: float = 8 / 255
+    norm: str | None = None
+    eps: float | None = None
     steps: int | None = None
     step_size: float | None = None
     random_start: bool | None = None
@@ -106,6 +108,14 @@ class EvalConfig:
     loss: str | None = None
     eot: int | None = None
     eot_reduce: str | None = None
+    fixed_noise: bool | None = None
+    n_targets: int | None = None
+    dev_weight: float | None = None
+    dev_every: int | None = None
+    bound: float | None = None
+    lpips: str | None = None
+    lf_factor: int | None = None
+    smoothness: float | None = None
     aa_version: str | None = None
     aa_package: str | None = None
     aa_mode: str | None = None
@@ -124,12 +134,6 @@ class EvalConfig:
     def __post_init__(self):
         if self.attack not in ATTACKS:
             raise OptionError("attack", f"expected one of {ATTACKS}, got {self.attack!r}")
-        if self.norm not in NORMS:
-            raise OptionError("norm", f"expected one of {NORMS}, got {self.norm!r}")
-        object.__setattr__(self, "eps", check_float("eps", self.eps, low=0.0))
-        if self.norm == "linf" and self.eps > 1:
-            raise OptionError("eps", f"an L-inf radius is in [0, 1] pixel units, got {self.eps} (did you mean "
-                                     f"{self.eps:g}/255?)")
         if self.attack == "autoattack":
             from ..attacks.autoattack import AA_MODES, AA_PACKAGES, AA_VERSIONS
 
@@ -147,59 +151,94 @@ class EvalConfig:
                     f"not an option of {sp.setting('attack', self.attack)}"
                     + (f" with {sp.setting('aa_mode', self.aa_mode)}" if self.attack == "autoattack" else "")
                     + f" (its options: {', '.join(sp.name(t) for t in takes)})"))
+        if self.n_targets is not None and self.loss not in TARGETED_LOSSES:
+            raise OptionError("n_targets", lambda sp: f"the number of target classes of a targeted loss "
+                              f"{TARGETED_LOSSES}, given " + (f"with {sp.setting('loss', self.loss)}" if self.loss
+                                                              else f"without {sp.name('loss')} (the default is "
+                                                                   f"untargeted)"))
         self._resolve_defaults()
-        if self.loss is not None and self.loss not in LOSSES:
-            raise OptionError("loss", f"expected one of {LOSSES}, got {self.loss!r}")
+        if self.norm is not None:
+            check_choice("norm", self.norm, NORMS)
+        if self.eps is not None:
+            object.__setattr__(self, "eps", check_float("eps", self.eps, low=0.0))
+            if self.norm == "linf" and self.eps > 1:
+                raise OptionError("eps", f"an L-inf radius is in [0, 1] pixel units, got {self.eps} (did you mean "
+                                         f"{self.eps:g}/255?)")
+        losses = LOSSES + (TARGETED_LOSSES if "n_targets" in takes else ())
+        if self.loss is not None:
+            check_choice("loss", self.loss, losses)
         if self.eot_reduce is not None and self.eot_reduce not in EOT_REDUCTIONS:
             raise OptionError("eot_reduce", f"expected one of {EOT_REDUCTIONS}, got {self.eot_reduce!r}")
         # one integer rule for the package (diffpure_fast._validate); a NumPy integer is stored as the int it is.
         # Attack options may be None here only where the attack does not take them.
         for name, lo in (("steps", 0), ("restarts", 1), ("eot", 1), ("n_eval", 1), ("n_select", 1), ("start", 0),
                          ("seed", 0), ("batch_size", 1), ("grid_images", 0), ("aa_queries", 1), ("n_images", 1),
-                         ("chunk_size", 1), ("subset", 1), ("data_seed", 0)):
+                         ("chunk_size", 1), ("subset", 1), ("data_seed", 0), ("n_targets", 1), ("dev_every", 1),
+                         ("lf_factor", 1)):
             v = getattr(self, name)
             if v is not None:
                 object.__setattr__(self, name, check_int(name, v, low=lo))
-        if self.step_size is not None:
-            object.__setattr__(self, "step_size", check_float("step_size", self.step_size, low=0.0, low_open=True))
-        if self.random_start is not None:
-            check_bool("random_start", self.random_start)
+        for name, strict in (("step_size", True), ("bound", True), ("dev_weight", False), ("smoothness", False)):
+            v = getattr(self, name)
+            if v is not None:
+                object.__setattr__(self, name, check_float(name, v, low=0.0, low_open=strict))
+        for name in ("random_start", "fixed_noise"):
+            v = getattr(self, name)
+            if v is not None:
+                check_bool(name, v)
+        if self.spec.threat != "lp" and self.steps == 0:
+            raise OptionError("steps", lambda sp: f"{sp.setting('attack', self.attack)} needs at least one step (its "
+                                                  f"start is the clean image)")
+        if self.spec.threat == "lpips" and not isinstance(self.lpips, str):
+            raise OptionError("lpips", lambda sp: f"{sp.setting('attack', self.attack)} is bounded in LPIPS and needs "
+                              f"its network: 'digits', 'alexnet:PATH' or 'vgg16:PATH' (a local torchvision state dict; "
+                              f"nothing is downloaded), or 'module:function'; got {self.lpips!r}")
 
     def _resolve_defaults(self) -> None:
         """The attack's own settings for the options left None (recorded as used)."""
         from ..attacks.autoattack import AA_SETTINGS
 
-        if self.attack in ("pgd-eot", "bpda-eot"):
-            defaults = dict(BPDA_EOT_SETTINGS if self.attack == "bpda-eot" else PGD_EOT_DEFAULTS, restarts=1,
-                            loss="ce", random_start=True)
-        elif self.attack == "apgd-eot":
-            defaults = dict(APGD_EOT_DEFAULTS, restarts=1, loss="ce")
-        elif self.aa_mode == "native":
+        defaults = dict(self.spec.defaults)
+        takes = self.attack_options
+        if "eps" in takes:
+            defaults.update(eps=8 / 255, norm="linf")
+        if self.attack == "autoattack" and self.aa_mode == "native":
             s = AA_SETTINGS[self.aa_version]
-            defaults = {k: s[k] for k in ("steps", "eot", "restarts")}
+            defaults.update({k: s[k] for k in ("steps", "eot", "restarts")})
             if self.aa_version == "standard":
                 defaults["aa_queries"] = s["queries"]
             elif self.aa_queries is not None:
                 raise OptionError("aa_queries", lambda sp: f"Square's query count is an option of "
                                   f"{sp.setting('aa_version', 'standard')} (rand runs no Square attack)")
-        else:
-            defaults = {}
-        if "n_select" in self.attack_options:
+        if "fixed_noise" in takes:
+            defaults["fixed_noise"] = False
+        if "n_select" in takes:
             defaults["n_select"] = self.n_eval
+        loss = self.loss if self.loss is not None else defaults.get("loss")
+        if "n_targets" in takes and loss in TARGETED_LOSSES:
+            defaults["n_targets"] = 9
         for k, v in defaults.items():
             if getattr(self, k) is None:
                 object.__setattr__(self, k, v)
 
     @property
+    def spec(self):
+        return ATTACK_SPECS[self.attack]
+
+    @property
     def attack_options(self) -> tuple[str, ...]:
         """The names of the options this attack (and AutoAttack mode) takes."""
-        return ATTACK_OPTIONS[(self.attack, self.aa_mode) if self.attack == "autoattack" else self.attack]
+        if self.attack == "autoattack" and self.aa_mode == "as-released":
+            return _AS_RELEASED_OPTIONS
+        return ATTACK_OPTIONS[self.attack]
 
     @property
     def resolved_step_size(self) -> float | None:
-        if self.attack not in ("pgd-eot", "bpda-eot"):
-            return None
-        return self.step_size if self.step_size is not None else 2.5 * self.eps / max(self.steps, 1)
+        """PGD's step size (2.5 eps / steps unless given); the unrestricted attacks' own (always given); None
+        otherwise."""
+        if self.attack in ("pgd-eot", "bpda-eot"):
+            return self.step_size if self.step_size is not None else 2.5 * self.eps / max(self.steps, 1)
+        return self.step_size
 
     @property
     def package_batches(self) -> bool:
@@ -214,6 +253,9 @@ class EvalConfig:
         d["step_size"] = self.resolved_step_size
         for k in set().union(*ATTACK_OPTIONS.values()) - set(self.attack_options):
             d.pop(k)
+        for k in _OPTIONAL_RECORDED:
+            if k in d and d[k] in (None, False):
+                d.pop(k)
         if self.attack == "autoattack" and self.aa_mode == "native" and self.aa_version == "rand":
             d.pop("aa_package")  # the native rand version runs no package code
         if not self.package_batches:
@@ -253,76 +295,34 @@ def _encode_image(img: torch.Tensor) -> dict:
     return {"shape": list(a.shape), "uint8_b64": base64.b64encode(a.tobytes()).decode()}
 
 
-@dataclass
-class _AttackRun:
-    """An attack's output for a batch: candidates to choose among (None: AutoAttack as released, whose ``x_adv``
-    is judged as it is), and the EOT prediction/loss traces (runs, S + 1, B) for the success curve, if any."""
-
-    candidates: list[Candidate] | None = None
-    x_adv: torch.Tensor | None = None
-    pred_trace: torch.Tensor | None = None
-    loss_trace: torch.Tensor | None = None
-
-
-def _attack(defended: DefendedClassifier, x, y, ids, cfg: EvalConfig, progress) -> _AttackRun:
-    """Run cfg.attack on the batch (every sample, whatever one noisy clean evaluation said)."""
-    found = torch.ones(x.shape[0], dtype=torch.bool)
-    if cfg.attack in ("pgd-eot", "bpda-eot"):
-        res = pgd_eot(defended, x, y, ids, eps=cfg.eps, steps=cfg.steps, norm=cfg.norm,
-                      step_size=cfg.resolved_step_size, random_start=cfg.random_start, restarts=cfg.restarts,
-                      loss=cfg.loss, eot=cfg.eot, eot_reduce=cfg.eot_reduce, seed=cfg.seed,
-                      chunk_size=cfg.chunk_size, progress=progress)
-        names = [cfg.attack] if cfg.restarts == 1 else [f"{cfg.attack}:r{r}" for r in range(cfg.restarts)]
-        return _AttackRun([Candidate(n, res.finals[r], found) for r, n in enumerate(names)], None, res.pred_trace,
-                          res.loss_trace)
-    if cfg.attack == "apgd-eot":
-        runs = [apgd_eot(defended, x, y, ids, eps=cfg.eps, steps=cfg.steps, norm=cfg.norm, loss=cfg.loss, eot=cfg.eot,
-                         eot_reduce=cfg.eot_reduce, seed=derive_seed(cfg.seed, "apgd-eot", cfg.loss, r),
-                         chunk_size=cfg.chunk_size, progress=progress) for r in range(cfg.restarts)]
-        names = ["apgd-eot"] if cfg.restarts == 1 else [f"apgd-eot:r{r}" for r in range(cfg.restarts)]
-        return _AttackRun([Candidate(n, res.x_best, found) for n, res in zip(names, runs)], None,
-                          torch.stack([res.pred_trace for res in runs]), torch.stack([res.loss_trace for res in runs]))
-    from ..attacks.autoattack import autoattack_native, run_autoattack
-
-    block_seed = derive_seed(cfg.seed, "autoattack", int(ids[0]))
-    if cfg.aa_mode == "as-released":
-        model = CallCountedModel(defended, block_seed)
-        x_adv = run_autoattack(model, x, y, norm=cfg.norm, eps=cfg.eps, version=cfg.aa_version,
-                               seed=block_seed % (1 << 31), batch_size=x.shape[0], package=cfg.aa_package,
-                               device=x.device).detach()
-        if progress is not None:
-            progress(1)
-        return _AttackRun(None, x_adv)
-    # the native version's APGD runs are per sample (seeded by cfg.seed and the global index); only FAB and Square
-    # (standard) draw from the block
-    seed = block_seed if cfg.package_batches else derive_seed(cfg.seed, "autoattack")
-    native = autoattack_native(defended, x, y, ids, version=cfg.aa_version, norm=cfg.norm, eps=cfg.eps,
-                               steps=cfg.steps, eot=cfg.eot, restarts=cfg.restarts, seed=seed,
-                               package=cfg.aa_package, queries=cfg.aa_queries or 0, chunk_size=cfg.chunk_size,
-                               progress=progress)
-    return _AttackRun(native.candidates, None, torch.stack(native.pred_traces), torch.stack(native.loss_traces))
-
-
 def evaluate_batch(defended: DefendedClassifier, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor,
-                   cfg: EvalConfig, *, positions=None, progress=None, on_adversarial=None) -> list[dict]:
+                   cfg: EvalConfig, *, positions=None, progress=None, resources: dict | None = None,
+                   on_adversarial=None) -> list[dict]:
     """Attack and judge one batch; returns one record (dict) per sample (see ``evaluate``).
 
     x: (B, C, H, W) in [0, 1] on the defense's device; y: (B,) int64; sample_ids: (B,) int64 global indices (all
     noise and attack randomness derive from them and ``cfg.seed``). positions: each sample's position in the
     evaluated selection (samples at positions < cfg.grid_images carry their images for the report's grid).
-    progress: called with 1 per attack step. on_adversarial: called with the judged adversarial batch (B, C, H, W)
+    progress: called with 1 per attack step. resources: what the attack prepared once (``AttackSpec.prepare``;
+    prepared here when None). on_adversarial: called with the judged adversarial batch (B, C, H, W)
     (``save_adversarial``).
     """
     t0 = time.perf_counter()
     ids = sample_ids.to(x.device)
+    spec = cfg.spec
+    if resources is None:
+        resources = spec.prepare(cfg, x.device) if spec.prepare is not None else {}
     clean, _ = _predict_n(defended, x, ids, cfg, "eval")
-    run = _attack(defended, x, y, ids, cfg, progress)
+    run: AttackRun = spec.run(defended, x, y, ids, cfg, progress, resources)
+    measure = None
     if run.candidates is None:  # AutoAttack as released: the package's own output, judged as it is
         x_adv, chosen = run.x_adv, None
     else:
         sel = select_candidates(defended, y, ids, run.candidates, seed=cfg.seed, n_select=cfg.n_select,
                                 chunk_size=cfg.chunk_size)
         x_adv, chosen = sel.x_adv, sel
+        if run.candidates[0].measure is not None:  # the bound's quantity of the judged candidate
+            measure = torch.stack([c.measure.double().cpu() for c in run.candidates])[sel.chosen, torch.arange(len(y))]
     adv, purified = _predict_n(defended, x_adv, ids, cfg, "eval", keep_first=True)
     if on_adversarial is not None:
         on_adversarial(x_adv)
@@ -335,6 +335,10 @@ def evaluate_batch(defended: DefendedClassifier, x: torch.Tensor, y: torch.Tenso
              "seeds": {"base": cfg.seed}}
         if cfg.attack in ("pgd-eot", "bpda-eot"):
             r["seeds"]["attack_start"] = derive_seed(cfg.seed, "start", 0, int(sample_ids[b]))
+        if cfg.fixed_noise:
+            r["seeds"]["fixed_noise"] = noise_seed(cfg)
+        if measure is not None:
+            r[{"lpips": "lpips", "flow": "flow_linf"}[spec.threat]] = float(measure[b])
         if chosen is not None:
             r["candidate"] = run.candidates[int(chosen.chosen[b])].name
             if len(run.candidates) > 1:  # what the selection saw: misclassified draws and mean margin per run
@@ -488,6 +492,10 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
     if defense is not None:
         defense = defense.to(device)
         gm = defense.config.grad_mode
+        if cfg.attack == "diffattack" and gm != "full":
+            raise OptionError("attack", lambda s: (
+                f"'diffattack' differentiates the chain's intermediate states through the exact adjoint; the defense "
+                f"has {s.setting('grad_mode', gm)} (use {s.setting('grad_mode', 'full')})"))
         if cfg.attack == "bpda-eot" and gm != "bpda":
             raise OptionError("attack", lambda s: (
                 f"'bpda-eot' is PGD-EOT through {s.setting('grad_mode', 'bpda')} (DiffPure's BPDA+EOT); the defense "
@@ -496,7 +504,11 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
         if gm == "none":
             raise OptionError("defense", lambda s: f"{s.setting('grad_mode', 'none')} gives the attack no gradient; "
                                                    f"use 'full', 'adjoint', 'bpda' or 'surrogate'")
+    if defense is None and cfg.attack == "diffattack":
+        raise OptionError("defense", "'diffattack' attacks a purification chain's states; the undefended classifier "
+                                     "has none")
     defended = DefendedClassifier(defense, clf)
+    resources = cfg.spec.prepare(cfg, device) if cfg.spec.prepare is not None else {}
     source = load_data(data, labels=labels, class_index=class_index)
     indices = select_indices(len(source), start=cfg.start, n_images=cfg.n_images, subset=cfg.subset,
                              data_seed=cfg.data_seed, description=source.description)
@@ -528,14 +540,7 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
     position = {i: k for k, i in enumerate(indices)}
     stop_after = int(os.environ.get(STOP_ENV, "0"))
     pause = float(os.environ.get(PAUSE_ENV, "0"))
-    if cfg.attack != "autoattack":
-        steps_per_block = cfg.restarts * (cfg.steps + 1)
-    elif cfg.aa_mode == "native":
-        from ..attacks.autoattack import autoattack_units
-
-        steps_per_block = autoattack_units(cfg.aa_version, steps=cfg.steps, restarts=cfg.restarts)
-    else:
-        steps_per_block = 1
+    steps_per_block = cfg.spec.units(cfg)
 
     from tqdm.auto import tqdm
 
@@ -549,7 +554,8 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
             save = (lambda x_adv, blk=blk, y=y: rec.write_adversarial(out, blk, y.cpu().numpy(), x_adv.detach()
                                                                       .cpu().numpy())) if save_adversarial else None
             recs = evaluate_batch(defended, x.to(device), y.to(device), torch.tensor(blk), cfg,
-                                  positions=[position[i] for i in blk], progress=bar.update, on_adversarial=save)
+                                  positions=[position[i] for i in blk], progress=bar.update, resources=resources,
+                                  on_adversarial=save)
             for r in recs:
                 r["rank"] = rank
                 r["source"] = source.names[r["index"]]

@@ -1,5 +1,11 @@
 """``report.md``, ``report.json``, ``curve.png`` and ``grid.png`` of an evaluation folder, from its records alone
-(``diffpure-fast report FOLDER`` rebuilds them)."""
+(``diffpure-fast report FOLDER`` rebuilds them).
+
+A study folder holds several evaluations, one sub-folder each (e.g. ``study/diffpure-apgd-eot``,
+``study/gdmp-stadv``): ``write_study_report`` (``diffpure-fast report STUDY``) rebuilds every sub-folder's report and
+writes the study's ``report.md``/``report.json`` (one row per evaluation: defense, attack, gradient, noise mode,
+bound, accuracies with Wilson intervals, time) and ``curve.png``, every evaluation's attack-success curve on one plot.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +18,10 @@ import numpy as np
 
 from .._optional import available
 from . import records as rec
+from .attacks import ATTACK_SPECS, describe_attack, describe_threat
 from .metrics import PROTOCOL_METRICS, protocol_metrics, robust_curve
 
-__all__ = ["REPORT_FILES", "compute_report", "write_report"]
+__all__ = ["REPORT_FILES", "compute_report", "study_folders", "write_report", "write_study_report"]
 
 REPORT_FILES = ("report.md", "report.json", "curve.png", "grid.png")
 _GRAD_MODES = {"full": "exact gradient of the discrete solve (discrete adjoint, grad_mode='full')",
@@ -46,6 +53,10 @@ def _noise_mode(config: dict) -> str:
     ev = config["eval"]
     if ev["attack"] == "autoattack" and ev["aa_mode"] == "as-released":
         return "fresh noise at every call of the package's model (seeds counted per call within a block)"
+    if ev.get("fixed_noise"):
+        return (f"FIXED: every step of the attack used one set of {ev['eot']} draws per sample (purifier seed "
+                f"derive_seed(seed, 'fixed-noise'), noise id index * {ev['eot']} + j); the selection and the judge "
+                f"used fresh noise")
     text = ("fresh noise for every EOT draw of every iteration (seed from (seed, run, iteration), noise id from the "
             "sample index and the draw)")
     if ev["attack"] == "autoattack" and ev["aa_version"] == "standard":
@@ -100,7 +111,8 @@ def compute_report(folder: str | Path) -> dict:
         "n_samples": len(records),
         "complete": expected is None or len(records) == expected,
         "n_eval": ev["n_eval"],
-        "attack": attack_description(ev),
+        "attack": describe_attack(ev),
+        "bound": describe_threat(ev),
         "gradient": _gradient(config),
         "noise": _noise_mode(config),
         "clean": {k: v.as_dict() for k, v in clean.items()},
@@ -111,7 +123,7 @@ def compute_report(folder: str | Path) -> dict:
             if unattacked and attacked else None),
         "chosen_candidates": dict(sorted(chosen.items())),
         "attack_curve": curve,
-        "perturbation": {"max_linf": max(r["linf"] for r in records), "max_l2": max(r["l2"] for r in records)},
+        "perturbation": _perturbation(ev, records),
         "time_s": {"sum_over_samples": sum(r.get("time_s", 0.0) for r in records)},
         "environment": env,
         "indices": [r["index"] for r in records],
@@ -120,30 +132,16 @@ def compute_report(folder: str | Path) -> dict:
     return rep
 
 
-def attack_description(ev: dict) -> str:
-    """The attack of an evaluation's options (``config.json``'s ``eval``), in words."""
-    atk = ev["attack"]
-    if atk in ("pgd-eot", "bpda-eot"):
-        return (f"{atk}: {ev['steps']} steps of {ev['step_size']:.5g}, {ev['eot']} EOT ({ev['eot_reduce']} "
-                f"averaged), loss {ev['loss']}, {ev['restarts']} restart(s), random start {ev['random_start']}")
-    if atk == "apgd-eot":
-        return (f"apgd-eot: APGD (Croce & Hein's schedule, momentum 0.75) with {ev['steps']} iterations, {ev['eot']} "
-                f"EOT ({ev['eot_reduce']} averaged), loss {ev['loss']}, {ev['restarts']} restart(s); each run's "
-                f"best iterate by EOT loss")
-    if ev["aa_mode"] == "as-released":
-        return (f"AutoAttack version={ev['aa_version']} AS RELEASED ({ev['aa_package']} package, unpatched: one noisy "
-                f"evaluation decides which samples are attacked, and an attack's output is kept only where one more "
-                f"noisy evaluation misclassifies it, else the clean input is returned)")
-    from ..attacks.autoattack import AA_SETTINGS
-
-    s = AA_SETTINGS[ev["aa_version"]]
-    runs = {"apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "apgd-t": f"APGD-T ({s.get('targets')} targets)",
-            "fab-t": f"FAB-T ({s.get('targets')} targets, the {ev.get('aa_package')} package's class)",
-            "square": f"Square ({ev.get('aa_queries')} queries, the {ev.get('aa_package')} package's class)"}
-    return (f"AutoAttack version={ev['aa_version']}, native protocol: {', '.join(runs[a] for a in s['attacks'])}; "
-            f"APGD natively with {ev['steps']} iterations, {ev['eot']} EOT, {ev['restarts']} restart(s); every "
-            f"sample attacked; each run's best iterate a candidate, chosen by {ev['n_select']} fresh-noise "
-            f"evaluations")
+def _perturbation(ev: dict, records: list[dict]) -> dict:
+    """The largest perturbation judged: its L-inf and L2 sizes and, for an unrestricted attack, the largest value of
+    its own bound's quantity (LPIPS distance or flow size) against the bound."""
+    out = {"max_linf": max(r["linf"] for r in records), "max_l2": max(r["l2"] for r in records)}
+    threat = ATTACK_SPECS[ev["attack"]].threat
+    if threat != "lp":
+        key = "lpips" if threat == "lpips" else "flow_linf"
+        out[f"max_{key}"] = max(r[key] for r in records)
+        out["bound"] = ev["bound"]
+    return out
 
 
 def _warnings(rep: dict) -> list[str]:
@@ -161,6 +159,11 @@ def _warnings(rep: dict) -> list[str]:
                    f"not attacked (indices {shown}); their robust entries are clean-image results."
                    + (" The robust accuracy over the attacked samples alone is reported separately."
                       if rep["robust_attacked_only"] else ""))
+    p = rep["perturbation"]
+    over = [k for k in ("max_lpips", "max_flow_linf") if k in p and p[k] > p["bound"]]
+    if over:
+        out.append(f"The judged samples exceed the attack's bound ({over[0]} = {p[over[0]]:.6g} > {p['bound']:.6g}): "
+                   f"these are not results under that bound.")
     if rep["robust"]["single_shot"]["accuracy"] > rep["clean"]["single_shot"]["accuracy"]:
         out.append("The robust single-shot accuracy is above the clean one: the attack did not find what one "
                    "evaluation's noise already gives; check its strength before quoting it.")
@@ -179,7 +182,8 @@ def _markdown(rep: dict) -> str:
     lines = [f"# Evaluation: {_defense_name(c['defense'])} on {c['data']}", ""]
     lines += [f"**Warning: {w}**\n" for w in rep.get("warnings", [])]
     lines += [f"Command: `{rep['environment'].get('command', '?')}`", "",
-              f"Attack: {rep['attack']}; {ev['norm']} eps = {ev['eps']:.5g}.", "",
+              f"Attack: {rep['attack']}.", "",
+              f"Bound: {rep['bound']}.", "",
               f"Gradient used by the attack: {rep['gradient']}.", "",
               f"Purification noise during the attack: {rep['noise']}.", "",
               f"Samples: {rep['n_samples']}" + ("" if rep["complete"] else " (INCOMPLETE: the run has not finished)")
@@ -210,7 +214,9 @@ def _markdown(rep: dict) -> str:
     p = rep["perturbation"]
     size = c.get("input_size")
     at = f" (on the {'x'.join(map(str, size))} inputs, where the budget is)" if size else ""
-    lines += [f"Largest perturbation{at}: L-inf {p['max_linf']:.5g}, L2 {p['max_l2']:.5g}.", "",
+    extra = "".join(f", {k[4:]} {p[k]:.5g} (bound {p['bound']:.5g})" for k in ("max_lpips", "max_flow_linf")
+                    if k in p)
+    lines += [f"Largest perturbation{at}: L-inf {p['max_linf']:.5g}, L2 {p['max_l2']:.5g}{extra}.", "",
               *(["![clean / adversarial / purified](grid.png)", ""] if plots else [skipped, ""]),
               "Defense: " + ", ".join(f"{k}={v}" for k, v in c["defense"].items()), "",
               f"Classifier: {c['classifier']}", "",
@@ -234,9 +240,12 @@ def _decode(img: dict) -> np.ndarray:
 def _plot_title(rep: dict) -> str:
     """One line naming what a plot shows: defense, attack, bound and data."""
     c, ev = rep["configuration"], rep["configuration"]["eval"]
-    eps = ev["eps"]
-    radius = f"{eps:.4g} = {eps * 255:.3g}/255" if ev["norm"] == "linf" else f"{eps:.4g}"
-    return f"{_defense_name(c['defense'])}, {ev['attack']} ({ev['norm']} eps {radius}), {c['data']}"
+    eps = ev.get("eps")
+    if eps is None:  # an unrestricted attack: its own bound (perceptual or spatial), never an L-p radius
+        bound = rep["bound"].split(";")[0]
+    else:
+        bound = f"{ev['norm']} eps " + (f"{eps:.4g} = {eps * 255:.3g}/255" if ev["norm"] == "linf" else f"{eps:.4g}")
+    return f"{_defense_name(c['defense'])}, {ev['attack']} ({bound}), {c['data']}"
 
 
 def _plots(folder: Path, rep: dict, records: list[dict]) -> None:
@@ -315,3 +324,88 @@ def write_report(folder: str | Path) -> dict:
         for name in ("curve.png", "grid.png"):
             (folder / name).unlink(missing_ok=True)
     return rep
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A study: several evaluations, one sub-folder each.
+
+
+def study_folders(folder: str | Path) -> list[Path]:
+    """The evaluation sub-folders of a study folder (those holding a config.json), sorted by name."""
+    return sorted(p.parent for p in Path(folder).glob(f"*/{rec.CONFIG_FILE}"))
+
+
+def _pct(a: dict) -> str:
+    lo, hi = a["wilson95"]
+    return f"{100 * a['accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def write_study_report(folder: str | Path) -> dict:
+    """Rebuild the report of every evaluation sub-folder of ``folder`` and write the study's report.md, report.json
+    and curve.png (see the module docstring). FileNotFoundError when it holds no evaluation."""
+    folder = Path(folder)
+    subs = study_folders(folder)
+    if not subs:
+        raise FileNotFoundError(f"{folder}: no {rec.CONFIG_FILE} and no evaluation sub-folders (folders holding one)")
+    # an evaluation still running its first block has nothing to report yet: listed, not a failure
+    pending = [sub.name for sub in subs if not rec.read_records(sub)]
+    reps = {sub.name: write_report(sub) for sub in subs if sub.name not in pending}
+    rows = []
+    for name, rep in reps.items():
+        ev, defense = rep["configuration"]["eval"], rep["configuration"]["defense"]
+        rows.append({"folder": name, "defense": defense.get("method"), "attack": ev["attack"],
+                     "fixed_noise": bool(ev.get("fixed_noise")), "bound": rep["bound"], "gradient": rep["gradient"],
+                     "n": rep["n_samples"], "n_eval": rep["n_eval"], "clean": rep["clean"], "robust": rep["robust"],
+                     "attack_curve": rep["attack_curve"], "time_s": rep["time_s"]["sum_over_samples"],
+                     "complete": rep["complete"], "warnings": rep["warnings"]})
+    study = {"evaluations": rows, "pending": pending}
+    (folder / "report.json").write_text(json.dumps(study, indent=2))
+    lines = [f"# Study: {len(rows)} evaluations in {folder}", "",
+             "Robust accuracy with 95% Wilson intervals; each sample judged N times with noise the attack never saw "
+             "(see each sub-folder's report.md for its command, options, gradient and machine).", "",
+             "| evaluation | defense | attack | noise | bound | n | clean worst-of-N | robust single-shot | "
+             "robust worst-of-N | robust majority | time (s) |", "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['folder']}{'' if r['complete'] else ' (INCOMPLETE)'} | {r['defense']} | {r['attack']} | "
+                     f"{'fixed' if r['fixed_noise'] else 'fresh'} | {r['bound']} | {r['n']} | "
+                     f"{_pct(r['clean']['worst_of_n'])} | {_pct(r['robust']['single_shot'])} | "
+                     f"{_pct(r['robust']['worst_of_n'])} | {_pct(r['robust']['majority_vote'])} | {r['time_s']:.0f} |")
+    warned = [(r["folder"], w) for r in rows for w in r["warnings"]]
+    lines += [""] + [f"**Warning ({f}): {w}**\n" for f, w in warned]
+    if pending:
+        lines += [f"No finished samples yet in: {', '.join(pending)}.", ""]
+    has_mpl = available("matplotlib")
+    if any(r["attack_curve"] for r in rows):
+        lines += ["", "![robust accuracy against attack step, every evaluation](curve.png)" if has_mpl else
+                  "Plot not written: matplotlib is not installed; pip install matplotlib (then diffpure-fast report "
+                  "FOLDER writes it).", ""]
+    (folder / "report.md").write_text("\n".join(lines) + "\n")
+    if has_mpl:
+        _study_curve(folder, rows)
+    else:
+        (folder / "curve.png").unlink(missing_ok=True)
+    return study
+
+
+def _study_curve(folder: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = [r for r in rows if r["attack_curve"]]
+    if not curves:
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=120)
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours; the line style changes after them
+    for i, r in enumerate(curves):
+        acc = [100 * a["accuracy"] for a in r["attack_curve"]]
+        ax.plot(range(len(acc)), acc, marker="o", ms=2, label=r["folder"], color=colors[i % 20],
+                linestyle=("-", "--", ":")[i // 20 % 3])
+    ax.set_xlabel("attack step")
+    ax.set_ylabel("robust accuracy (%), attack's EOT prediction")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(folder / "curve.png")
+    plt.close(fig)

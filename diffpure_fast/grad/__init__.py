@@ -32,14 +32,18 @@ def _params(model: ScoreModel, cfg: PurifyConfig) -> list[torch.Tensor]:
 
 
 def differentiable_chain(x_in: torch.Tensor, model: ScoreModel, chain: Chain, noise: Noise, cfg: PurifyConfig, *,
-                         x_user: torch.Tensor, brownian_factory=None) -> torch.Tensor:
+                         x_user: torch.Tensor, brownian_factory=None, expose: tuple[int, ...] = ()):
     """The chain from x_in (B, C, H, W) in [-1, 1] with a backward pass of the kind ``cfg.grad_mode`` names.
 
-    x_user: the caller's input tensor, watched for in-place changes between forward and backward."""
+    x_user: the caller's input tensor, watched for in-place changes between forward and backward. expose: global
+    step indices whose states are returned after the output (``(y, x_k, ...)``; grad_mode "full" only)."""
     mode = cfg.grad_mode
+    if expose and mode != "full":
+        raise ValueError(f"grad_mode: intermediate states have an exact gradient only with grad_mode='full', got "
+                         f"{mode!r}")
     if mode == "full":
         return ChainAdjoint.apply(x_in, model, chain, noise, cfg.grad_cache_steps, _guard(x_user, model),
-                                  *_params(model, cfg))
+                                  tuple(expose), *_params(model, cfg))
     if mode == "adjoint":
         # DiffPure's sde and ode runners only (checked by PurifyConfig): the start state with autograd, then the
         # official code's continuous adjoint of the reverse solve.
@@ -56,7 +60,8 @@ def differentiable_chain(x_in: torch.Tensor, model: ScoreModel, chain: Chain, no
             out = run_chain(x_in.detach(), model, chain, noise)
         # Same start noise and seed, the surrogate's own solver steps (no caller-given increments).
         sur_noise = Noise(seed=noise.seed, sample_ids=noise.sample_ids, forward=noise.forward)
-        sur = ChainAdjoint.apply(x_in, model, cfg.surrogate_chain(x_in.dtype), sur_noise, 0, _guard(x_user, model))
+        sur = ChainAdjoint.apply(x_in, model, cfg.surrogate_chain(x_in.dtype), sur_noise, 0, _guard(x_user, model),
+                                 ())
         # Forward value: the defended purification; gradient: that of the surrogate chain.
         return out + (sur - sur.detach())
     raise ValueError(f"grad_mode: no differentiable solve for {mode!r}")

@@ -17,6 +17,11 @@ and guidance with a graph (``create_graph=True`` inside the guidance), takes one
 and frees it. Without guidance this is one VJP through the network per step, with respect to x_k only (the
 parameters get no gradient unless asked for with ``param_grads=True``, which passes them as inputs).
 
+Chosen intermediate states can be outputs too (``expose``: DiffAttack's deviated-reconstruction loss reads them):
+the forward pass returns ``(y, x_{k_1}, x_{k_2}, ...)``, and the backward pass adds each exposed state's incoming
+gradient to ``g_k`` when the reverse walk reaches step k, so the memory stays the stored states plus one step's
+graph.
+
 ``guidance_grad="detached"`` drops the guidance's part of ``J_{G_k}`` (the method's guidance then returns that part
 as a constant): the gradient the released evaluations of guided methods computed. Optionally the graphs of the
 last ``cache_steps`` steps are kept from the forward pass, so their recompute is skipped when memory allows.
@@ -82,11 +87,12 @@ def _graph_terms(model: ScoreModel, chain: Chain, k: int, step, xk: torch.Tensor
 class ChainAdjoint(torch.autograd.Function):
     """y = chain(x_in) with the exact backward; x_in: (B, C, H, W) in [-1, 1], the start and the guidance reference.
 
-    Guidance terms are differentiated as their ``term`` builds them: a guidance made with mode "detached" returns
-    the guidance as a constant itself."""
+    expose: sorted global step indices k whose state x_k (before step k) is returned after y, each a copy
+    (B, C, H, W); () returns y alone. Guidance terms are differentiated as their ``term`` builds them: a guidance
+    made with mode "detached" returns the guidance as a constant itself."""
 
     @staticmethod
-    def forward(ctx, x_in, model: ScoreModel, chain: Chain, noise: Noise, cache_steps: int, guard, *params):
+    def forward(ctx, x_in, model: ScoreModel, chain: Chain, noise: Noise, cache_steps: int, guard, expose, *params):
         guided = chain.guidance is not None
         ref = x_in.detach()
         # One leaf for the input as the guidance reference, shared by the cached graphs and the recomputes.
@@ -112,12 +118,15 @@ class ChainAdjoint(torch.autograd.Function):
                 x, prev = noise.step(x, eps, k, step, g, prev), (x, eps)
             y = x
         ctx.model, ctx.chain, ctx.noise, ctx.states, ctx.cached, ctx.guard = model, chain, noise, states, cached, guard
-        ctx.ref, ctx.guided, ctx.params = ref_leaf, guided, params
-        return y
+        ctx.ref, ctx.guided, ctx.params, ctx.expose = ref_leaf, guided, params, expose
+        if not expose:
+            return y
+        return (y, *(states[k].clone() for k in expose))
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *grad_states):
         ctx.guard.check("purify(grad_mode='full') backward")
+        exposed = dict(zip(ctx.expose, grad_states))
         model, chain, noise, states, cached = ctx.model, ctx.chain, ctx.noise, ctx.states, ctx.cached
         ref, params, guided = ctx.ref, ctx.params, ctx.guided
         param_grads = [torch.zeros_like(p) for p in params]
@@ -155,6 +164,8 @@ class ChainAdjoint(torch.autograd.Function):
                         if vjp_ref is not None:
                             g_ref += vjp_ref
                     g = g_x + vjp
+                if k in exposed:  # x_k is an output too: its own gradient joins d L / d x_k
+                    g = g + exposed[k]
                 carry = history_cotangents(step, g_next)
                 for acc, vp in zip(param_grads, vjp_params):
                     if vp is not None:
@@ -162,4 +173,4 @@ class ChainAdjoint(torch.autograd.Function):
                 del xk, eps, gk, vjp, vjp_params
             # Into the round's start x_0 = s y + n z (nothing flows back from a round that starts from noise).
             g = torch.zeros_like(g) if rnd.from_noise else g * rnd.start_scale
-        return (g + g_ref, None, None, None, None, None, *param_grads)
+        return (g + g_ref, None, None, None, None, None, None, *param_grads)
