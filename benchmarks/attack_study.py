@@ -41,7 +41,7 @@ STUDY_DEFENSES = {
 # Every attack: 8 steps, N = 4 EOT draws (DiffHammer: 4 paths) per step, one run; the L-p attacks at L-inf eps = 0.1
 # (the project's digits radius), LF at LPIPS 1.0 over the digits classifier's features (about the LPIPS of the L-inf
 # 0.1 PGD examples on the undefended classifier: mean 0.99), StAdv at DiffPure's flow bound 0.05.
-_SIZE = dict(steps=8, eot=4)
+_SIZE = dict(attack_steps=8, eot=4)
 STUDY_ATTACKS = {
     "pgd-eot": dict(attack="pgd-eot", eps=0.1, **_SIZE),
     "apgd-eot": dict(attack="apgd-eot", eps=0.1, **_SIZE),
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
         for aname in args.attacks.split(","):
             opts = dict(STUDY_ATTACKS[aname], **PROTOCOL)
             if args.quick:
-                opts.update(steps=1, n_eval=2, batch_size=4)
+                opts.update(attack_steps=1, n_eval=2, batch_size=4)
             t0 = time.perf_counter()
             dpf.evaluate(defense, "digits", "digits:test", out / f"{dname}-{aname}", n_images=4 if args.quick else
                          args.n_images, progress=False, command=f"benchmarks/attack_study.py ({dname}, {aname})",

@@ -72,14 +72,14 @@ def bare_loop(d, x, y, cfg) -> None:
     eot, eps = cfg["eot"], cfg["eps"]
     x_adv = (x + (torch.rand_like(x) * 2 - 1) * eps).clamp(0, 1)
     rep_ids = eot_noise_ids(ids, eot)
-    for s in range(cfg["steps"] + 1):
-        xr = x_adv.repeat(eot, 1, 1, 1).requires_grad_(s < cfg["steps"])
-        with torch.set_grad_enabled(s < cfg["steps"]):
+    for s in range(cfg["attack_steps"] + 1):
+        xr = x_adv.repeat(eot, 1, 1, 1).requires_grad_(s < cfg["attack_steps"])
+        with torch.set_grad_enabled(s < cfg["attack_steps"]):
             logits = d.logits(xr, seed=derive_seed(0, "a", s), noise_ids=rep_ids)
-            if s < cfg["steps"]:
+            if s < cfg["attack_steps"]:
                 loss = torch.nn.functional.cross_entropy(logits, y.repeat(eot), reduction="sum")
                 g = torch.autograd.grad(loss, xr)[0].reshape(eot, *x.shape).sum(0)
-                x_adv = torch.minimum(torch.maximum(x_adv + 2.5 * eps / cfg["steps"] * g.sign(), x - eps),
+                x_adv = torch.minimum(torch.maximum(x_adv + 2.5 * eps / cfg["attack_steps"] * g.sign(), x - eps),
                                       x + eps).clamp(0, 1)
     with torch.no_grad():
         for e in range(cfg["n_eval"]):
@@ -87,7 +87,7 @@ def bare_loop(d, x, y, cfg) -> None:
 
 
 def bench_overhead(model, clf, solver_steps: int, repeats: int) -> list[str]:
-    cfg = dict(n_images=16, batch_size=8, steps=3, eot=4, n_eval=2, eps=0.1)
+    cfg = dict(n_images=16, batch_size=8, attack_steps=3, eot=4, n_eval=2, eps=0.1)
     pur = dpf.build_defense(model, grad_mode="full", t_star=0.1, steps=solver_steps, dt=None)
     d = DefendedClassifier(pur, clf)
     x_all, y_all = load_digits_dataset("test")

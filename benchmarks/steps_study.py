@@ -54,7 +54,7 @@ def run(args) -> dict:
             folder = args.work / f"{solver}_{calls}"
             t0 = time.perf_counter()
             rep = evaluate(defense, "digits", "digits:test", folder, attack="pgd-eot", eps=args.eps,
-                           steps=args.attack_steps, eot=args.eot, n_eval=args.n_eval, n_images=args.images,
+                           attack_steps=args.attack_steps, eot=args.eot, n_eval=args.n_eval, n_images=args.images,
                            batch_size=args.batch_size, seed=args.seed, progress=False)
             wall = time.perf_counter() - t0
             records = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]

@@ -775,7 +775,7 @@ def _cmd_eval(args) -> int:
     family = _model_family(args)
     classifier, data = _classifier_and_data(args, family)
     try:
-        cfg = EvalConfig(attack=args.attack, norm=args.norm, eps=args.eps, steps=args.attack_steps,
+        cfg = EvalConfig(attack=args.attack, norm=args.norm, eps=args.eps, attack_steps=args.attack_steps,
                          step_size=args.step_size, random_start=False if args.no_random_start else None,
                          restarts=args.restarts, loss=args.loss, eot=args.eot, eot_reduce=args.eot_reduce,
                          aa_version=args.aa_version, aa_package=args.aa_package, aa_mode=args.aa_mode,

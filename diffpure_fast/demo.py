@@ -178,8 +178,8 @@ def _adaptive_attack(x, y, model, clf, cfg: DemoConfig, seed: int, kwargs: dict,
     worst-of-N, majority vote) and the largest L-inf perturbation; ``per_image`` (a list) receives each image's
     record."""
     defended = DefendedClassifier(build_defense(model, **kwargs, **grad_kwargs), clf)
-    ecfg = EvalConfig(attack="pgd-eot", eps=cfg.eps, steps=cfg.adaptive_steps, eot=eot, n_eval=cfg.n_eval, seed=seed,
-                      batch_size=cfg.batch_size, grid_images=0)
+    ecfg = EvalConfig(attack="pgd-eot", eps=cfg.eps, attack_steps=cfg.adaptive_steps, eot=eot, n_eval=cfg.n_eval,
+                      seed=seed, batch_size=cfg.batch_size, grid_images=0)
     bar = tqdm(total=-(-len(x) // cfg.batch_size) * cfg.adaptive_steps, desc=desc, disable=not progress,
                leave=False)
     records = []

@@ -226,3 +226,25 @@ def test_purify_outputs_png_by_default_keeps_npz_arrays_and_takes_the_output_ext
     np.save(tmp_path / "in.npy", x)
     assert main(["purify", "--input", str(tmp_path / "in.npy"), "--output", str(tmp_path / "out.pt"), *common]) == 0
     assert torch.load(tmp_path / "out.pt").shape == (4, 1, 16, 16)
+
+
+def test_attack_steps_is_one_name_and_steps_its_deprecated_alias(tmp_path):
+    """evaluate's attack iterations are attack_steps (steps is the solver's everywhere else); steps= still works
+    for one release with a DeprecationWarning, both together is an error, and a folder written under the old
+    name resumes."""
+    from diffpure_fast.eval.harness import EvalConfig
+
+    assert EvalConfig(attack_steps=3).attack_steps == 3
+    with pytest.warns(DeprecationWarning, match="attack_steps"):
+        assert EvalConfig(steps=4).attack_steps == 4
+    with pytest.raises(ValueError, match="steps: the deprecated name of attack_steps"):
+        EvalConfig(steps=4, attack_steps=4)
+    out = tmp_path / "ev"
+    kw = dict(attack_steps=1, eot=1, n_eval=1, eps=0.1, n_images=1, progress=False)
+    dpf.evaluate(None, "digits", "digits:test", out, **kw)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["eval"]["attack_steps"] == 1 and "steps" not in cfg["eval"]
+    cfg["eval"]["steps"] = cfg["eval"].pop("attack_steps")   # as an earlier release wrote it
+    (out / "config.json").write_text(json.dumps(cfg))
+    rep = dpf.evaluate(None, "digits", "digits:test", out, **kw)   # resumes, no refusal
+    assert rep["n_samples"] == 1 and json.loads((out / "config.json").read_text())["eval"]["attack_steps"] == 1

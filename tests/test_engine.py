@@ -256,7 +256,7 @@ def test_classifier_in_training_mode_is_refused(tmp_path):
         DefendedClassifier(pur, clf)
     x, y = torch.rand(2, 3, 4, 4), torch.tensor([0, 1])
     with pytest.raises(ValueError, match=r"classifier: .*training mode"):
-        dpf.evaluate(pur, clf, (x, y), tmp_path / "out", steps=1, eot=1, n_eval=1, progress=False)
+        dpf.evaluate(pur, clf, (x, y), tmp_path / "out", attack_steps=1, eot=1, n_eval=1, progress=False)
     assert not (tmp_path / "out").exists()              # refused before any work
     defended = DefendedClassifier(pur, clf.eval())
     clf[1].train()

@@ -18,7 +18,7 @@ from diffpure_fast.eval.defenses import build_defense
 from diffpure_fast.eval.harness import EvalConfig, evaluate, evaluate_batch
 from diffpure_fast.eval.records import read_records
 
-TINY = dict(steps=2, eot=2, n_eval=2, n_images=2, batch_size=2, progress=False)
+TINY = dict(attack_steps=2, eot=2, n_eval=2, n_images=2, batch_size=2, progress=False)
 OWN = {"diffattack": dict(eps=0.1), "diffhammer": dict(eps=0.1, restarts=1), "lf": dict(lpips="digits", bound=1.0),
        "ppgd": dict(lpips="digits", bound=1.0), "stadv": dict(bound=0.05), "apgd-eot": dict(eps=0.1),
        "pgd-eot": dict(eps=0.1)}
@@ -52,7 +52,7 @@ def test_fixed_noise_one_set_of_draws_for_the_attack_fresh_for_the_judge(digits,
     # the selection and the judge run with seeds the attack never used.
     x, y, model, clf = digits
     pur = RecordingPurifier(model, grad_mode="full", t_star=0.1, steps=1, dt=None)
-    cfg = EvalConfig(attack=attack, fixed_noise=True, steps=2, eot=2, n_eval=2, seed=7, **OWN[attack])
+    cfg = EvalConfig(attack=attack, fixed_noise=True, attack_steps=2, eot=2, n_eval=2, seed=7, **OWN[attack])
     ids = torch.tensor([4, 9])
     recs = evaluate_batch(DefendedClassifier(pur, clf), x, y, ids, cfg)
     fixed = derive_seed(7, "fixed-noise")
@@ -67,7 +67,7 @@ def test_fixed_noise_one_set_of_draws_for_the_attack_fresh_for_the_judge(digits,
         derive_seed(7, "eval", e) for e in range(2)].index(s))]
     # without it, every step of the attack draws its own noise
     pur.calls.clear()
-    evaluate_batch(DefendedClassifier(pur, clf), x, y, ids, EvalConfig(attack=attack, steps=2, eot=2, n_eval=2,
+    evaluate_batch(DefendedClassifier(pur, clf), x, y, ids, EvalConfig(attack=attack, attack_steps=2, eot=2, n_eval=2,
                                                                          seed=7, **OWN[attack]))
     seeds = {s for s, _ in pur.calls if s not in judge | select}
     assert fixed not in seeds and len(seeds) >= 3
@@ -115,13 +115,14 @@ def test_attack_options_refused_and_defaults():
                      (dict(attack="diffhammer", dev_weight=1.0), "dev_weight"),
                      (dict(attack="autoattack", fixed_noise=True), "fixed_noise"),
                      (dict(attack="autoattack", loss="dlr-targeted"), "loss"),
-                     (dict(attack="stadv", steps=0), "steps"), (dict(attack="diffattack", dev_every=0), "dev_every"),
+                     (dict(attack="stadv", attack_steps=0), "attack_steps"),
+                     (dict(attack="diffattack", dev_every=0), "dev_every"),
                      (dict(attack="apgd-eot", loss="dlr-targeted", n_targets=0), "n_targets")):
         with pytest.raises(ValueError, match=name):
             EvalConfig(**kw)
     assert set(ATTACKS) >= {"pgd-eot", "apgd-eot", "diffattack", "diffhammer", "lf", "ppgd", "stadv"}
     cfg = EvalConfig(attack="stadv")
-    assert (cfg.bound, cfg.steps, cfg.eot, cfg.loss, cfg.eps, cfg.norm, cfg.fixed_noise) == (
+    assert (cfg.bound, cfg.attack_steps, cfg.eot, cfg.loss, cfg.eps, cfg.norm, cfg.fixed_noise) == (
         0.05, 100, 20, "cw", None, None, False)
     d = EvalConfig(attack="pgd-eot").deciding()
     assert "fixed_noise" not in d and "n_targets" not in d and d["eps"] == 8 / 255   # earlier folders still resume

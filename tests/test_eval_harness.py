@@ -177,14 +177,14 @@ def test_autoattack_native_standard_runs_every_member(tmp_path):
     pytest.importorskip("pyautoattack")
     pur = build_defense(dpf.load_score_model("digits"), grad_mode="full", t_star=0.1, steps=1, dt=None)
     rep = evaluate(pur, "digits", "digits:test", tmp_path / "std", attack="autoattack", aa_version="standard",
-                   aa_package="pyautoattack", eps=0.1, steps=2, aa_queries=5, n_eval=2, n_images=2, batch_size=2,
+                   aa_package="pyautoattack", eps=0.1, attack_steps=2, aa_queries=5, n_eval=2, n_images=2, batch_size=2,
                    progress=False)
     recs = list(read_records(tmp_path / "std").values())
     names = {"apgd-ce", "square", *(f"apgd-t:{j}" for j in range(1, 10)), *(f"fab-t:{j}" for j in range(1, 10))}
     assert all(set(r["selection"]) == names for r in recs)
     assert all(0 < r["linf"] <= 0.1 + 1e-6 for r in recs)
     ev = rep["configuration"]["eval"]
-    assert (ev["steps"], ev["eot"], ev["aa_queries"], ev["batch_size"]) == (2, 1, 5, 2)
+    assert (ev["attack_steps"], ev["eot"], ev["aa_queries"], ev["batch_size"]) == (2, 1, 5, 2)
     # not found: FAB-T's -1 entries, never chosen
     assert all(r["selection"][r["candidate"]][0] >= 0 for r in recs)
 
@@ -230,7 +230,7 @@ def test_missing_autoattack_package_names_it(tmp_path, monkeypatch):
 
 def test_apgd_eot_through_the_harness(tmp_path):
     pur = build_defense(dpf.load_score_model("digits"), grad_mode="full", t_star=0.1, steps=2, dt=None)
-    rep = evaluate(pur, "digits", "digits:test", tmp_path / "apgd", attack="apgd-eot", eps=0.1, steps=3, eot=2,
+    rep = evaluate(pur, "digits", "digits:test", tmp_path / "apgd", attack="apgd-eot", eps=0.1, attack_steps=3, eot=2,
                    restarts=2, n_eval=2, n_images=3, batch_size=3, progress=False)
     recs = list(read_records(tmp_path / "apgd").values())
     assert all(set(r["selection"]) == {"apgd-eot:r0", "apgd-eot:r1"} and 0 < r["linf"] <= 0.1 + 1e-6
@@ -242,7 +242,7 @@ def test_apgd_eot_through_the_harness(tmp_path):
 def test_attack_options_an_attack_does_not_take_are_refused():
     for kw, name in ((dict(attack="autoattack", loss="dlr"), "loss"),
                      (dict(attack="autoattack", step_size=0.01), "step_size"),
-                     (dict(attack="autoattack", aa_mode="as-released", steps=10), "steps"),
+                     (dict(attack="autoattack", aa_mode="as-released", attack_steps=10), "attack_steps"),
                      (dict(attack="autoattack", aa_mode="as-released", eot=5), "eot"),
                      (dict(attack="autoattack", aa_queries=100), "aa_queries"),
                      (dict(attack="apgd-eot", step_size=0.01), "step_size"),
@@ -253,7 +253,7 @@ def test_attack_options_an_attack_does_not_take_are_refused():
         with pytest.raises(ValueError, match=name):
             EvalConfig(**kw)
     cfg = EvalConfig(attack="autoattack", aa_version="standard")
-    assert (cfg.steps, cfg.eot, cfg.restarts, cfg.aa_queries, cfg.n_select) == (100, 1, 1, 5000, 10)
+    assert (cfg.attack_steps, cfg.eot, cfg.restarts, cfg.aa_queries, cfg.n_select) == (100, 1, 1, 5000, 10)
     assert EvalConfig(attack="pgd-eot", n_eval=4).deciding()["n_select"] == 4
 
 
@@ -273,7 +273,7 @@ def test_bad_arguments_are_named(tmp_path):
     with pytest.raises(ValueError, match="method"):
         build_defense(dpf.load_score_model("digits"), method="nope")
     # another configuration in the same folder is refused, naming the option that differs
-    kw = dict(n_images=1, steps=0, n_eval=1, progress=False)
+    kw = dict(n_images=1, attack_steps=0, n_eval=1, progress=False)
     evaluate(None, clf, "digits:test", tmp_path / "c", eps=0.1, **kw)
     with pytest.raises(ValueError, match="eps"):
         evaluate(None, clf, "digits:test", tmp_path / "c", eps=0.2, **kw)
@@ -353,7 +353,7 @@ def test_cli_autoattack_native_takes_iterations_and_eot(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     rep = json.loads((tmp_path / "aa" / "report.json").read_text())
     ev = rep["configuration"]["eval"]
-    assert (ev["steps"], ev["eot"], ev["aa_mode"], ev["aa_version"]) == (2, 2, "native", "rand")
+    assert (ev["attack_steps"], ev["eot"], ev["aa_mode"], ev["aa_version"]) == (2, 2, "native", "rand")
     assert "2 iterations, 2 EOT" in rep["attack"] and rep["not_attacked"]["count"] == 0
     p = _run(["eval", "--attack", "autoattack", "--loss", "dlr", "--output", str(tmp_path / "x"), "--quiet"])
     assert p.returncode == 2 and "loss" in p.stderr and "Traceback" not in p.stderr
@@ -362,7 +362,7 @@ def test_cli_autoattack_native_takes_iterations_and_eot(tmp_path):
 def test_resume_with_other_score_weights_or_classifier_is_refused(tmp_path):
     # Issue 20's instance: the stored configuration named only the score model's class, so a rerun with another
     # checkpoint "resumed" the old model's records. Now the weights' fingerprint decides.
-    kw = dict(n_images=1, steps=0, n_eval=1, eps=0.1, progress=False)
+    kw = dict(n_images=1, attack_steps=0, n_eval=1, eps=0.1, progress=False)
     model = dpf.load_score_model("digits")
     pur = build_defense(model, grad_mode="full", steps=1, dt=None)
     evaluate(pur, "digits", "digits:test", tmp_path / "r", **kw)
@@ -387,8 +387,8 @@ def test_report_without_matplotlib_is_written_and_says_so(tmp_path, monkeypatch,
     monkeypatch.setitem(sys.modules, "matplotlib", None)          # matplotlib is not installed
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     (tmp_path / "curve.png").write_bytes(b"an earlier run's plot")
-    rep = evaluate(None, dpf.load_classifier("digits"), "digits:test", tmp_path, eps=0.1, steps=1, eot=1, n_eval=1,
-                   n_images=2, batch_size=2, progress=False)
+    rep = evaluate(None, dpf.load_classifier("digits"), "digits:test", tmp_path, eps=0.1, attack_steps=1, eot=1,
+                   n_eval=1, n_images=2, batch_size=2, progress=False)
     md = (tmp_path / "report.md").read_text()
     assert rep["n_samples"] == 2 and "Plots not written: matplotlib is not installed; pip install matplotlib" in md
     assert "curve.png" not in md and "grid.png" not in md and not (tmp_path / "curve.png").exists()
@@ -400,7 +400,7 @@ def test_report_without_matplotlib_is_written_and_says_so(tmp_path, monkeypatch,
 
 def test_numpy_integers_are_integers_for_every_option(tmp_path):
     """Issue 17: one integer rule (NumPy integers accepted, bool and floats refused, never rounded) everywhere."""
-    ints = dict(steps=1, restarts=1, eot=1, n_eval=1, n_images=2, start=0, seed=0, batch_size=2, chunk_size=2,
+    ints = dict(attack_steps=1, restarts=1, eot=1, n_eval=1, n_images=2, start=0, seed=0, batch_size=2, chunk_size=2,
                 grid_images=0)
     a = EvalConfig(**ints)
     b = EvalConfig(**{k: np.int64(v) for k, v in ints.items()})

@@ -60,7 +60,7 @@ class AttackSpec:
 
 
 THREATS = ("lp", "lpips", "flow")
-_COMMON = ("steps", "restarts", "loss", "eot", "n_select", "fixed_noise", "n_targets")
+_COMMON = ("attack_steps", "restarts", "loss", "eot", "n_select", "fixed_noise", "n_targets")
 
 
 def noise_seed(cfg) -> int | None:
@@ -100,7 +100,7 @@ def _collect(results, x) -> AttackRun:
 # ---- PGD-EOT and BPDA+EOT ----------------------------------------------------------------------------------------
 
 def _pgd_step_size(cfg) -> float:
-    return cfg.step_size if cfg.step_size is not None else 2.5 * cfg.eps / max(cfg.steps, 1)
+    return cfg.step_size if cfg.step_size is not None else 2.5 * cfg.eps / max(cfg.attack_steps, 1)
 
 
 def _run_pgd(defended, x, y, ids, cfg, progress, resources):
@@ -108,7 +108,7 @@ def _run_pgd(defended, x, y, ids, cfg, progress, resources):
     for tag, target, path in _target_plan(defended, x, y, ids, cfg):
         # pgd_eot runs the restarts itself; untargeted, it keeps the evaluation's seed (as before targets existed)
         seed = derive_seed(cfg.seed, cfg.attack, cfg.loss, *path) if path else cfg.seed
-        res = pgd_eot(defended, x, y, ids, eps=cfg.eps, steps=cfg.steps, norm=cfg.norm,
+        res = pgd_eot(defended, x, y, ids, eps=cfg.eps, steps=cfg.attack_steps, norm=cfg.norm,
                       step_size=_pgd_step_size(cfg), random_start=cfg.random_start, restarts=cfg.restarts,
                       loss=cfg.loss, target=target, eot=cfg.eot, eot_reduce=cfg.eot_reduce, seed=seed,
                       noise_seed=noise_seed(cfg), chunk_size=cfg.chunk_size, progress=progress)
@@ -119,7 +119,7 @@ def _run_pgd(defended, x, y, ids, cfg, progress, resources):
 
 
 def _describe_pgd(ev):
-    return (f"{ev['attack']}: {ev['steps']} steps of {ev['step_size']:.5g}, {ev['eot']} EOT ({ev['eot_reduce']} "
+    return (f"{ev['attack']}: {ev['attack_steps']} steps of {ev['step_size']:.5g}, {ev['eot']} EOT ({ev['eot_reduce']} "
             f"averaged), loss {ev['loss']}{_targets_text(ev)}, {ev['restarts']} restart(s), random start "
             f"{ev['random_start']}")
 
@@ -134,9 +134,9 @@ def _apgd_runs(defended, x, y, ids, cfg, progress, make_oracle=None):
     results = []
     for name, target, seed in _runs(defended, x, y, ids, cfg, cfg.attack):
         oracle = None if make_oracle is None else make_oracle(target, seed)
-        res = apgd_eot(defended, x, y, ids, eps=cfg.eps, steps=cfg.steps, norm=cfg.norm, loss=cfg.loss, target=target,
-                       eot=cfg.eot, eot_reduce=cfg.eot_reduce or "loss", seed=seed, noise_seed=noise_seed(cfg),
-                       chunk_size=cfg.chunk_size, oracle=oracle, progress=progress)
+        res = apgd_eot(defended, x, y, ids, eps=cfg.eps, steps=cfg.attack_steps, norm=cfg.norm, loss=cfg.loss,
+                       target=target, eot=cfg.eot, eot_reduce=cfg.eot_reduce or "loss", seed=seed,
+                       noise_seed=noise_seed(cfg), chunk_size=cfg.chunk_size, oracle=oracle, progress=progress)
         results.append((name, res.x_best, None, res.pred_trace, res.loss_trace))
     return _collect(results, x)
 
@@ -165,20 +165,20 @@ def _run_diffhammer(defended, x, y, ids, cfg, progress, resources):
 
 
 def _describe_apgd(ev):
-    return (f"apgd-eot: APGD (Croce & Hein's schedule, momentum 0.75) with {ev['steps']} iterations, {ev['eot']} "
-            f"EOT ({ev['eot_reduce']} averaged), loss {ev['loss']}{_targets_text(ev)}, {ev['restarts']} restart(s); "
-            f"each run's best iterate by EOT loss")
+    return (f"apgd-eot: APGD (Croce & Hein's schedule, momentum 0.75) with {ev['attack_steps']} iterations, "
+            f"{ev['eot']} EOT ({ev['eot_reduce']} averaged), loss {ev['loss']}{_targets_text(ev)}, {ev['restarts']} "
+            f"restart(s); each run's best iterate by EOT loss")
 
 
 def _describe_diffattack(ev):
-    return (f"diffattack: DiffAttack (Kang et al. 2023), APGD with {ev['steps']} iterations, {ev['eot']} EOT, on "
-            f"loss {ev['loss']}{_targets_text(ev)} + {ev['dev_weight']:g} x the deviated-reconstruction loss over "
+    return (f"diffattack: DiffAttack (Kang et al. 2023), APGD with {ev['attack_steps']} iterations, {ev['eot']} EOT, "
+            f"on loss {ev['loss']}{_targets_text(ev)} + {ev['dev_weight']:g} x the deviated-reconstruction loss over "
             f"every {ev['dev_every']}-th state of the chain (exact gradient through the states), {ev['restarts']} "
             f"restart(s); each run's best iterate by that loss")
 
 
 def _describe_diffhammer(ev):
-    return (f"diffhammer: DiffHammer (Wang et al. 2024), APGD with {ev['steps']} iterations over {ev['eot']} "
+    return (f"diffhammer: DiffHammer (Wang et al. 2024), APGD with {ev['attack_steps']} iterations over {ev['eot']} "
             f"purification paths per iteration: EM selection of the paths sharing a vulnerability (5 E-steps, "
             f"lambda 5), their purified-space gradients grafted onto one representative path (one full backward), "
             f"stepwise average t^-0.5; loss {ev['loss']}{_targets_text(ev)}, {ev['restarts']} restart(s)")
@@ -202,8 +202,9 @@ def _unrestricted(attack: str, **extra):
         results = []
         for name, target, seed in _runs(defended, x, y, ids, cfg, cfg.attack):
             kw = {k: (resources[v] if v == "lpips" else getattr(cfg, v)) for k, v in extra.items()}
-            res = fn(defended, x, y, ids, bound=cfg.bound, steps=cfg.steps, eot=cfg.eot, loss=cfg.loss, target=target,
-                     seed=seed, noise_seed=noise_seed(cfg), chunk_size=cfg.chunk_size, progress=progress, **kw)
+            res = fn(defended, x, y, ids, bound=cfg.bound, steps=cfg.attack_steps, eot=cfg.eot, loss=cfg.loss,
+                     target=target, seed=seed, noise_seed=noise_seed(cfg), chunk_size=cfg.chunk_size, progress=progress,
+                     **kw)
             results.append((name, res.x_adv, res.measure, res.pred_trace, res.loss_trace))
         return _collect(results, x)
     return run
@@ -215,8 +216,8 @@ def _describe_unrestricted(ev):
             "ppgd": "perceptual PGD (Laidlaw et al. 2021; conjugate-gradient steps of LPIPS length 2 bound / steps)",
             "stadv": f"StAdv (Xiao et al. 2018; a flow field, signed steps of {ev.get('step_size')}, flow smoothness "
                      f"weight {ev.get('smoothness')})"}[ev["attack"]]
-    return (f"{ev['attack']}: {what}, {ev['steps']} steps x {ev['eot']} EOT, loss {ev['loss']}{_targets_text(ev)}, "
-            f"{ev['restarts']} restart(s); each run's best iterate by EOT loss")
+    return (f"{ev['attack']}: {what}, {ev['attack_steps']} steps x {ev['eot']} EOT, loss {ev['loss']}"
+            f"{_targets_text(ev)}, {ev['restarts']} restart(s); each run's best iterate by EOT loss")
 
 
 # ---- AutoAttack --------------------------------------------------------------------------------------------------
@@ -238,7 +239,7 @@ def _run_autoattack(defended, x, y, ids, cfg, progress, resources):
     # (standard) draw from the block
     seed = block_seed if cfg.package_batches else derive_seed(cfg.seed, "autoattack")
     native = autoattack_native(defended, x, y, ids, version=cfg.aa_version, norm=cfg.norm, eps=cfg.eps,
-                               steps=cfg.steps, eot=cfg.eot, restarts=cfg.restarts, seed=seed,
+                               steps=cfg.attack_steps, eot=cfg.eot, restarts=cfg.restarts, seed=seed,
                                package=cfg.aa_package, queries=cfg.aa_queries or 0, chunk_size=cfg.chunk_size,
                                progress=progress)
     return AttackRun(native.candidates, None, torch.stack(native.pred_traces), torch.stack(native.loss_traces))
@@ -249,7 +250,7 @@ def _autoattack_units(cfg) -> int:
         return 1
     from ..attacks.autoattack import autoattack_units
 
-    return autoattack_units(cfg.aa_version, steps=cfg.steps, restarts=cfg.restarts)
+    return autoattack_units(cfg.aa_version, steps=cfg.attack_steps, restarts=cfg.restarts)
 
 
 def _describe_autoattack(ev):
@@ -264,53 +265,54 @@ def _describe_autoattack(ev):
             "fab-t": f"FAB-T ({s.get('targets')} targets, the {ev.get('aa_package')} package's class)",
             "square": f"Square ({ev.get('aa_queries')} queries, the {ev.get('aa_package')} package's class)"}
     return (f"AutoAttack version={ev['aa_version']}, native protocol: {', '.join(runs[a] for a in s['attacks'])}; "
-            f"APGD natively with {ev['steps']} iterations, {ev['eot']} EOT, {ev['restarts']} restart(s); every "
+            f"APGD natively with {ev['attack_steps']} iterations, {ev['eot']} EOT, {ev['restarts']} restart(s); every "
             f"sample attacked; each run's best iterate a candidate, chosen by {ev['n_select']} fresh-noise "
             f"evaluations")
 
 
 def _steps_units(cfg) -> int:
-    return _n_runs(cfg) * (cfg.steps + 1)
+    return _n_runs(cfg) * (cfg.attack_steps + 1)
 
 
 _LP = ("eps", "norm")
 _PGD_OPTIONS = (*_LP, *_COMMON, "step_size", "random_start", "eot_reduce")
 ATTACK_SPECS: dict[str, AttackSpec] = {s.name: s for s in (
     AttackSpec("pgd-eot", "PGD with EOT (Madry et al.; L-inf or L2)", _PGD_OPTIONS,
-               {"steps": 20, "eot": 20, "eot_reduce": "loss", "restarts": 1, "loss": "ce", "random_start": True},
+               {"attack_steps": 20, "eot": 20, "eot_reduce": "loss", "restarts": 1, "loss": "ce", "random_start": True},
                "lp", _run_pgd, _steps_units, _describe_pgd),
     # DiffPure's BPDA+EOT (bpda_eot/bpda_eot_attack.py): identity backward, 50 steps of 2/255, 15 EOT, logits averaged
     AttackSpec("bpda-eot", "DiffPure's BPDA+EOT: PGD-EOT through grad_mode='bpda', 50 x 2/255, 15 EOT", _PGD_OPTIONS,
-               {"steps": 50, "step_size": 2 / 255, "eot": 15, "eot_reduce": "logits", "restarts": 1, "loss": "ce",
-                "random_start": True}, "lp", _run_pgd, _steps_units, _describe_pgd),
+               {"attack_steps": 50, "step_size": 2 / 255, "eot": 15, "eot_reduce": "logits", "restarts": 1,
+                "loss": "ce", "random_start": True}, "lp", _run_pgd, _steps_units, _describe_pgd),
     # AutoAttack's 100 iterations and its rand version's 20 EOT draws
     AttackSpec("apgd-eot", "Croce & Hein's APGD with EOT", (*_LP, *_COMMON, "eot_reduce"),
-               {"steps": 100, "eot": 20, "eot_reduce": "loss", "restarts": 1, "loss": "ce"},
+               {"attack_steps": 100, "eot": 20, "eot_reduce": "loss", "restarts": 1, "loss": "ce"},
                "lp", _run_apgd, _steps_units, _describe_apgd),
     AttackSpec("diffattack", "DiffAttack: APGD-EOT plus the deviated-reconstruction loss on the chain's states",
                (*_LP, *_COMMON, "dev_weight", "dev_every"),
-               {"steps": 100, "eot": 20, "restarts": 1, "loss": "ce", "dev_weight": 1.0, "dev_every": 1},
+               {"attack_steps": 100, "eot": 20, "restarts": 1, "loss": "ce", "dev_weight": 1.0, "dev_every": 1},
                "lp", _run_diffattack, _steps_units, _describe_diffattack),
     AttackSpec("diffhammer", "DiffHammer: selective EM over N = --eot paths, gradient grafting, inside APGD",
-               (*_LP, *_COMMON), {"steps": 50, "eot": 10, "restarts": 3, "loss": "ce"},
+               (*_LP, *_COMMON), {"attack_steps": 50, "eot": 10, "restarts": 3, "loss": "ce"},
                "lp", _run_diffhammer, _steps_units, _describe_diffhammer),
     AttackSpec("lf", "the low-frequency attack, LPIPS-bounded (unrestricted)",
                (*_COMMON, "bound", "lpips", "lf_factor", "step_size"),
-               {"steps": 100, "eot": 20, "restarts": 1, "loss": "cw", "bound": 0.5, "lf_factor": 4,
+               {"attack_steps": 100, "eot": 20, "restarts": 1, "loss": "cw", "bound": 0.5, "lf_factor": 4,
                 "step_size": 0.01}, "lpips",
                _unrestricted("lf_attack", lpips="lpips", factor="lf_factor", step_size="step_size"), _steps_units,
                _describe_unrestricted, _prepare_lpips),
     AttackSpec("ppgd", "perceptual PGD (Laidlaw et al.), LPIPS-bounded (unrestricted)", (*_COMMON, "bound", "lpips"),
-               {"steps": 10, "eot": 20, "restarts": 1, "loss": "cw", "bound": 0.5}, "lpips",
+               {"attack_steps": 10, "eot": 20, "restarts": 1, "loss": "cw", "bound": 0.5}, "lpips",
                _unrestricted("ppgd_attack", lpips="lpips"), _steps_units, _describe_unrestricted, _prepare_lpips),
     AttackSpec("stadv", "StAdv: a smooth flow field, bounded in size (unrestricted)",
                (*_COMMON, "bound", "smoothness", "step_size"),
-               {"steps": 100, "eot": 20, "restarts": 1, "loss": "cw", "bound": 0.05, "smoothness": 0.05,
+               {"attack_steps": 100, "eot": 20, "restarts": 1, "loss": "cw", "bound": 0.05, "smoothness": 0.05,
                 "step_size": 0.01}, "flow",
                _unrestricted("stadv_attack", smoothness="smoothness", step_size="step_size"), _steps_units,
                _describe_unrestricted),
     AttackSpec("autoattack", "AutoAttack's ensemble, natively (every sample attacked) or as released",
-               (*_LP, "steps", "restarts", "eot", "n_select", "aa_version", "aa_package", "aa_mode", "aa_queries"),
+               (*_LP, "attack_steps", "restarts", "eot", "n_select", "aa_version", "aa_package", "aa_mode",
+                "aa_queries"),
                {}, "lp", _run_autoattack, _autoattack_units, _describe_autoattack),
 )}
 ATTACKS = tuple(ATTACK_SPECS)

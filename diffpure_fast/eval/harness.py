@@ -30,7 +30,8 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import InitVar, asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -73,18 +74,20 @@ class EvalConfig:
       unrestricted ones take ``bound`` instead: an LPIPS distance for lf and ppgd (0.5, Laidlaw et al.'s AlexNet
       bound on CIFAR-10) over the network ``lpips`` (required: ``"digits"``, ``"alexnet:PATH"``, ``"vgg16:PATH"``
       or ``"module:function"``, ``attacks.perceptual``), the flow's size for stadv (0.05, grid_sample units);
-    * pgd-eot: steps 20 of step_size 2.5 eps / steps, eot 20, eot_reduce "loss", restarts 1, loss "ce", random start;
+    * pgd-eot: attack_steps 20 of step_size 2.5 eps / attack_steps, eot 20, eot_reduce "loss", restarts 1, loss
+      "ce", random start;
       bpda-eot: 50 steps of 2/255, eot 15 averaged in logits;
-    * apgd-eot: steps 100, eot 20, restarts 1, loss "ce" (its step size adapts from 2 eps; it always starts at a
+    * apgd-eot: attack_steps 100, eot 20, restarts 1, loss "ce" (its step size adapts from 2 eps; it always starts at a
       random point); diffattack: the same with dev_weight 1.0 (lambda) and dev_every 1 (every state of the chain);
-      diffhammer: steps 50, eot 10 (the N paths), restarts 3;
-    * lf: steps 100 of step_size 0.01, lf_factor 4; ppgd: steps 10; stadv: steps 100 of step_size 0.01, smoothness
-      0.05; all three eot 20 and loss "cw";
+      diffhammer: attack_steps 50, eot 10 (the N paths), restarts 3;
+    * lf: attack_steps 100 of step_size 0.01, lf_factor 4; ppgd: attack_steps 10; stadv: attack_steps 100 of
+      step_size 0.01, smoothness 0.05; all three eot 20 and loss "cw";
     * autoattack: aa_mode "native" (every sample attacked, each run's best iterate kept, the candidate chosen by
       fresh-noise evaluations; ``attacks.autoattack``) or "as-released" (the unpatched package: its single noisy
       evaluation decides which samples are attacked and falls back to the clean input; labelled so in the report);
-      aa_version "rand" (APGD-CE + APGD-DLR, 20 EOT) or "standard"; aa_package "auto"; in the native mode steps
-      (100), eot (rand 20, standard 1), restarts (1) and aa_queries (Square's, standard only: 5000) may be set.
+      aa_version "rand" (APGD-CE + APGD-DLR, 20 EOT) or "standard"; aa_package "auto"; in the native mode
+      attack_steps (100), eot (rand 20, standard 1), restarts (1) and aa_queries (Square's, standard only: 5000) may
+      be set.
 
     loss: "ce", "dlr", "cw", or a targeted loss ("dlr-targeted", "cw-targeted") run against each of the top
     ``n_targets`` classes (default 9, AutoAttack's; more than K - 1 is an error). fixed_noise: the attack optimises
@@ -101,7 +104,7 @@ class EvalConfig:
     attack: str = "pgd-eot"
     norm: str | None = None
     eps: float | None = None
-    steps: int | None = None
+    attack_steps: int | None = None
     step_size: float | None = None
     random_start: bool | None = None
     restarts: int | None = None
@@ -131,7 +134,17 @@ class EvalConfig:
     chunk_size: int | None = None
     grid_images: int = 8
 
-    def __post_init__(self):
+    # the deprecated name of attack_steps (until the next release): "steps" is the solver's everywhere else
+    steps: InitVar[int | None] = None
+
+    def __post_init__(self, steps=None):
+        if steps is not None:
+            if self.attack_steps is not None:
+                raise OptionError("steps", "the deprecated name of attack_steps; give attack_steps only")
+            warnings.warn("EvalConfig/evaluate: steps= is deprecated and will be removed in the next release; use "
+                          "attack_steps= (steps means solver steps in build_defense and purify)", DeprecationWarning,
+                          stacklevel=3)
+            object.__setattr__(self, "attack_steps", steps)
         if self.attack not in ATTACKS:
             raise OptionError("attack", f"expected one of {ATTACKS}, got {self.attack!r}")
         if self.attack == "autoattack":
@@ -171,7 +184,7 @@ class EvalConfig:
             raise OptionError("eot_reduce", f"expected one of {EOT_REDUCTIONS}, got {self.eot_reduce!r}")
         # one integer rule for the package (diffpure_fast._validate); a NumPy integer is stored as the int it is.
         # Attack options may be None here only where the attack does not take them.
-        for name, lo in (("steps", 0), ("restarts", 1), ("eot", 1), ("n_eval", 1), ("n_select", 1), ("start", 0),
+        for name, lo in (("attack_steps", 0), ("restarts", 1), ("eot", 1), ("n_eval", 1), ("n_select", 1), ("start", 0),
                          ("seed", 0), ("batch_size", 1), ("grid_images", 0), ("aa_queries", 1), ("n_images", 1),
                          ("chunk_size", 1), ("subset", 1), ("data_seed", 0), ("n_targets", 1), ("dev_every", 1),
                          ("lf_factor", 1)):
@@ -186,9 +199,9 @@ class EvalConfig:
             v = getattr(self, name)
             if v is not None:
                 check_bool(name, v)
-        if self.spec.threat != "lp" and self.steps == 0:
-            raise OptionError("steps", lambda sp: f"{sp.setting('attack', self.attack)} needs at least one step (its "
-                                                  f"start is the clean image)")
+        if self.spec.threat != "lp" and self.attack_steps == 0:
+            raise OptionError("attack_steps", lambda sp: f"{sp.setting('attack', self.attack)} needs at least one "
+                                                         f"step (its start is the clean image)")
         if self.spec.threat == "lpips" and not isinstance(self.lpips, str):
             raise OptionError("lpips", lambda sp: f"{sp.setting('attack', self.attack)} is bounded in LPIPS and needs "
                               f"its network: 'digits', 'alexnet:PATH' or 'vgg16:PATH' (a local torchvision state dict; "
@@ -204,7 +217,7 @@ class EvalConfig:
             defaults.update(eps=8 / 255, norm="linf")
         if self.attack == "autoattack" and self.aa_mode == "native":
             s = AA_SETTINGS[self.aa_version]
-            defaults.update({k: s[k] for k in ("steps", "eot", "restarts")})
+            defaults.update(attack_steps=s["steps"], eot=s["eot"], restarts=s["restarts"])
             if self.aa_version == "standard":
                 defaults["aa_queries"] = s["queries"]
             elif self.aa_queries is not None:
@@ -237,7 +250,7 @@ class EvalConfig:
         """PGD's step size (2.5 eps / steps unless given); the unrestricted attacks' own (always given); None
         otherwise."""
         if self.attack in ("pgd-eot", "bpda-eot"):
-            return self.step_size if self.step_size is not None else 2.5 * self.eps / max(self.steps, 1)
+            return self.step_size if self.step_size is not None else 2.5 * self.eps / max(self.attack_steps, 1)
         return self.step_size
 
     @property
@@ -458,7 +471,8 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
             class sub-folders (e.g. ImageNet synsets).
         output: a folder; a finished or killed run there with the same configuration is resumed, another
             configuration is refused unless ``overwrite``.
-        config / options: an ``EvalConfig``, or its fields as keywords (attack, norm, eps, steps, eot, n_eval, ...).
+        config / options: an ``EvalConfig``, or its fields as keywords (attack, norm, eps, attack_steps, eot,
+            n_eval, ...).
         progress: a tqdm bar with live robust accuracy and ETA (False: quiet).
         save_adversarial: also save every judged adversarial image (float32, exactly as judged) under
             ``output/adversarial/`` (one .npz per batch; ``diffpure_fast.eval.records.read_adversarial`` reads them

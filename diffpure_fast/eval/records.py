@@ -155,6 +155,11 @@ def check_config(folder: str | Path, config: dict, *, overwrite: bool = False) -
             p.unlink(missing_ok=True)
     if path.exists():
         old = json.loads(path.read_text())
+        ev = old.get("eval", {})
+        if "steps" in ev and "attack_steps" not in ev:   # written before attack_steps had that name: the same option
+            ev["attack_steps"] = ev.pop("steps")
+            if old == config:
+                path.write_text(json.dumps(config, indent=2, sort_keys=True))
         if old != config:
             keys, was, now = _first_difference(old, config)
             raise OptionError("output", lambda s: (

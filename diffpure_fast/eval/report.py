@@ -88,6 +88,9 @@ def compute_report(folder: str | Path) -> dict:
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{folder}: no {rec.CONFIG_FILE} (not an evaluation output folder)")
     config = json.loads(cfg_path.read_text())
+    ev = config["eval"]
+    if "steps" in ev and "attack_steps" not in ev:   # a folder written before attack_steps had that name
+        ev["attack_steps"] = ev.pop("steps")
     env_path = folder / "environment.json"
     env = json.loads(env_path.read_text()) if env_path.is_file() else {}
     records = rec.merge_records(folder)
