@@ -270,13 +270,7 @@ def certify(model, classifier, data, output, *, config: CertifyConfig | None = N
     from .datasets import load_data
     from .harness import environment
 
-    if config is None:
-        config = CertifyConfig(**options)
-    elif options:
-        raise TypeError(f"options: give either config or keyword options, not both ({sorted(options)})")
-    if not isinstance(config, CertifyConfig):
-        raise TypeError(f"config: expected a CertifyConfig, got {type(config).__name__}")
-    cfg = config
+    cfg = rec.config_from(CertifyConfig, config, options)
     require("scipy.stats", "certify's Clopper-Pearson bound")   # before any work
     check_bool("overwrite", overwrite)
     device = torch.device(device)

@@ -483,13 +483,7 @@ def evaluate(defense, classifier, data, output, *, config: EvalConfig | None = N
     from .classifiers import load_classifier_spec
     from .datasets import load_data, select_indices
 
-    if config is None:
-        config = EvalConfig(**options)
-    elif options:
-        raise TypeError(f"options: give either config or keyword options, not both ({sorted(options)})")
-    if not isinstance(config, EvalConfig):
-        raise TypeError(f"config: expected an EvalConfig, got {type(config).__name__}")
-    cfg = config
+    cfg = rec.config_from(EvalConfig, config, options)
     check_bool("save_adversarial", save_adversarial)
     if cfg.attack == "autoattack" and (cfg.aa_mode == "as-released" or cfg.aa_version == "standard"):
         from ..attacks.autoattack import autoattack_package

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from .._validate import OptionError
 
-__all__ = ["TIMING_FIELDS", "RecordWriter", "check_config", "comparable", "merge_records", "read_adversarial",
-           "read_records", "write_adversarial"]
+__all__ = ["TIMING_FIELDS", "RecordWriter", "check_config", "comparable", "config_from", "merge_records",
+           "read_adversarial", "read_records", "write_adversarial"]
 
 CONFIG_FILE = "config.json"
 # what releases before 0.2 wrote next to the per-process files: an identical merged copy (removed when found)
@@ -128,6 +128,18 @@ class RecordWriter:
 
     def close(self) -> None:
         self._f.close()
+
+
+def config_from(config_class, config, options: dict):
+    """The run's configuration: ``config`` (an instance of ``config_class``) or ``config_class(**options)``; both
+    given, or a config of another class, is a TypeError naming the argument. (``evaluate`` and ``certify``.)"""
+    if config is None:
+        return config_class(**options)
+    if options:
+        raise TypeError(f"options: give either config or keyword options, not both ({sorted(options)})")
+    if not isinstance(config, config_class):
+        raise TypeError(f"config: expected an {config_class.__name__}, got {type(config).__name__}")
+    return config
 
 
 def _first_difference(old, new, keys=()) -> tuple[list[str], object, object]:
