@@ -116,8 +116,6 @@ def main() -> None:
                                                                            "weights), 3x32x32"
     steps = len(dpf.PurifyConfig.build(diffusion_type="ode", t_star=t_star, step_size=args.step_size).plan())
     lines = ["# DiffPure's ODE runner: gradients against torchdiffeq (cpu)", "",
-             "**Provisional, measured under load** (a shared 2-core VM while other jobs ran); to be re-measured on "
-             "a quiet machine.", "",
              header("python benchmarks/bench_ode.py " + " ".join(sys.argv[1:])),
              f"{net}, batch {args.batch}, float32, t*={t_star}, step_size={args.step_size} ({steps} Euler steps), "
              "loss <w, purify(x)>, gradient with respect to x. Network calls: the mode's time over one no-grad "

@@ -113,8 +113,6 @@ def main() -> None:
         return sum(p.numel() for p in m.parameters()) / 1e6
 
     lines = ["# DiffPure's runners: no-grad purification, ours against the official loop (cpu)", "",
-             "**Provisional, measured under load** (a shared 2-core VM while other jobs ran); to be re-measured on "
-             "a quiet machine.", "",
              header("python benchmarks/bench_runners.py " + " ".join(sys.argv[1:])),
              f"Batch {args.batch}, float32, t*={t_star}, random weights, medians of {repeats} interleaved rounds "
              "(each round: every type, ours then the official loop).", "",
