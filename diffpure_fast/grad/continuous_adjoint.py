@@ -105,6 +105,14 @@ def _solve_and_keep(ctx, x_t: torch.Tensor, model, plan, noise: Noise, **keep) -
     return out
 
 
+def _saved(ctx):
+    """What both adjoints' backward start from: the checked graph, the kept output y, the model, the schedule, and
+    the NumPy dtype of the time grids (the state's precision, as torchsde and torchdiffeq build them)."""
+    ctx.guard.check("purify(grad_mode='adjoint') backward")
+    (y,) = ctx.saved_tensors
+    return y, ctx.model, ctx.schedule, (np.float64 if y.dtype == torch.float64 else np.float32)
+
+
 class ContinuousAdjoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_t, model, plan, noise: Noise, t_star: float, dt: float, schedule: VPSchedule,
@@ -114,10 +122,7 @@ class ContinuousAdjoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        ctx.guard.check("purify(grad_mode='adjoint') backward")
-        (y,) = ctx.saved_tensors
-        model, sched = ctx.model, ctx.schedule
-        np_dtype = np.float64 if y.dtype == torch.float64 else np.float32
+        y, model, sched, np_dtype = _saved(ctx)
         fwd_grid = reverse_time_grid(ctx.t_star, ctx.dt, np_dtype)
         bwd_grid = backward_time_grid(ctx.t_star, ctx.dt, np_dtype)
         brownian = (ctx.brownian_factory or BridgedBrownian)(fwd_grid, ctx.noise, y)
@@ -163,10 +168,7 @@ class OdeAdjoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        ctx.guard.check("purify(grad_mode='adjoint') backward")
-        (y,) = ctx.saved_tensors
-        model, sched = ctx.model, ctx.schedule
-        np_dtype = np.float64 if y.dtype == torch.float64 else np.float32
+        y, model, sched, np_dtype = _saved(ctx)
         # odeint's ts = linspace(t*, 1e-5, 2) in the state's dtype; the backward solve walks it upward.
         ts = np.asarray([ctx.t_star, T_END], dtype=np_dtype)
         grid = torchdiffeq_grid(ts[1], ts[0], ctx.step_size, np_dtype)
